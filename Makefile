@@ -1,0 +1,29 @@
+# Two entry points: `make demo` runs the default workflow, `make test` runs the test-suite.
+# Both create .venv (Python 3.11) and install jdnas into it when missing or outdated.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: venv demo test dryrun clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/snakemake --cores all --profile workflow/profiles/local
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+dryrun: $(STAMP)
+	$(BIN)/snakemake -n --profile workflow/profiles/local
+
+clean:
+	rm -rf runs data/prepared reports logs .snakemake

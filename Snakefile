@@ -1,0 +1,14 @@
+# Joint-DetNAS workflow. Rules are thin: each runs one `jdnas` command defined in jdnas/stages.py
+# (the same definitions generate dvc.yaml). Params: params.yaml, overridden by --configfile files.
+configfile: "params.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/base.smk"
+
+
+rule all:
+    input:
+        stage_outputs("train_base"),
+    default_target: True

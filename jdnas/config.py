@@ -1,0 +1,241 @@
+"""Params schema and validation.
+
+`load_params(files)` deep-merges the YAML files over the schema's defaults and checks every
+value before any work starts: an unknown key, a wrong type or an out-of-range value is a
+`ConfigError` whose one-line message names the file, the dotted key and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from jdnas.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One leaf of the schema: its default, a predicate and the words that describe it."""
+
+    default: Any
+    check: Callable[[Any], bool]
+    allowed: str
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def integer(default: int, lo: int | None = None, hi: int | None = None) -> Opt:
+    """An int in [lo, hi]."""
+    rng = _range_words(lo, hi)
+    return Opt(default, lambda v: isinstance(v, int) and not isinstance(v, bool) and _in(v, lo, hi),
+               f"an integer{rng}")
+
+
+def number(default: float, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Opt:
+    """A float in [lo, hi] (or (lo, hi] when lo_open)."""
+    def ok(v: Any) -> bool:
+        if not _is_num(v) or not _in(v, lo, hi):
+            return False
+        return not (lo_open and lo is not None and v <= lo)
+    return Opt(default, ok, f"a number{_range_words(lo, hi, lo_open)}")
+
+
+def choice(default: str, options: Iterable[str]) -> Opt:
+    """One of a fixed set of strings."""
+    opts = tuple(options)
+    return Opt(default, lambda v: v in opts, "one of " + ", ".join(map(str, opts)))
+
+
+def flag(default: bool) -> Opt:
+    return Opt(default, lambda v: isinstance(v, bool), "true or false")
+
+
+def text(default: str | None, nullable: bool = False, pattern: Callable[[str], bool] | None = None,
+         words: str = "a string") -> Opt:
+    """A string (or null when nullable), optionally checked by `pattern`."""
+    def ok(v: Any) -> bool:
+        if v is None:
+            return nullable
+        return isinstance(v, str) and (pattern is None or pattern(v))
+    return Opt(default, ok, words + (" or null" if nullable else ""))
+
+
+def numbers(default: list, lo: float | None = None, hi: float | None = None, ints: bool = False,
+            min_len: int = 1) -> Opt:
+    """A non-empty list of numbers in [lo, hi]."""
+    kind = "integers" if ints else "numbers"
+    def ok(v: Any) -> bool:
+        return (isinstance(v, list) and len(v) >= min_len
+                and all(_is_num(x) and (not ints or isinstance(x, int)) and _in(x, lo, hi) for x in v))
+    return Opt(default, ok, f"a list of at least {min_len} {kind}{_range_words(lo, hi)}")
+
+
+def strings(default: list, options: Iterable[str], min_len: int = 1) -> Opt:
+    opts = tuple(options)
+    def ok(v: Any) -> bool:
+        return isinstance(v, list) and len(v) >= min_len and len(set(v)) == len(v) and all(x in opts for x in v)
+    return Opt(default, ok, f"a list of at least {min_len} distinct names from " + ", ".join(opts))
+
+
+def _in(v: float, lo: float | None, hi: float | None) -> bool:
+    return (lo is None or v >= lo) and (hi is None or v <= hi)
+
+
+def _range_words(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f" in {'(' if lo_open else '['}{lo}, {hi}]"
+    if lo is not None:
+        return f" {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+def _is_device(v: str) -> bool:
+    if v in ("cpu", "cuda"):
+        return True
+    return v.startswith("cuda:") and v[5:].isdigit()
+
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
+
+
+def train_schema(iters: int, lr: float, batch_size: int = 8) -> dict:
+    """Optimiser and schedule settings shared by every training stage."""
+    return {
+        "iters": integer(iters, 1),
+        "batch_size": integer(batch_size, 1),
+        "lr": number(lr, 0.0, lo_open=True),
+        "momentum": number(0.9, 0.0, 1.0),
+        "weight_decay": number(1e-4, 0.0),
+        "warmup_iters": integer(50, 0),
+        "schedule": choice("cosine", ("cosine", "step", "constant")),
+        "steps": numbers([0.7, 0.9], 0.0, 1.0),
+        "clip_grad": number(10.0, 0.0),
+        "checkpoint_every": integer(100, 1),
+        "workers": integer(0, 0),
+    }
+
+
+SCHEMA: dict = {
+    "seed": integer(0, 0),
+    "device": text("cpu", pattern=_is_device, words="cpu, cuda or cuda:N"),
+    "data": {
+        "source": choice("synthetic", ("synthetic", "coco")),
+        "out_of_image": choice("clip", ("clip", "reject")),
+        "minival_fraction": number(0.15, 0.0, 0.9, lo_open=True),
+        "synthetic": {
+            "train_images": integer(600, 2),
+            "val_images": integer(150, 1),
+            "image_size": integer(128, 32, 2048),
+            "classes": strings(list(SHAPES[:4]), SHAPES, min_len=1),
+            "min_objects": integer(1, 1),
+            "max_objects": integer(4, 1),
+            "min_size": integer(10, 4),
+            "max_size": integer(56, 4),
+            "clutter": integer(6, 0),
+        },
+        "coco": {
+            "train_images": text(None, nullable=True),
+            "train_annotations": text(None, nullable=True),
+            "val_images": text(None, nullable=True),
+            "val_annotations": text(None, nullable=True),
+        },
+    },
+    "model": {
+        "base": text("r18", words="a preset (tiny, r18, r34, r50, r101) or an Arch string"),
+        "width": number(0.25, 0.0, 8.0, lo_open=True),
+        "fpn_channels": integer(64, 4),
+        "min_size": integer(128, 16),
+        "max_size": integer(128, 16),
+        "anchor_sizes": numbers([16, 32, 64, 128, 256], 1, ints=True, min_len=5),
+        "rpn_pre_nms_top_n_train": integer(600, 1),
+        "rpn_post_nms_top_n_train": integer(300, 1),
+        "rpn_pre_nms_top_n_test": integer(300, 1),
+        "rpn_post_nms_top_n_test": integer(100, 1),
+        "rpn_batch_size_per_image": integer(128, 1),
+        "box_batch_size_per_image": integer(128, 1),
+        "representation_size": integer(256, 1),
+        "box_detections_per_img": integer(50, 1),
+        "box_score_thresh": number(0.01, 0.0, 1.0),
+    },
+    "train_base": train_schema(iters=1500, lr=0.04),
+    "eval": {
+        "batch_size": integer(16, 1),
+    },
+}
+
+
+def defaults(schema: dict = SCHEMA) -> dict:
+    """The default params: every leaf's default."""
+    return {k: defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()}
+
+
+def merge(base: dict, override: dict, schema: dict = SCHEMA, source: str = "params",
+          prefix: str = "") -> dict:
+    """Deep-merge `override` into a copy of `base`, checking every key and value against `schema`."""
+    out = copy.deepcopy(base)
+    if not isinstance(override, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    for key, value in override.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            known = ", ".join(sorted(schema))
+            raise ConfigError(f"{source}: unknown key '{dotted}' (known here: {known})")
+        spec = schema[key]
+        if isinstance(spec, dict):
+            out[key] = merge(out[key], value, spec, source, dotted + ".")
+        else:
+            if not spec.check(value):
+                raise ConfigError(f"{source}: {dotted} = {value!r} is not allowed: must be {spec.allowed}")
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def check_consistency(p: dict, source: str) -> None:
+    """Rules that span several keys."""
+    syn = p["data"]["synthetic"]
+    if syn["min_objects"] > syn["max_objects"]:
+        raise ConfigError(f"{source}: data.synthetic.min_objects must be <= data.synthetic.max_objects")
+    if syn["min_size"] > syn["max_size"] or syn["max_size"] > syn["image_size"]:
+        raise ConfigError(f"{source}: data.synthetic needs min_size <= max_size <= image_size")
+    if p["data"]["source"] == "coco":
+        for key, value in p["data"]["coco"].items():
+            if value is None:
+                raise ConfigError(f"{source}: data.coco.{key} is required when data.source is coco")
+    if p["model"]["min_size"] > p["model"]["max_size"]:
+        raise ConfigError(f"{source}: model.min_size must be <= model.max_size")
+    from jdnas.models.arch import resolve_arch  # late import: models depend on nothing here
+    try:
+        resolve_arch(p["model"]["base"], p["model"]["width"])
+    except ValueError as e:
+        raise ConfigError(f"{source}: model.base = {p['model']['base']!r} is not allowed: {e}") from None
+
+
+def load_params(files: Iterable[str | Path]) -> dict:
+    """Load and validate params: defaults, then each YAML file in order (later files win)."""
+    files = [Path(f) for f in files]
+    params = defaults()
+    for f in files:
+        if not f.is_file():
+            raise ConfigError(f"{f}: params file not found")
+        try:
+            content = yaml.safe_load(f.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{f}: invalid YAML: {str(e).splitlines()[0]}") from None
+        params = merge(params, content, source=str(f))
+    check_consistency(params, " + ".join(map(str, files)) or "defaults")
+    return params
+
+
+def section(params: dict, dotted: str) -> Any:
+    """params['a']['b'] for 'a.b'."""
+    node = params
+    for part in dotted.split("."):
+        node = node[part]
+    return node

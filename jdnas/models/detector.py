@@ -1,0 +1,124 @@
+"""Faster R-CNN + FPN from torchvision's parts, on a backbone built from an `Arch`.
+
+Head sizes come from the `model` params section, so a CPU run can be small and a COCO run
+standard. A checkpoint holds the Arch JSON and the head config beside the state_dict and
+loads with `torch.load(weights_only=True)`; `load_detector(path)` rebuilds it in one call.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from jdnas.errors import JdnasError
+from jdnas.io import save_torch
+from jdnas.models.arch import Arch
+from jdnas.models.backbone import ResNetBackbone
+
+CHECKPOINT_FORMAT = "jdnas-detector/1"
+# model params that describe the head (everything but the base arch choice)
+HEAD_KEYS = (
+    "fpn_channels", "min_size", "max_size", "anchor_sizes",
+    "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
+    "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "box_batch_size_per_image",
+    "representation_size", "box_detections_per_img", "box_score_thresh",
+)
+FPN_LEVELS = ["0", "1", "2", "3"]
+
+
+def head_config(model_params: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """The head part of the `model` params plus the class count (background included)."""
+    cfg = {k: model_params[k] for k in HEAD_KEYS}
+    cfg["num_classes"] = int(num_classes)
+    return cfg
+
+
+class BackboneWithFPN(nn.Module):
+    """Backbone body + torchvision FPN on C2..C5 (+ max-pool P6): levels "0".."3", "pool"."""
+
+    def __init__(self, arch: Arch, fpn_channels: int) -> None:
+        super().__init__()
+        self.body = ResNetBackbone(arch)
+        self.fpn = FeaturePyramidNetwork(self.body.out_channels_list, fpn_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = fpn_channels
+
+    def forward(self, x: torch.Tensor) -> "dict[str, torch.Tensor]":
+        return self.fpn(self.body(x))
+
+
+class Detector(FasterRCNN):
+    """torchvision FasterRCNN that remembers its Arch and head config."""
+
+    arch: Arch
+    head_cfg: dict[str, Any]
+
+
+def build_detector(arch: Arch, head_cfg: dict[str, Any]) -> Detector:
+    """A Faster R-CNN + FPN detector with the given backbone Arch and head config."""
+    c = head_cfg
+    backbone = BackboneWithFPN(arch, c["fpn_channels"])
+    anchors = AnchorGenerator(sizes=tuple((int(s),) for s in c["anchor_sizes"][:5]),
+                              aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    pooler = MultiScaleRoIAlign(featmap_names=FPN_LEVELS, output_size=7, sampling_ratio=2)
+    rep = c["representation_size"]
+    model = Detector(
+        backbone,
+        num_classes=None,
+        min_size=c["min_size"], max_size=c["max_size"],
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=c["rpn_pre_nms_top_n_train"],
+        rpn_post_nms_top_n_train=c["rpn_post_nms_top_n_train"],
+        rpn_pre_nms_top_n_test=c["rpn_pre_nms_top_n_test"],
+        rpn_post_nms_top_n_test=c["rpn_post_nms_top_n_test"],
+        rpn_batch_size_per_image=c["rpn_batch_size_per_image"],
+        box_roi_pool=pooler,
+        box_head=TwoMLPHead(c["fpn_channels"] * 7 * 7, rep),
+        box_predictor=FastRCNNPredictor(rep, c["num_classes"]),
+        box_batch_size_per_image=c["box_batch_size_per_image"],
+        box_detections_per_img=c["box_detections_per_img"],
+        box_score_thresh=c["box_score_thresh"],
+    )
+    model.arch = arch
+    model.head_cfg = dict(c)
+    return model
+
+
+def checkpoint_dict(model: Detector, **meta: Any) -> dict[str, Any]:
+    """What a detector checkpoint holds: format tag, Arch JSON, head config, weights, meta."""
+    return {"format": CHECKPOINT_FORMAT, "arch": model.arch.to_json(), "head": dict(model.head_cfg),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
+
+
+def save_detector(path: str | Path, model: Detector, **meta: Any) -> None:
+    """Write a loadable detector checkpoint atomically."""
+    save_torch(path, checkpoint_dict(model, **meta))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a detector checkpoint with weights_only=True; a clear error if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise JdnasError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise JdnasError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise JdnasError(f"{path}: format: not a {CHECKPOINT_FORMAT} checkpoint")
+    return ckpt
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Detector:
+    """Rebuild a detector from a checkpoint written by `save_detector`, in eval mode."""
+    ckpt = read_checkpoint(path)
+    model = build_detector(Arch.from_json(ckpt["arch"]), ckpt["head"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval()

@@ -1,0 +1,140 @@
+"""Every kind of bad user data fails with one line naming the file and the offending id/field,
+exits non-zero from the CLI, and leaves no prepared output behind."""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from jdnas.data.coco import load_coco
+from jdnas.errors import DataError
+from conftest import REPO, cli_env, write_yaml
+
+
+def _good(tmp: Path) -> dict:
+    (tmp / "img").mkdir(exist_ok=True)
+    for i in (1, 2):
+        Image.new("RGB", (40, 30), (i * 50, 0, 0)).save(tmp / "img" / f"{i}.png")
+    return {
+        "images": [{"id": 1, "file_name": "1.png", "width": 40, "height": 30},
+                   {"id": 2, "file_name": "2.png", "width": 40, "height": 30}],
+        "annotations": [{"id": 10, "image_id": 1, "category_id": 7, "bbox": [1, 2, 10, 10], "area": 100, "iscrowd": 0},
+                        {"id": 11, "image_id": 2, "category_id": 9, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0}],
+        "categories": [{"id": 7, "name": "cat"}, {"id": 9, "name": "dog"}],
+    }
+
+
+def _write(tmp: Path, data) -> Path:
+    p = tmp / "ann.json"
+    p.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return p
+
+
+def test_good_file_loads(tmp_path):
+    data, clipped = load_coco(_write(tmp_path, _good(tmp_path)), tmp_path / "img")
+    assert clipped == 0 and len(data["annotations"]) == 2
+
+
+def _mutate(fn):
+    def apply(d):
+        d = copy.deepcopy(d)
+        fn(d)
+        return d
+    return apply
+
+
+CASES = {
+    "missing key": (_mutate(lambda d: d.pop("categories")), "missing key 'categories'"),
+    "image missing field": (_mutate(lambda d: d["images"][1].pop("width")), "images id=2: missing key 'width'"),
+    "ann missing bbox": (_mutate(lambda d: d["annotations"][0].pop("bbox")), "annotations id=10: missing key 'bbox'"),
+    "dangling image": (_mutate(lambda d: d["annotations"][1].update(image_id=99)), "annotations id=11: image_id 99 not in images"),
+    "dangling category": (_mutate(lambda d: d["annotations"][0].update(category_id=3)), "annotations id=10: category_id 3 not in categories"),
+    "zero width": (_mutate(lambda d: d["annotations"][0].update(bbox=[1, 1, 0, 5])), "annotations id=10: bbox width and height must be > 0"),
+    "negative height": (_mutate(lambda d: d["annotations"][1].update(bbox=[1, 1, 5, -2])), "annotations id=11: bbox width and height must be > 0"),
+    "wholly outside": (_mutate(lambda d: d["annotations"][0].update(bbox=[50, 40, 5, 5])), "lies wholly outside image 1 (40x30): rejected"),
+    "bad bbox": (_mutate(lambda d: d["annotations"][0].update(bbox=[1, 2, 3])), "annotations id=10: bbox must be 4 numbers"),
+    "duplicate image id": (_mutate(lambda d: d["images"][1].update(id=1)), "images: duplicate id 1"),
+    "duplicate ann id": (_mutate(lambda d: d["annotations"][1].update(id=10)), "annotations: duplicate id 10"),
+    "duplicate category id": (_mutate(lambda d: d["categories"][1].update(id=7)), "categories: duplicate id 7"),
+    "empty images": (_mutate(lambda d: d.update(images=[], annotations=[])), "empty dataset (no images)"),
+    "empty annotations": (_mutate(lambda d: d.update(annotations=[])), "empty dataset (no annotations)"),
+    "missing image file": (_mutate(lambda d: d["images"][0].update(file_name="nope.png")), "images id=1: file_name 'nope.png' not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_a_one_line_error(tmp_path, case):
+    mutate, words = CASES[case]
+    ann = _write(tmp_path, mutate(_good(tmp_path)))
+    with pytest.raises(DataError) as e:
+        load_coco(ann, tmp_path / "img")
+    assert words in str(e.value)
+    assert str(ann) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_invalid_json_names_position(tmp_path):
+    _good(tmp_path)
+    ann = _write(tmp_path, '{"images": [}')
+    with pytest.raises(DataError, match=r"ann.json: invalid JSON: .* line 1 column"):
+        load_coco(ann, tmp_path / "img")
+
+
+def test_missing_annotation_file_and_image_folder(tmp_path):
+    with pytest.raises(DataError, match="nope.json: file not found"):
+        load_coco(tmp_path / "nope.json", tmp_path)
+    ann = _write(tmp_path, _good(tmp_path))
+    with pytest.raises(DataError, match="image folder not found"):
+        load_coco(ann, tmp_path / "missing")
+
+
+def test_unreadable_image(tmp_path):
+    ann = _write(tmp_path, _good(tmp_path))
+    (tmp_path / "img" / "2.png").write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match=r"images id=2: .*2.png cannot be read as an image"):
+        load_coco(ann, tmp_path / "img")
+
+
+def test_box_partly_outside_is_clipped_or_rejected(tmp_path):
+    d = _good(tmp_path)
+    d["annotations"][1]["bbox"] = [30, 20, 20, 20]  # image is 40x30
+    ann = _write(tmp_path, d)
+    data, clipped = load_coco(ann, tmp_path / "img", out_of_image="clip")
+    assert clipped == 1 and data["annotations"][1]["bbox"] == [30.0, 20.0, 10.0, 10.0]
+    with pytest.raises(DataError, match=r"annotations id=11: bbox .* extends outside image 2 \(40x30\): rejected"):
+        load_coco(ann, tmp_path / "img", out_of_image="reject")
+
+
+def test_cli_bad_data_exits_nonzero_and_leaves_no_output(tmp_path):
+    d = _good(tmp_path)
+    d["annotations"][0]["category_id"] = 3
+    ann = _write(tmp_path, d)
+    good_ann = tmp_path / "val.json"
+    good_ann.write_text(json.dumps(_good(tmp_path)))
+    params = write_yaml(tmp_path / "coco.yaml", {"data": {"source": "coco", "coco": {
+        "train_images": str(tmp_path / "img"), "train_annotations": str(ann),
+        "val_images": str(tmp_path / "img"), "val_annotations": str(good_ann)}}})
+    out = tmp_path / "prepared"
+    r = subprocess.run([sys.executable, "-m", "jdnas.cli", "prepare-data", "--params", str(REPO / "params.yaml"),
+                        "--params", str(params), "--out", str(out)], capture_output=True, text=True, env=cli_env())
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("jdnas: error: ") and "category_id 3 not in categories" in lines[-1]
+    assert not out.exists() and not list(tmp_path.glob(".prepared*"))
+
+
+def test_coco_source_prepares_splits(tmp_path, smoke_params):
+    from conftest import with_overrides
+    from jdnas.data.prepare import prepare_data
+    d = _good(tmp_path)
+    ann = _write(tmp_path, d)
+    p = with_overrides(smoke_params, {"data": {"source": "coco", "minival_fraction": 0.5, "coco": {
+        "train_images": str(tmp_path / "img"), "train_annotations": str(ann),
+        "val_images": str(tmp_path / "img"), "val_annotations": str(ann)}}})
+    manifest = prepare_data(p, tmp_path / "prep")
+    assert manifest["splits"]["train"]["images"] == 1 and manifest["splits"]["minival"]["images"] == 1
+    from jdnas.data.dataset import CocoDetection
+    ds = CocoDetection(tmp_path / "prep" / "val.json")
+    assert len(ds) == 2 and ds[0][1]["labels"].tolist() == [1]

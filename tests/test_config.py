@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from jdnas.config import SCHEMA, Opt, defaults, load_params
+from jdnas.errors import ConfigError
+from conftest import REPO, write_yaml
+
+
+def _leaves(schema: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in schema.items():
+        out |= _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+    return out
+
+
+def _keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+    return out
+
+
+def test_params_yaml_is_complete_and_valid():
+    import yaml
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert _keys(raw) == _leaves(SCHEMA), "params.yaml must spell out every key of the schema"
+    load_params([REPO / "params.yaml"])
+
+
+@pytest.mark.parametrize("name", ["smoke.yaml", "coco_r101.yaml"])
+def test_shipped_configs_validate(name):
+    p = load_params([REPO / "params.yaml", REPO / "config" / name])
+    assert p["model"]["base"]
+
+
+def test_defaults_validate():
+    # every default passes its own check
+    def walk(schema, d):
+        for k, v in schema.items():
+            if isinstance(v, Opt):
+                assert v.check(d[k]), k
+            else:
+                walk(v, d[k])
+    walk(SCHEMA, defaults())
+
+
+@pytest.mark.parametrize("content, words", [
+    ({"train_base": {"lrr": 0.1}}, "unknown key 'train_base.lrr'"),
+    ({"bogus": 1}, "unknown key 'bogus'"),
+    ({"train_base": {"iters": "many"}}, "train_base.iters = 'many' is not allowed: must be an integer >= 1"),
+    ({"train_base": {"lr": -1}}, "train_base.lr = -1 is not allowed: must be a number > 0.0"),
+    ({"train_base": {"schedule": "linear"}}, "must be one of cosine, step, constant"),
+    ({"device": "gpu"}, "device = 'gpu' is not allowed"),
+    ({"data": {"synthetic": {"classes": ["circle", "blob"]}}}, "data.synthetic.classes"),
+    ({"data": {"synthetic": {"min_objects": 5, "max_objects": 2}}}, "min_objects must be <="),
+    ({"data": {"source": "coco"}}, "data.coco.train_images is required"),
+    ({"model": {"base": "r999"}}, "model.base = 'r999' is not allowed"),
+    ({"model": 3}, "model must be a mapping"),
+])
+def test_bad_params_fail_with_one_line_naming_the_key(tmp_path, content, words):
+    f = write_yaml(tmp_path / "bad.yaml", content)
+    with pytest.raises(ConfigError) as e:
+        load_params([REPO / "params.yaml", f])
+    msg = str(e.value)
+    assert words in msg
+    assert "\n" not in msg
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_params([bad])
+    with pytest.raises(ConfigError, match="not found"):
+        load_params([tmp_path / "nope.yaml"])
+
+
+def test_later_files_override(tmp_path):
+    f = write_yaml(tmp_path / "o.yaml", {"train_base": {"iters": 7}})
+    p = load_params([REPO / "params.yaml", f])
+    assert p["train_base"]["iters"] == 7
+    assert p["train_base"]["lr"] == load_params([REPO / "params.yaml"])["train_base"]["lr"]

@@ -1,0 +1,14 @@
+rule train_base:
+    input:
+        STAGES["train_base"].deps,
+    output:
+        stage_outputs("train_base"),
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/train_base.log",
+    threads: 2
+    params:
+        trigger=STAGES["train_base"].params_hash(PARAMS),
+    shell:
+        stage_shell("train_base")

@@ -1,0 +1,26 @@
+# Shared helpers: validated params and the stage table from jdnas.stages.
+from jdnas.config import defaults, load_params, merge
+from jdnas.errors import JdnasError
+from jdnas.stages import STAGES
+
+# params.yaml first, then every --configfile in order: later files override earlier ones.
+# The jdnas commands read these files themselves, so the run is the same under DVC.
+PARAM_FILES = ["params.yaml"] + [str(f) for f in (workflow.overwrite_configfiles or [])]
+try:
+    PARAMS = load_params(PARAM_FILES)
+    if merge(defaults(), config, source="snakemake config") != PARAMS:
+        raise JdnasError("--config overrides do not reach the jdnas commands: put them in a YAML file "
+                         "and pass --configfile FILE")
+except JdnasError as e:
+    raise WorkflowError(f"jdnas: error: {e}")
+
+
+def stage_outputs(name):
+    """Every output of a stage: folders as directory(), then files and metrics."""
+    s = STAGES[name]
+    return [directory(d) for d in s.dir_outs] + list(s.outs) + list(s.metrics)
+
+
+def stage_shell(name):
+    """The stage's jdnas command with this run's params files; logs go to {log}."""
+    return STAGES[name].shell(PARAM_FILES, "{threads}") + " > {log} 2>&1"

@@ -1,0 +1,11 @@
+rule prepare_data:
+    output:
+        stage_outputs("prepare_data"),
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/prepare_data.log",
+    params:
+        trigger=STAGES["prepare_data"].params_hash(PARAMS),
+    shell:
+        stage_shell("prepare_data")
