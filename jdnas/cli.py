@@ -42,6 +42,14 @@ def cmd_train_base(args: argparse.Namespace) -> None:
     print(json.dumps(train_base(params, args.data, args.out)))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from jdnas.student import train_student
+    params = _params(args)
+    _runtime(args, params)
+    print(json.dumps(train_student(params, args.data, args.out, args.init, args.action, args.teacher,
+                                   args.eval_split, args.seed)))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from jdnas.engine import evaluate, resolve_device
     from jdnas.models.detector import load_detector
@@ -89,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train-base", cmd_train_base, "stage train_base: train and evaluate the base detector", threads=True)
     p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
     p.add_argument("--out", default="runs/base", help="output folder (default: %(default)s)")
+
+    p = add("train", cmd_train, "train a student: morph an initial checkpoint by an action (weights inherited), "
+            "train it with KD from a teacher (params: train_student), evaluate", threads=True)
+    p.add_argument("--init", required=True, help="initial checkpoint (a model.pt written by jdnas)")
+    p.add_argument("--action", default=None,
+                   help="student action, e.g. deepen(2), shallow(2,1), shift(1,+1), prune(2,0.25), slim(3,0.25), "
+                        "widen(1,0.5) (default: none, train the initial model as is)")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint for KD (default: no KD)")
+    p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder: model.pt, metrics.json")
+    p.add_argument("--eval-split", default="minival", choices=["minival", "val"],
+                   help="split to evaluate on (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: params seed)")
 
     p = add("evaluate", cmd_evaluate, "COCO AP of a detector checkpoint on a prepared split", threads=True)
     p.add_argument("checkpoint", help="a model.pt written by jdnas")

@@ -102,6 +102,7 @@ def _is_device(v: str) -> bool:
     return v.startswith("cuda:") and v[5:].isdigit()
 
 
+MORPH_ACTIONS = ("deepen", "shallow", "shift", "prune", "slim", "widen")
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
 
 
@@ -168,6 +169,27 @@ SCHEMA: dict = {
     "eval": {
         "batch_size": integer(16, 1),
     },
+    # student training after a morphism action, with KD from a teacher (jdnas train)
+    "train_student": {
+        **train_schema(iters=300, lr=0.02),
+        "warmup_iters": integer(20, 0),
+        "kd_loss": choice("fpn_masked", ("fpn", "fpn_masked", "logits")),
+        "kd_weight": number(1.0, 0.0),
+        "kd_fg_weight": number(1.0, 0.0),
+        "kd_bg_weight": number(0.5, 0.0),
+        "kd_temperature": number(1.0, 0.0, lo_open=True),
+    },
+    # the student action space (jdnas.morphism.legal_actions); stages 0..3 = C2..C5
+    "search_space": {
+        "actions": strings(["deepen", "shallow", "shift", "prune", "slim"], MORPH_ACTIONS),
+        "min_depth": numbers([1, 1, 1, 1], 1, ints=True, min_len=4),
+        "max_depth": numbers([4, 6, 12, 4], 1, ints=True, min_len=4),
+        "min_width": integer(8, 1),
+        "max_width": integer(1024, 1),
+        "prune_ratios": numbers([0.25, 0.5], 0.0, 1.0),
+        "slim_ratios": numbers([0.25], 0.0, 1.0),
+        "widen_ratios": numbers([0.5], 0.0),
+    },
 }
 
 
@@ -210,6 +232,16 @@ def check_consistency(p: dict, source: str) -> None:
                 raise ConfigError(f"{source}: data.coco.{key} is required when data.source is coco")
     if p["model"]["min_size"] > p["model"]["max_size"]:
         raise ConfigError(f"{source}: model.min_size must be <= model.max_size")
+    space = p["search_space"]
+    for key in ("min_depth", "max_depth"):
+        if len(space[key]) != 4:
+            raise ConfigError(f"{source}: search_space.{key} needs one depth per stage (4 values)")
+    if any(lo > hi for lo, hi in zip(space["min_depth"], space["max_depth"])):
+        raise ConfigError(f"{source}: search_space.min_depth must be <= max_depth in every stage")
+    for key in ("prune_ratios", "slim_ratios", "widen_ratios"):
+        if any(r <= 0 or (r >= 1 and key != "widen_ratios") for r in space[key]):
+            raise ConfigError(f"{source}: search_space.{key} must hold ratios in (0, 1)"
+                              + (" (widen: > 0)" if key == "widen_ratios" else ""))
     from jdnas.models.arch import resolve_arch  # late import: models depend on nothing here
     try:
         resolve_arch(p["model"]["base"], p["model"]["width"])

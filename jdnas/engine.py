@@ -84,25 +84,31 @@ def _progress(total: int, initial: int, desc: str) -> tqdm:
 
 def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any], state_path: str | Path,
                    seed: int, device: torch.device, fingerprint: str = "", loss_fn: LossFn = detection_loss,
-                   desc: str = "train", stop_after: int | None = None) -> dict[str, Any]:
+                   desc: str = "train", stop_after: int | None = None,
+                   extra: torch.nn.Module | None = None) -> dict[str, Any]:
     """Train `model` for cfg['iters'] iterations, checkpointing to `state_path` and resuming from it.
 
     A saved state is resumed only if its `fingerprint` (arch, params, data) matches; otherwise
     training starts afresh. `stop_after` ends the run early after that many iterations of this
-    call (used by tests and by callers that train in slices). Returns a summary with the
-    iterations done and the training seconds spent in total (resumed runs included).
+    call (used by tests and by callers that train in slices). `extra` holds trainable modules
+    that live beside the model (e.g. KD adapters used by `loss_fn`): they are optimised and
+    checkpointed with it. Returns a summary with the iterations done and the training seconds
+    spent in total (resumed runs included).
     """
     state_path = Path(state_path)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
+    trained = model if extra is None else torch.nn.ModuleList([model, extra.to(device)])
+    optimizer = make_optimizer(trained, cfg)
     start, seconds = 0, 0.0
     torch.manual_seed(seed)  # RPN / RoI sampling draw from torch's global generator
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         if state.get("format") == STATE_FORMAT and state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
+            if extra is not None:
+                extra.load_state_dict(state["extra"])
             optimizer.load_state_dict(state["optimizer"])
             start, seconds = int(state["iter"]), float(state["seconds"])
             torch.set_rng_state(state["rng"])
@@ -113,13 +119,14 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     def save(it: int) -> None:
         save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,
                                 "seconds": seconds, "rng": torch.get_rng_state(), "model": model.state_dict(),
-                                "optimizer": optimizer.state_dict()})
+                                "optimizer": optimizer.state_dict(),
+                                **({"extra": extra.state_dict()} if extra is not None else {})})
 
     total = cfg["iters"] if stop_after is None else min(cfg["iters"], start + stop_after)
     loader = batches_for(dataset, cfg["batch_size"], total, seed, start, cfg["workers"])
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in trained.parameters() if p.requires_grad]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    model.train()
+    trained.train()
     bar = _progress(cfg["iters"], start, desc)
     it, last = start, {}
     for images, targets in loader:

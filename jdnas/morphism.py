@@ -1,0 +1,397 @@
+"""Student morphism: actions that map (parent Arch, parent state_dict) to (child Arch, child state_dict).
+
+DESIGN §5. Every action is a pure function over a full-detector state_dict (keys
+`backbone.body.*`, `backbone.fpn.*`, `rpn.*`, `roi_heads.*`); the child inherits every weight
+it can, and the FPN / RPN / RoI heads are carried over (the FPN lateral conv is sliced when a
+stage's output width changes). Stages are numbered 0..3 (outputs C2..C5), blocks from 0.
+
+| action            | string          | change                                                      |
+| deepen(s)         | `deepen(2)`     | add a block at the end of stage s (zero last-BN gamma: same function) |
+| shallow(s, i)     | `shallow(2,1)`  | remove block i >= 1 of stage s                              |
+| shift(s, +-1)     | `shift(1,+1)`   | +1: stage s gains a block, stage s+1 loses its last; -1: the reverse |
+| prune(s, r)       | `prune(2,0.25)` | remove fraction r of each block's mid channels in stage s   |
+| slim(s, r)        | `slim(3,0.25)`  | remove fraction r of stage s's output channels              |
+| widen(s, r)       | `widen(1,0.5)`  | Net2Wider: add fraction r mid channels (same function)      |
+
+Channels are ranked by importance = L1 norm of the filter x |BN gamma|; the most important
+are kept.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from jdnas.models.arch import Arch, Stage
+from jdnas.models.backbone import BLOCKS, _init_weights
+
+StateDict = dict[str, Tensor]
+BODY = "backbone.body."
+FPN_INNER = "backbone.fpn.inner_blocks.{s}.0.weight"
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+KINDS = ("deepen", "shallow", "shift", "prune", "slim", "widen")
+# the argument each kind takes after the stage, in its string form
+_ARG = {"deepen": None, "shallow": "index", "shift": "step", "prune": "ratio", "slim": "ratio", "widen": "ratio"}
+# (producer conv, its BN, consumer conv) for each mid-channel link of a block
+_MID_LINKS = {"basic": (("conv1", "bn1", "conv2"),),
+              "bottleneck": (("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3"))}
+_LAST = {"basic": ("conv2", "bn2"), "bottleneck": ("conv3", "bn3")}
+
+
+# --- the action value --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Action:
+    """One student action: a small hashable value with a string form (`prune(2,0.25)`) that parses back."""
+
+    kind: str
+    stage: int
+    index: int | None = None    # shallow: the block removed
+    step: int | None = None     # shift: +1 (stage s gains a block from s+1) or -1 (s gives one to s+1)
+    ratio: float | None = None  # prune / slim: fraction removed; widen: fraction added
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown action {self.kind!r}; actions: {', '.join(KINDS)}")
+        if not 0 <= self.stage < 4:
+            raise ValueError(f"{self.kind}: stage must be 0..3, got {self.stage}")
+        arg = _ARG[self.kind]
+        given = {k for k in ("index", "step", "ratio") if getattr(self, k) is not None}
+        if given != ({arg} if arg else set()):
+            raise ValueError(f"{self.kind} takes {'stage, ' + arg if arg else 'a stage only'}")
+        if self.kind == "shallow" and self.index < 1:
+            raise ValueError("shallow: the first block of a stage (index 0) carries stride and projection; "
+                             "remove an index >= 1")
+        if self.kind == "shift" and (self.step not in (1, -1) or self.stage > 2):
+            raise ValueError("shift takes a stage 0..2 and a step of +1 or -1")
+        if self.kind in ("prune", "slim") and not 0 < self.ratio < 1:
+            raise ValueError(f"{self.kind}: ratio must be in (0, 1), got {self.ratio}")
+        if self.kind == "widen" and not self.ratio > 0:
+            raise ValueError(f"widen: ratio must be > 0, got {self.ratio}")
+
+    def __str__(self) -> str:
+        arg = _ARG[self.kind]
+        if arg is None:
+            return f"{self.kind}({self.stage})"
+        value = getattr(self, arg)
+        text = f"{value:+d}" if arg == "step" else repr(value)
+        return f"{self.kind}({self.stage},{text})"
+
+    @classmethod
+    def parse(cls, text: str) -> "Action":
+        """Inverse of `str(action)`; ValueError with the reason on a malformed string."""
+        m = re.fullmatch(r"\s*(\w+)\(\s*(\d+)\s*(?:,\s*([+-]?[\d.eE+-]+)\s*)?\)\s*", text)
+        if not m or m.group(1) not in KINDS:
+            raise ValueError(f"not an action (expected e.g. deepen(2), shallow(2,1), shift(1,+1), prune(2,0.25), "
+                             f"slim(3,0.25), widen(1,0.5)): {text!r}")
+        kind, stage, raw = m.group(1), int(m.group(2)), m.group(3)
+        arg = _ARG[kind]
+        if (arg is None) != (raw is None):
+            raise ValueError(f"{kind} takes {'stage, ' + arg if arg else 'a stage only'}: {text!r}")
+        if arg is None:
+            return cls(kind, stage)
+        try:
+            value: Any = float(raw) if arg == "ratio" else int(raw)
+        except ValueError:
+            raise ValueError(f"{kind}: bad {arg} {raw!r} in {text!r}") from None
+        return cls(kind, stage, **{arg: value})
+
+
+# --- importance and tensor surgery ----------------------------------------------------------
+def channel_importance(conv_weight: Tensor, bn_gamma: Tensor) -> Tensor:
+    """Per output channel: L1 norm of its filter x |BN gamma|."""
+    return conv_weight.detach().abs().flatten(1).sum(1) * bn_gamma.detach().abs()
+
+
+def top_channels(importance: Tensor, keep: int) -> Tensor:
+    """Indices of the `keep` most important channels, in ascending channel order."""
+    return torch.topk(importance, keep, sorted=False).indices.sort().values
+
+
+def kept_count(channels: int, ratio: float) -> int:
+    """Channels left after removing `ratio` of them (rounded; at least 1)."""
+    return max(1, channels - int(round(ratio * channels)))
+
+
+def _bp(stage: int, block: int) -> str:
+    return f"{BODY}stages.{stage}.{block}."
+
+
+def _slice_out(sd: StateDict, conv: str, bn: str, idx: Tensor) -> None:
+    """Keep output channels `idx` of conv `conv` and its BN `bn` (key prefixes, no trailing dot)."""
+    sd[f"{conv}.weight"] = sd[f"{conv}.weight"][idx]
+    for t in BN_TENSORS:
+        sd[f"{bn}.{t}"] = sd[f"{bn}.{t}"][idx]
+
+
+def _slice_in(sd: StateDict, weight_key: str, idx: Tensor) -> None:
+    sd[weight_key] = sd[weight_key][:, idx]
+
+
+def _block_keys(sd: Mapping[str, Tensor], stage: int, block: int) -> list[str]:
+    p = _bp(stage, block)
+    return [k for k in sd if k.startswith(p)]
+
+
+def _has_projection(sd: Mapping[str, Tensor], stage: int, block: int) -> bool:
+    return f"{_bp(stage, block)}downsample.0.weight" in sd
+
+
+def _renumber(sd: StateDict, stage: int, old: int, new: int) -> None:
+    for k in _block_keys(sd, stage, old):
+        sd[_bp(stage, new) + k[len(_bp(stage, old)):]] = sd.pop(k)
+
+
+def _check(arch: Arch, sd: Mapping[str, Tensor]) -> None:
+    for s, spec in enumerate(arch.stages):
+        for i in range(spec.depth):
+            if f"{_bp(s, i)}conv1.weight" not in sd:
+                raise ValueError(f"state_dict lacks block {s}.{i} of {arch} (expected full-detector keys "
+                                 f"'{BODY}stages.S.I.*')")
+        if f"{_bp(s, spec.depth)}conv1.weight" in sd:
+            raise ValueError(f"state_dict has more blocks in stage {s} than {arch}")
+
+
+# --- the actions ---------------------------------------------------------------------------
+def deepen(arch: Arch, sd: Mapping[str, Tensor], stage: int, seed: int = 0) -> tuple[Arch, StateDict]:
+    """Add a block at the end of `stage` whose last BN has gamma = beta = 0: the function is unchanged."""
+    _check(arch, sd)
+    spec = arch.stages[stage]
+    mid = spec.mids[-1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        block = BLOCKS[arch.block](spec.out, mid, spec.out, 1)
+        _init_weights(block)
+    torch.nn.init.zeros_(block.last_bn.weight)
+    out = dict(sd)
+    ref = sd[f"{_bp(stage, 0)}conv1.weight"]
+    for k, v in block.state_dict().items():
+        out[_bp(stage, spec.depth) + k] = v.to(device=ref.device, dtype=v.dtype if v.dtype == torch.long else ref.dtype)
+    return arch.with_stage(stage, Stage(spec.out, spec.mids + (mid,))), _own(out, sd)
+
+
+def shallow(arch: Arch, sd: Mapping[str, Tensor], stage: int, index: int) -> tuple[Arch, StateDict]:
+    """Remove block `index` (>= 1) of `stage`; the blocks after it move up."""
+    _check(arch, sd)
+    spec = arch.stages[stage]
+    if not 1 <= index < spec.depth:
+        raise ValueError(f"shallow({stage},{index}): stage {stage} of {arch} has blocks 0..{spec.depth - 1} "
+                         f"and block 0 cannot be removed")
+    out = dict(sd)
+    for k in _block_keys(out, stage, index):
+        del out[k]
+    for i in range(index + 1, spec.depth):
+        _renumber(out, stage, i, i - 1)
+    mids = spec.mids[:index] + spec.mids[index + 1:]
+    return arch.with_stage(stage, Stage(spec.out, mids)), _own(out, sd)
+
+
+def shift(arch: Arch, sd: Mapping[str, Tensor], stage: int, step: int, seed: int = 0) -> tuple[Arch, StateDict]:
+    """Move the split between `stage` and `stage + 1` by one block: shallow (last block) + deepen."""
+    if step not in (1, -1) or not 0 <= stage < 3:
+        raise ValueError("shift takes a stage 0..2 and a step of +1 or -1")
+    giver, taker = (stage + 1, stage) if step == 1 else (stage, stage + 1)
+    depth = arch.stages[giver].depth
+    if depth < 2:
+        raise ValueError(f"shift({stage},{step:+d}): stage {giver} of {arch} has a single block to give")
+    arch, sd2 = shallow(arch, sd, giver, depth - 1)
+    return deepen(arch, sd2, taker, seed)
+
+
+def prune(arch: Arch, sd: Mapping[str, Tensor], stage: int, ratio: float) -> tuple[Arch, StateDict]:
+    """Remove `ratio` of the mid channels of every block in `stage`, keeping the most important."""
+    _check(arch, sd)
+    spec = arch.stages[stage]
+    out = dict(sd)
+    mids = []
+    for i, mid in enumerate(spec.mids):
+        keep = kept_count(mid, ratio)
+        p = _bp(stage, i)
+        for producer, bn, consumer in _MID_LINKS[arch.block]:
+            imp = channel_importance(out[f"{p}{producer}.weight"], out[f"{p}{bn}.weight"])
+            idx = top_channels(imp, keep)
+            _slice_out(out, p + producer, p + bn, idx)
+            _slice_in(out, f"{p}{consumer}.weight", idx)
+        mids.append(keep)
+    return arch.with_stage(stage, Stage(spec.out, tuple(mids))), _own(out, sd)
+
+
+def slim_width(arch: Arch, stage: int, ratio: float) -> int:
+    """Output width of `stage` after slim(stage, ratio).
+
+    Stage 0's first block has a projection exactly when its input (the stem) differs in width;
+    a slimmed width equal to the stem's would drop that projection, so one more channel is kept.
+    """
+    out = arch.stages[stage].out
+    keep = kept_count(out, ratio)
+    if stage == 0 and arch.stem != out and keep == arch.stem:
+        keep = keep + 1 if keep + 1 < out else keep - 1
+    return max(1, keep)
+
+
+def slim(arch: Arch, sd: Mapping[str, Tensor], stage: int, ratio: float) -> tuple[Arch, StateDict]:
+    """Remove `ratio` of `stage`'s output channels: the same channels on every block's residual path,
+    the next stage's first block input and the FPN lateral conv (and the stem when it feeds stage 0's
+    identity shortcut)."""
+    _check(arch, sd)
+    spec = arch.stages[stage]
+    keep = slim_width(arch, stage, ratio)
+    last_conv, last_bn = _LAST[arch.block]
+    stem_in_path = stage == 0 and not _has_projection(sd, 0, 0)
+    imp = torch.zeros(spec.out, device=sd[FPN_INNER.format(s=stage)].device)
+    for i in range(spec.depth):
+        p = _bp(stage, i)
+        imp = imp + channel_importance(sd[f"{p}{last_conv}.weight"], sd[f"{p}{last_bn}.weight"])
+        if _has_projection(sd, stage, i):
+            imp = imp + channel_importance(sd[f"{p}downsample.0.weight"], sd[f"{p}downsample.1.weight"])
+    if stem_in_path:
+        imp = imp + channel_importance(sd[f"{BODY}stem.conv.weight"], sd[f"{BODY}stem.bn.weight"])
+    idx = top_channels(imp, keep)
+    out = dict(sd)
+    for i in range(spec.depth):
+        p = _bp(stage, i)
+        _slice_out(out, p + last_conv, p + last_bn, idx)
+        if _has_projection(sd, stage, i):
+            _slice_out(out, f"{p}downsample.0", f"{p}downsample.1", idx)
+        if i > 0 or stem_in_path:
+            _slice_in(out, f"{p}conv1.weight", idx)
+    if stem_in_path:
+        _slice_out(out, f"{BODY}stem.conv", f"{BODY}stem.bn", idx)
+    if stage < 3:
+        p = _bp(stage + 1, 0)
+        _slice_in(out, f"{p}conv1.weight", idx)
+        if _has_projection(sd, stage + 1, 0):
+            _slice_in(out, f"{p}downsample.0.weight", idx)
+    _slice_in(out, FPN_INNER.format(s=stage), idx)
+    child = arch.with_stage(stage, Stage(keep, spec.mids))
+    if stem_in_path:
+        child = Arch(child.block, keep, child.stages)
+    return child, _own(out, sd)
+
+
+def widen(arch: Arch, sd: Mapping[str, Tensor], stage: int, ratio: float, seed: int = 0,
+          noise: float = 1e-2) -> tuple[Arch, StateDict]:
+    """Net2Wider: add `ratio` x mid channels to every block of `stage` by copying the most important
+    ones; the consumer's weights are split between the copies (plus a small +-noise that cancels,
+    to break their symmetry), so the function is unchanged."""
+    _check(arch, sd)
+    spec = arch.stages[stage]
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(sd)
+    mids = []
+    for i, mid in enumerate(spec.mids):
+        add = max(1, int(round(ratio * mid)))
+        p = _bp(stage, i)
+        for producer, bn, consumer in _MID_LINKS[arch.block]:
+            imp = channel_importance(out[f"{p}{producer}.weight"], out[f"{p}{bn}.weight"])
+            order = torch.argsort(imp.cpu(), descending=True)
+            src = order[torch.arange(add) % mid]                 # channels copied, most important first
+            mapping = torch.cat([torch.arange(mid), src]).to(imp.device)
+            counts = torch.bincount(mapping, minlength=mid).to(out[f"{p}{consumer}.weight"].dtype)
+            _slice_out(out, p + producer, p + bn, mapping)
+            w = out[f"{p}{consumer}.weight"]
+            w = w[:, mapping] / counts[mapping].view(1, -1, *([1] * (w.ndim - 2)))
+            eps = noise * w[:, mid:].std() * torch.randn(w[:, mid:].shape, generator=gen).to(w)
+            w[:, mid:] += eps
+            w.index_add_(1, src.to(w.device), -eps)
+            out[f"{p}{consumer}.weight"] = w
+        mids.append(mid + add)
+    return arch.with_stage(stage, Stage(spec.out, tuple(mids))), _own(out, sd)
+
+
+def _own(out: StateDict, parent: Mapping[str, Tensor]) -> StateDict:
+    """The child holds its own tensors: nothing it shares with the parent's state_dict can be mutated."""
+    return {k: v.clone() if k in parent and v is parent[k] else v for k, v in out.items()}
+
+
+def apply_action(action: Action | str, arch: Arch, sd: Mapping[str, Tensor], seed: int = 0) -> tuple[Arch, StateDict]:
+    """Apply one action to (arch, full-detector state_dict) -> (child arch, child state_dict)."""
+    a = Action.parse(action) if isinstance(action, str) else action
+    if a.kind == "deepen":
+        return deepen(arch, sd, a.stage, seed)
+    if a.kind == "shallow":
+        return shallow(arch, sd, a.stage, a.index)
+    if a.kind == "shift":
+        return shift(arch, sd, a.stage, a.step, seed)
+    if a.kind == "prune":
+        return prune(arch, sd, a.stage, a.ratio)
+    if a.kind == "slim":
+        return slim(arch, sd, a.stage, a.ratio)
+    return widen(arch, sd, a.stage, a.ratio, seed)
+
+
+def morph_detector(model: Any, action: Action | str, seed: int = 0) -> Any:
+    """A new detector (same head config) built from `model` by `action`, with inherited weights."""
+    from jdnas.models.detector import build_detector
+    arch, sd = apply_action(action, model.arch, model.state_dict(), seed)
+    child = build_detector(arch, model.head_cfg)
+    child.load_state_dict(sd)
+    return child
+
+
+# --- the legal action space ----------------------------------------------------------------
+def child_arch(action: Action, arch: Arch) -> Arch:
+    """The child Arch of an action, computed without weights."""
+    s = arch.stages[action.stage]
+    if action.kind == "deepen":
+        return arch.with_stage(action.stage, Stage(s.out, s.mids + (s.mids[-1],)))
+    if action.kind == "shallow":
+        return arch.with_stage(action.stage, Stage(s.out, s.mids[:action.index] + s.mids[action.index + 1:]))
+    if action.kind == "shift":
+        giver, taker = (action.stage + 1, action.stage) if action.step == 1 else (action.stage, action.stage + 1)
+        g = arch.stages[giver]
+        arch = arch.with_stage(giver, Stage(g.out, g.mids[:-1]))
+        t = arch.stages[taker]
+        return arch.with_stage(taker, Stage(t.out, t.mids + (t.mids[-1],)))
+    if action.kind == "prune":
+        return arch.with_stage(action.stage, Stage(s.out, tuple(kept_count(m, action.ratio) for m in s.mids)))
+    if action.kind == "widen":
+        return arch.with_stage(action.stage, Stage(s.out, tuple(m + max(1, int(round(action.ratio * m)))
+                                                                for m in s.mids)))
+    keep = slim_width(arch, action.stage, action.ratio)
+    child = arch.with_stage(action.stage, Stage(keep, s.mids))
+    if action.stage == 0 and arch.stem == s.out:
+        child = Arch(child.block, keep, child.stages)
+    return child
+
+
+def is_legal(action: Action, arch: Arch, bounds: Mapping[str, Any]) -> bool:
+    """Whether `action` is enabled by `bounds` (the `search_space` params) and keeps `arch` within them."""
+    if action.kind not in bounds["actions"]:
+        return False
+    depths, s = arch.depths, action.stage
+    lo, hi = bounds["min_depth"], bounds["max_depth"]
+    if action.kind in ("deepen", "shallow", "shift"):
+        if action.kind == "shallow" and not 1 <= action.index < depths[s]:
+            return False
+        if action.kind == "shift" and arch.stages[action.stage + (1 if action.step == 1 else 0)].depth < 2:
+            return False
+        child = child_arch(action, arch)
+        return child != arch and all(lo[i] <= d <= hi[i] for i, d in enumerate(child.depths)
+                                     if d != depths[i])
+    ratios = bounds[f"{action.kind}_ratios"]
+    if action.ratio not in ratios:
+        return False
+    child = child_arch(action, arch)
+    if child == arch:
+        return False
+    if action.kind == "prune":
+        return min(child.stages[s].mids) >= bounds["min_width"]
+    if action.kind == "slim":
+        return child.stages[s].out >= bounds["min_width"] and child.stem >= bounds["min_width"]
+    return max(child.stages[s].mids) <= bounds["max_width"]
+
+
+def legal_actions(arch: Arch, bounds: Mapping[str, Any]) -> list[Action]:
+    """Every enabled action that keeps `arch` within the search-space bounds, in a stable order."""
+    candidates: list[Action] = []
+    for s in range(4):
+        candidates.append(Action("deepen", s))
+        candidates += [Action("shallow", s, index=i) for i in range(1, arch.stages[s].depth)]
+        if s < 3:
+            candidates += [Action("shift", s, step=1), Action("shift", s, step=-1)]
+        for kind in ("prune", "slim", "widen"):
+            candidates += [Action(kind, s, ratio=float(r)) for r in bounds[f"{kind}_ratios"]]
+    return [a for a in candidates if is_legal(a, arch, bounds)]
