@@ -27,14 +27,20 @@ KD_LOSSES = ("fpn", "fpn_masked", "logits")
 
 
 # --- losses -----------------------------------------------------------------------------------
-def make_adapters(student_channels: int, teacher_channels: int, levels: list[str] = FPN_LEVELS) -> nn.ModuleDict:
-    """One 1x1 conv per FPN level mapping student to teacher channels; identity when they agree."""
+def make_adapters(student_channels: int, teacher_channels: int, levels: list[str] = FPN_LEVELS,
+                  seed: int = 0) -> nn.ModuleDict:
+    """One 1x1 conv per FPN level mapping student to teacher channels; identity when they agree.
+    Initialised from `seed` alone (not torch's global RNG), so a resumed job rebuilds the same."""
+    gen = torch.Generator().manual_seed(seed)
+
     def one() -> nn.Module:
         if student_channels == teacher_channels:
             return nn.Identity()
         conv = nn.Conv2d(student_channels, teacher_channels, 1)
-        nn.init.kaiming_uniform_(conv.weight, a=1)
-        nn.init.zeros_(conv.bias)
+        bound = (3.0 / student_channels) ** 0.5   # kaiming-uniform, gain 1
+        with torch.no_grad():
+            conv.weight.copy_(torch.rand(conv.weight.shape, generator=gen) * 2 * bound - bound)
+            conv.bias.zero_()
         return conv
     return nn.ModuleDict({lvl: one() for lvl in levels})
 
@@ -181,7 +187,7 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, student: Detector, teacher: Teacher, kind: str = "fpn_masked", weight: float = 1.0,
-                 fg_weight: float = 1.0, bg_weight: float = 0.5, temperature: float = 1.0) -> None:
+                 fg_weight: float = 1.0, bg_weight: float = 0.5, temperature: float = 1.0, seed: int = 0) -> None:
         super().__init__()
         if kind not in KD_LOSSES:
             raise JdnasError(f"kd_loss: {kind!r} is not one of {', '.join(KD_LOSSES)}")
@@ -189,7 +195,7 @@ class Distiller(nn.Module):
         self.teacher, self.kind, self.weight = teacher, kind, weight
         self.fg_weight, self.bg_weight, self.temperature = fg_weight, bg_weight, temperature
         channels = (student.backbone.out_channels, teacher.model.backbone.out_channels)
-        self.adapters = make_adapters(*channels) if kind != "logits" else nn.ModuleDict()
+        self.adapters = make_adapters(*channels, seed=seed) if kind != "logits" else nn.ModuleDict()
 
     def loss_fn(self, model: Detector, images: list, targets: list) -> dict[str, Tensor]:
         """The student's detection losses plus `loss_kd` = weight x KD loss."""

@@ -70,7 +70,7 @@ def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init:
         t_model = load_detector(teacher)
         teacher_arch = str(t_model.arch)
         distiller = Distiller(model, Teacher(t_model, device), cfg["kd_loss"], cfg["kd_weight"],
-                              cfg["kd_fg_weight"], cfg["kd_bg_weight"], cfg["kd_temperature"])
+                              cfg["kd_fg_weight"], cfg["kd_bg_weight"], cfg["kd_temperature"], seed)
         loss_fn = distiller.loss_fn
     manifest = json.loads((data_dir / "manifest.json").read_text())
     fp = fingerprint(file_digest(init), str(act), teacher and file_digest(teacher), cfg, seed,
