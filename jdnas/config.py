@@ -102,6 +102,16 @@ def _is_device(v: str) -> bool:
     return v.startswith("cuda:") and v[5:].isdigit()
 
 
+def _is_hw(v: Any) -> bool:
+    return v is None or (isinstance(v, list) and len(v) == 2
+                         and all(isinstance(x, int) and not isinstance(x, bool) and x >= 16 for x in v))
+
+
+def _is_depths(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) == 4
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v))
+
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
 
 
@@ -168,6 +178,23 @@ SCHEMA: dict = {
     "eval": {
         "batch_size": integer(16, 1),
     },
+    "latency": {
+        "device": text("cpu", pattern=_is_device, words="cpu, cuda or cuda:N"),
+        "threads": integer(1, 1),
+        "clock": choice("cpu_time", ("cpu_time", "wall")),
+        "warmup": integer(5, 0),
+        "runs": integer(30, 1),
+        "rounds": integer(3, 1),
+        "image_size": Opt(None, _is_hw, "null or [height, width] (integers >= 16)"),
+        "reuse_entries": flag(True),
+        "validation_archs": integer(30, 0),
+        "space": {
+            "extra_blocks": strings([], ("basic", "bottleneck"), min_len=0),
+            "width_ratios": numbers([0.25, 0.5, 0.75, 1.0, 1.5], 0.0, 16.0),
+            "width_divisor": integer(4, 1),
+            "max_depth": Opt([3, 4, 6, 3], _is_depths, "a list of 4 integers >= 1"),
+        },
+    },
 }
 
 
@@ -210,6 +237,12 @@ def check_consistency(p: dict, source: str) -> None:
                 raise ConfigError(f"{source}: data.coco.{key} is required when data.source is coco")
     if p["model"]["min_size"] > p["model"]["max_size"]:
         raise ConfigError(f"{source}: model.min_size must be <= model.max_size")
+    lat = p["latency"]
+    if lat["device"] == "cpu" and lat["clock"] == "cpu_time" and lat["threads"] != 1:
+        raise ConfigError(f"{source}: latency.clock = 'cpu_time' times one thread: set latency.threads to 1 "
+                          "or latency.clock to wall")
+    if any(r <= 0 for r in lat["space"]["width_ratios"]):
+        raise ConfigError(f"{source}: latency.space.width_ratios must all be > 0")
     from jdnas.models.arch import resolve_arch  # late import: models depend on nothing here
     try:
         resolve_arch(p["model"]["base"], p["model"]["width"])
