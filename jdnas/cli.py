@@ -18,10 +18,14 @@ def _params(args: argparse.Namespace) -> dict:
     return load_params(args.params or ["params.yaml"])
 
 
-def _threads(args: argparse.Namespace) -> None:
+def _runtime(args: argparse.Namespace, params: dict) -> None:
+    """Set torch's CPU threads; with `device: cuda`, lease a free GPU (see jdnas.gpu)."""
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
+    if params["device"] == "cuda":
+        from jdnas.gpu import lease_gpu
+        print(f"gpu lease: CUDA_VISIBLE_DEVICES={lease_gpu()}", file=sys.stderr, flush=True)
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
@@ -34,7 +38,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
 def cmd_train_base(args: argparse.Namespace) -> None:
     from jdnas.base_detector import train_base
     params = _params(args)
-    _threads(args)
+    _runtime(args, params)
     print(json.dumps(train_base(params, args.data, args.out)))
 
 
@@ -42,7 +46,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from jdnas.engine import evaluate, resolve_device
     from jdnas.models.detector import load_detector
     params = _params(args)
-    _threads(args)
+    _runtime(args, params)
     device = resolve_device(params["device"])
     print(json.dumps(evaluate(load_detector(args.checkpoint, device), args.split, params["eval"]["batch_size"], device)))
 

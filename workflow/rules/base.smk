@@ -8,6 +8,8 @@ rule train_base:
     log:
         "logs/train_base.log",
     threads: 2
+    resources:
+        gpu=GPUS_PER_JOB,
     params:
         trigger=STAGES["train_base"].params_hash(PARAMS),
     shell:

@@ -24,3 +24,7 @@ def stage_outputs(name):
 def stage_shell(name):
     """The stage's jdnas command with this run's params files; logs go to {log}."""
     return STAGES[name].resolved(PARAMS).shell(PARAM_FILES, "{threads}") + " > {log} 2>&1"
+
+
+# GPU jobs ask Snakemake for one of --resources gpu=N; the job itself picks a free device id.
+GPUS_PER_JOB = 1 if PARAMS["device"].startswith("cuda") else 0

@@ -1,0 +1,1 @@
+"""Data: COCO load/validate, synthetic generator, prepared splits, dataset + transforms."""

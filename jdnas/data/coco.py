@@ -1,0 +1,158 @@
+"""Strict loading of a user's COCO-format dataset (annotation JSON + image folder).
+
+Every kind of bad input is a `DataError` whose one-line message names the file and the
+offending id or field. Boxes that stick out of their image are clipped or rejected according
+to `data.out_of_image`; a box wholly outside its image is always rejected.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from jdnas.errors import DataError
+
+REQUIRED = {
+    "images": ("id", "file_name", "width", "height"),
+    "annotations": ("id", "image_id", "category_id", "bbox"),
+    "categories": ("id", "name"),
+}
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _records(src: str, data: dict, key: str) -> list[dict]:
+    items = data[key]
+    if not isinstance(items, list):
+        raise DataError(f"{src}: {key}: must be a list")
+    seen: set = set()
+    for i, rec in enumerate(items):
+        if not isinstance(rec, dict):
+            raise DataError(f"{src}: {key}[{i}]: must be an object")
+        for field in REQUIRED[key]:
+            if field not in rec:
+                where = f"id={rec['id']}" if "id" in rec else f"[{i}]"
+                raise DataError(f"{src}: {key} {where}: missing key '{field}'")
+        if not isinstance(rec["id"], int) or isinstance(rec["id"], bool):
+            raise DataError(f"{src}: {key}[{i}]: id must be an integer, got {rec['id']!r}")
+        if rec["id"] in seen:
+            raise DataError(f"{src}: {key}: duplicate id {rec['id']}")
+        seen.add(rec["id"])
+    return items
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; DataError naming the file and position on failure."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: invalid JSON: not UTF-8 text") from None
+
+
+def _check_box(src: str, ann: dict, img: dict, policy: str) -> tuple[list[float], bool]:
+    """Validate one bbox against its image; return the (possibly clipped) box and whether it was clipped."""
+    box = ann["bbox"]
+    where = f"{src}: annotations id={ann['id']}: bbox"
+    if not isinstance(box, list) or len(box) != 4 or not all(_is_num(v) for v in box):
+        raise DataError(f"{where} must be 4 numbers [x, y, width, height], got {box!r}")
+    x, y, w, h = (float(v) for v in box)
+    if w <= 0 or h <= 0:
+        raise DataError(f"{where} width and height must be > 0, got {box!r}")
+    W, H = float(img["width"]), float(img["height"])
+    x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(W, x + w), min(H, y + h)
+    if (x0, y0, x1, y1) == (x, y, x + w, y + h):
+        return [x, y, w, h], False
+    size = f"image {img['id']} ({img['width']}x{img['height']})"
+    if x1 <= x0 or y1 <= y0:
+        raise DataError(f"{where} {box!r} lies wholly outside {size}: rejected")
+    if policy == "reject":
+        raise DataError(f"{where} {box!r} extends outside {size}: rejected (data.out_of_image=reject; "
+                        "set it to clip to clip such boxes)")
+    return [x0, y0, x1 - x0, y1 - y0], True
+
+
+def _check_image_file(src: str, img: dict, image_dir: Path) -> None:
+    path = image_dir / img["file_name"]
+    if not path.is_file():
+        raise DataError(f"{src}: images id={img['id']}: file_name '{img['file_name']}' not found in {image_dir}")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{src}: images id={img['id']}: {path} cannot be read as an image ({e})") from None
+
+
+def load_coco(ann_path: str | Path, image_dir: str | Path, out_of_image: str = "clip",
+              check_images: bool = True) -> tuple[dict[str, Any], int]:
+    """Load and validate a COCO file. Returns (cleaned dataset dict, number of clipped boxes)."""
+    ann_path, image_dir = Path(ann_path), Path(image_dir)
+    src = str(ann_path)
+    data = read_json(ann_path)
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: image folder not found (given for {src})")
+    if not isinstance(data, dict):
+        raise DataError(f"{src}: top level must be an object with images, annotations, categories")
+    for key in REQUIRED:
+        if key not in data:
+            raise DataError(f"{src}: missing key '{key}'")
+    images = _records(src, data, "images")
+    anns = _records(src, data, "annotations")
+    cats = _records(src, data, "categories")
+    if not images:
+        raise DataError(f"{src}: images: empty dataset (no images)")
+    if not cats:
+        raise DataError(f"{src}: categories: empty (no categories)")
+    if not anns:
+        raise DataError(f"{src}: annotations: empty dataset (no annotations)")
+    for img in images:
+        for field in ("width", "height"):
+            if not isinstance(img[field], int) or img[field] <= 0:
+                raise DataError(f"{src}: images id={img['id']}: {field} must be a positive integer, got {img[field]!r}")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise DataError(f"{src}: images id={img['id']}: file_name must be a non-empty string")
+    by_id = {img["id"]: img for img in images}
+    cat_ids = {c["id"] for c in cats}
+    clean_anns, clipped = [], 0
+    for ann in anns:
+        if ann["image_id"] not in by_id:
+            raise DataError(f"{src}: annotations id={ann['id']}: image_id {ann['image_id']!r} not in images")
+        if ann["category_id"] not in cat_ids:
+            raise DataError(f"{src}: annotations id={ann['id']}: category_id {ann['category_id']!r} not in categories")
+        box, was_clipped = _check_box(src, ann, by_id[ann["image_id"]], out_of_image)
+        clipped += was_clipped
+        clean_anns.append({"id": ann["id"], "image_id": ann["image_id"], "category_id": ann["category_id"],
+                           "bbox": box, "area": float(ann.get("area", box[2] * box[3])) if not was_clipped
+                           else box[2] * box[3], "iscrowd": int(ann.get("iscrowd", 0))})
+    if check_images:
+        for img in images:
+            _check_image_file(src, img, image_dir)
+    clean = {
+        "images": [{k: img[k] for k in REQUIRED["images"]} for img in images],
+        "annotations": clean_anns,
+        "categories": [{"id": c["id"], "name": c["name"]} for c in cats],
+    }
+    return clean, clipped
+
+
+class LabelMap:
+    """COCO category ids <-> contiguous labels 1..C (0 is background for torchvision)."""
+
+    def __init__(self, categories: list[dict]) -> None:
+        ids = sorted(c["id"] for c in categories)
+        self.cat_to_label = {cid: i + 1 for i, cid in enumerate(ids)}
+        self.label_to_cat = {i + 1: cid for i, cid in enumerate(ids)}
+        names = {c["id"]: c["name"] for c in categories}
+        self.names = [names[cid] for cid in ids]
+
+    @property
+    def num_classes(self) -> int:
+        """Including background."""
+        return len(self.cat_to_label) + 1

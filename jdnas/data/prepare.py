@@ -1,0 +1,95 @@
+"""The `prepare_data` stage: synthetic or user COCO data -> train / minival / val + manifest.
+
+Outputs (in `data/prepared/`): `{train,minival,val}.json` (COCO, with a `jdnas.image_root`
+entry that says where their `file_name`s live), `manifest.json` (counts and checksums) and,
+for synthetic data, the rendered `images/`. The folder is built under a temporary name and
+renamed at the end, so a failure leaves no output behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jdnas.data.coco import load_coco
+from jdnas.data.synthetic import generate_split
+from jdnas.errors import DataError
+from jdnas.io import atomic_dir
+
+SPLITS = ("train", "minival", "val")
+DEFAULT_OUT = Path("data/prepared")
+
+
+def _subset(data: dict, image_ids: set[int]) -> dict:
+    return {
+        "images": [im for im in data["images"] if im["id"] in image_ids],
+        "annotations": [a for a in data["annotations"] if a["image_id"] in image_ids],
+        "categories": data["categories"],
+    }
+
+
+def split_minival(data: dict, fraction: float, seed: int) -> tuple[dict, dict]:
+    """Hold out a seeded `fraction` of the training images as minival (at least one image each side)."""
+    ids = sorted(im["id"] for im in data["images"])
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(ids))
+    n_mini = min(len(ids) - 1, max(1, int(round(fraction * len(ids)))))
+    mini = {ids[i] for i in order[:n_mini]}
+    return _subset(data, set(ids) - mini), _subset(data, mini)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _counts(data: dict) -> dict[str, Any]:
+    per_cat = Counter(a["category_id"] for a in data["annotations"])
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    return {"images": len(data["images"]), "annotations": len(data["annotations"]),
+            "per_category": {names[c]: per_cat.get(c, 0) for c in sorted(names)}}
+
+
+def prepare_data(params: dict, out_dir: str | Path = DEFAULT_OUT) -> dict[str, Any]:
+    """Build the prepared dataset folder; return the manifest."""
+    out_dir = Path(out_dir)
+    d = params["data"]
+    seed = params["seed"]
+    with atomic_dir(out_dir) as tmp:
+        clipped = 0
+        if d["source"] == "synthetic":
+            syn = d["synthetic"]
+            pool = generate_split(tmp / "images", "train", syn["train_images"], syn, seed=seed * 1000 + 1)
+            val = generate_split(tmp / "images", "val", syn["val_images"], syn, seed=seed * 1000 + 2,
+                                 first_image_id=syn["train_images"] + 1)
+            roots = {"train": "images", "val": "images"}
+        else:
+            c = d["coco"]
+            pool, clip_train = load_coco(c["train_annotations"], c["train_images"], d["out_of_image"])
+            val, clip_val = load_coco(c["val_annotations"], c["val_images"], d["out_of_image"])
+            if sorted(x["id"] for x in pool["categories"]) != sorted(x["id"] for x in val["categories"]):
+                raise DataError(f"{c['val_annotations']}: categories: ids differ from those of "
+                                f"{c['train_annotations']}")
+            clipped = clip_train + clip_val
+            roots = {"train": str(Path(c["train_images"]).resolve()), "val": str(Path(c["val_images"]).resolve())}
+        train, minival = split_minival(pool, d["minival_fraction"], seed)
+        splits = {"train": (train, roots["train"]), "minival": (minival, roots["train"]), "val": (val, roots["val"])}
+        manifest: dict[str, Any] = {"source": d["source"], "seed": seed, "clipped_boxes": clipped,
+                                    "categories": pool["categories"], "splits": {}}
+        for name, (data, root) in splits.items():
+            path = tmp / f"{name}.json"
+            path.write_text(json.dumps({**data, "jdnas": {"image_root": root}}))
+            manifest["splits"][name] = {**_counts(data), "sha256": _sha256(path)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if clipped:
+        print(f"prepare_data: clipped {clipped} boxes that extended outside their image (data.out_of_image=clip)")
+    return manifest
+
+
+def image_root(json_path: str | Path, data: dict) -> Path:
+    """Where the `file_name`s of a prepared split live (relative roots are relative to the JSON)."""
+    root = Path(data.get("jdnas", {}).get("image_root", "."))
+    return root if root.is_absolute() else Path(json_path).parent / root

@@ -1,0 +1,110 @@
+import json
+import math
+
+import pytest
+import torch
+
+from jdnas.base_detector import train_base
+from jdnas.data.dataset import CocoDetection
+from jdnas.engine import coco_metrics, evaluate, lr_factor, resolve_device, train_detector
+from jdnas.errors import JdnasError
+from jdnas.models.arch import resolve_arch
+from jdnas.models.detector import build_detector, head_config, load_detector, read_checkpoint, save_detector
+from conftest import with_overrides
+
+
+def test_lr_schedules():
+    cfg = {"iters": 100, "warmup_iters": 10, "schedule": "cosine", "steps": [0.5, 0.8]}
+    assert lr_factor(0, cfg) == pytest.approx(0.001)
+    assert lr_factor(5, cfg) < lr_factor(9, cfg) < 1.0
+    assert lr_factor(50, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    step = {**cfg, "schedule": "step"}
+    assert lr_factor(40, step) == 1.0 and lr_factor(60, step) == pytest.approx(0.1)
+    assert lr_factor(90, step) == pytest.approx(0.01)
+    assert lr_factor(70, {**cfg, "schedule": "constant"}) == 1.0
+
+
+def test_missing_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("machine has CUDA")
+    with pytest.raises(JdnasError, match="no CUDA device"):
+        resolve_device("cuda:0")
+
+
+def test_coco_metrics_perfect_and_empty(prepared):
+    gt = json.loads((prepared / "val.json").read_text())
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in gt["annotations"]]
+    m = coco_metrics(prepared / "val.json", perfect)
+    assert m["AP"] == pytest.approx(100.0) and m["AP50"] == pytest.approx(100.0)
+    wrong = [{**d, "category_id": 1 + d["category_id"] % 4} for d in perfect]
+    assert coco_metrics(prepared / "val.json", wrong)["AP"] < 100.0
+    assert coco_metrics(prepared / "val.json", [])["AP"] == 0.0
+
+
+def _model(params, n_classes):
+    torch.manual_seed(0)
+    return build_detector(resolve_arch(params["model"]["base"], params["model"]["width"]),
+                          head_config(params["model"], n_classes))
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(prepared, smoke_params, tmp_path):
+    torch.set_num_threads(1)
+    cfg = {**smoke_params["train_base"], "iters": 6, "checkpoint_every": 2}
+    ds = CocoDetection(prepared / "train.json", max_size=64)
+    a = _model(smoke_params, ds.labels.num_classes)
+    train_detector(a, ds, cfg, tmp_path / "a.pt", seed=1, device=torch.device("cpu"), fingerprint="x")
+    b = _model(smoke_params, ds.labels.num_classes)
+    out = train_detector(b, ds, cfg, tmp_path / "b.pt", seed=1, device=torch.device("cpu"), fingerprint="x",
+                         stop_after=3)
+    assert out["iters"] == 3
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["iter"] == 3
+    c = _model(smoke_params, ds.labels.num_classes)  # a fresh process would rebuild the model like this
+    out = train_detector(c, ds, cfg, tmp_path / "b.pt", seed=1, device=torch.device("cpu"), fingerprint="x")
+    assert out["iters"] == 6
+    for (k, va), vc in zip(a.state_dict().items(), c.state_dict().values()):
+        assert torch.equal(va, vc), k
+    # a state written for other params is not resumed
+    d = _model(smoke_params, ds.labels.num_classes)
+    out = train_detector(d, ds, {**cfg, "iters": 1}, tmp_path / "b.pt", seed=1, device=torch.device("cpu"),
+                         fingerprint="other")
+    assert out["iters"] == 1
+
+
+def test_train_base_writes_loadable_checkpoint_and_metrics(prepared, smoke_params, tmp_path):
+    torch.set_num_threads(1)
+    p = with_overrides(smoke_params, {"train_base": {"iters": 2}})
+    metrics = train_base(p, prepared, tmp_path / "base")
+    on_disk = json.loads((tmp_path / "base" / "metrics.json").read_text())
+    assert on_disk == metrics
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "params", "flops", "arch"} <= set(metrics)
+    assert not (tmp_path / "base" / "train_state.pt").exists()
+    ckpt = read_checkpoint(tmp_path / "base" / "model.pt")  # weights_only=True inside
+    assert ckpt["arch"] and ckpt["head"]["num_classes"] == 5
+    model = load_detector(tmp_path / "base" / "model.pt")
+    assert str(model.arch) == metrics["arch"]
+    again = evaluate(model, prepared / "val.json", 8, torch.device("cpu"))
+    assert again["AP"] == metrics["AP"]
+
+
+def test_checkpoint_round_trip_preserves_outputs(smoke_params, tmp_path):
+    model = _model(smoke_params, 3).eval()
+    save_detector(tmp_path / "m.pt", model, note="x")
+    loaded = load_detector(tmp_path / "m.pt")
+    x = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        fa, fb = model.backbone(x[0][None]), loaded.backbone(x[0][None])
+    for k in fa:
+        assert torch.equal(fa[k], fb[k])
+    assert read_checkpoint(tmp_path / "m.pt")["meta"] == {"note": "x"}
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(JdnasError, match="checkpoint not found"):
+        load_detector(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(JdnasError, match="not a readable checkpoint"):
+        load_detector(tmp_path / "junk.pt")
+    torch.save({"format": "other"}, tmp_path / "other.pt")
+    with pytest.raises(JdnasError, match="format: not a jdnas-detector/1 checkpoint"):
+        load_detector(tmp_path / "other.pt")
