@@ -66,8 +66,12 @@ def cmd_arch(args: argparse.Namespace) -> None:
 
 def cmd_profile_latency(args: argparse.Namespace) -> None:
     from jdnas.latency.profile import profile_latency
+    params = _params(args)
     # the timings use latency.threads from the params; --threads only says how many cores the job holds
-    print(json.dumps(profile_latency(_params(args), args.data, args.out)))
+    if params["latency"]["device"] == "cuda":  # time on a GPU no other job of ours is using
+        from jdnas.gpu import lease_gpu
+        print(f"gpu lease: CUDA_VISIBLE_DEVICES={lease_gpu()}", file=sys.stderr, flush=True)
+    print(json.dumps(profile_latency(params, args.data, args.out)))
 
 
 def cmd_predict_latency(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 from dataclasses import replace
 
@@ -194,7 +195,7 @@ def test_missing_cuda_is_a_one_line_error(tmp_path, smoke_params, prepared):
     with pytest.raises(JdnasError, match="latency.device = 'cuda:0' but this machine has no CUDA device"):
         profile_latency(params, prepared, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    cuda = write_yaml(tmp_path / "cuda.yaml", {"latency": {"device": "cuda"}})
+    cuda = write_yaml(tmp_path / "cuda.yaml", {"latency": {"device": "cuda:0"}})
     r = subprocess.run(["jdnas", "profile-latency", "--params", str(REPO / "params.yaml"), "--params", str(cuda),
                         "--data", str(prepared), "--out", str(tmp_path / "cli")],
                        env=cli_env(), capture_output=True, text=True)
@@ -211,29 +212,33 @@ def test_stage_on_smoke_config_and_rerun_reuses(tmp_path, smoke_params, prepared
     hw = (64, 64)
     assert table.input_hw == hw
     expected = space_entries(space, hw, smoke_params["model"]["fpn_channels"])
-    assert expected <= set(table.ms) and {e.part for e in table.ms} >= set(HEAD_PARTS)
-    assert first["entries"] == len(table) and first["entries_measured"] == len(table)
+    assert expected <= set(table.ms) and {e.part for e in table.ms} == {"stem", "block", "fpn_lateral", *HEAD_PARTS}
+    assert first["entries"] == len(table) and first["entries_timed"] > len(table) - 1  # + calibration archs
     assert all(v > 0 for e, v in table.ms.items() if e.part != "glue")
     v = json.loads((out / "validation.json").read_text())
+    # calibrated entries: isolated timing x the fitted in-context factor
+    factor = v["calibration"]["in_context_factor"]
+    for e in expected:
+        assert table.ms[e] == pytest.approx(table.isolated[e] * factor, rel=1e-4, abs=1e-6)
     assert v["n"] == smoke_params["latency"]["validation_archs"]
-    assert v["mape_percent"] >= 0 and -1 <= v["spearman"] <= 1
+    assert v["mape_percent"] >= 0 and (v["spearman"] is None or -1 <= v["spearman"] <= 1)
     assert {r["kind"] for r in v["archs"]} >= {"random_grid", "random_off_grid", "preset:tiny"}
     for r in v["archs"]:
         assert r["predicted_ms"] == pytest.approx(table.predict(Arch.parse(r["arch"])), abs=1e-3)
     assert v["conditions"]["threads"] == 1 and v["conditions"]["clock"] == "cpu_time"
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # same params again: every entry comes from the cache, the table is unchanged
+    # same params again: every timing comes from the cache, the table is unchanged
     before = (out / "table.csv").read_bytes()
     again = profile_latency(smoke_params, prepared, out)
-    assert again["entries_measured"] == 0
+    assert again["entries_timed"] == 0
     assert (out / "table.csv").read_bytes() == before
-    # one more width ratio: only the new entries are measured
+    # one more width ratio: only the new entries are timed
     wider = with_overrides(smoke_params, {"latency": {"space": {"width_ratios": [0.5, 0.75, 1.0]}}})
     grown = profile_latency(wider, prepared, out)
-    assert 0 < grown["entries_measured"] < grown["entries"]
+    assert 0 < grown["entries_timed"] < grown["entries"]
     # other timing settings: nothing is reused
     slower = with_overrides(smoke_params, {"latency": {"runs": 4}})
-    assert profile_latency(slower, prepared, out)["entries_measured"] == len(table)
+    assert profile_latency(slower, prepared, out)["entries_timed"] == first["entries_timed"]
 
 
 def test_stage_paths_follow_the_device(default_params):
@@ -244,3 +249,30 @@ def test_stage_paths_follow_the_device(default_params):
     assert r.outs[0] == "runs/latency/cuda:1/table.csv" and r.metrics == ("runs/latency/cuda:1/validation.json",)
     assert "--out runs/latency/cuda:1" in r.shell(["params.yaml"])
     assert replace(stage, outs=()).resolved(p).outs == ()
+
+
+@pytest.mark.slow
+def test_profile_latency_workflow_second_run_is_a_no_op(tmp_path):
+    """Snakemake and DVC each run the stage on the smoke config; the same params again do nothing."""
+    import yaml
+    from test_workflow import dvc_workspace, run, workspace
+    ws = workspace(tmp_path)
+    args = ["--cores", "2", "--configfile", "config/smoke.yaml"]
+    run(["snakemake", *args, "profile_latency"], ws)
+    for name in ("table.csv", "validation.json", "validation.png"):
+        assert (ws / "runs/latency/cpu" / name).is_file(), name
+    assert "profile_latency" in (ws / "logs/profile_latency.log").read_text()
+    again = run(["snakemake", *args, "profile_latency"], ws)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    # DVC reads params.yaml only: make it the smoke run, from a clean workspace
+    smoke = load_params([ws / "params.yaml", ws / "config/smoke.yaml"])
+    (ws / "params.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
+    shutil.rmtree(ws / "runs")
+    shutil.rmtree(ws / "data")
+    dvc_workspace(ws)
+    first = run(["dvc", "repro", "profile_latency"], ws)
+    assert "Running stage 'profile_latency'" in first.stdout
+    assert (ws / "runs/latency/cpu/validation.json").is_file()
+    second = run(["dvc", "repro", "profile_latency"], ws)
+    assert "Running stage" not in second.stdout, second.stdout
+    assert "Stage 'profile_latency' didn't change, skipping" in second.stdout

@@ -87,8 +87,6 @@ class HeadParts:
             return lambda: m.rpn(self.images, self.features)
         if e.part == "roi_heads":
             return lambda: m.roi_heads(self.features, self.proposals, self.images.image_sizes)
-        if e.part == "glue":
-            return detector_call(m, self.image)
         raise ValueError(f"not a fixed part: {e}")
 
 

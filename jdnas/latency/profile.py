@@ -1,6 +1,13 @@
 """The `profile_latency` stage: build the table for the params' space on the target device,
 then validate it end to end on random archs of the space and on the presets.
 
+Calibration: a block timed on its own runs with its weights and input hot in cache; inside a
+whole forward it runs slower (on this CPU about 1.2x). So a few calibration archs (the base, the
+space's smallest and largest, two random ones) are also timed end to end, and a least-squares
+fit of `end-to-end = factor x sum(backbone entries) + fixed parts + glue` sets the in-context
+factor and the glue. The table's `ms` column holds the calibrated values (its `isolated_ms` the
+timings on their own), so a prediction stays a plain sum of `ms` entries.
+
 Outputs in `runs/latency/<device>/`: `table.csv`, `validation.json`, `validation.png`.
 Measurements are also merged into `cache.csv` beside them (not a stage output, so the
 workflow tools leave it alone): a later run with the same device and timing settings measures
@@ -10,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import random
 import sys
 import time
@@ -22,14 +31,14 @@ from jdnas.errors import JdnasError
 from jdnas.io import atomic_path, write_json
 from jdnas.latency.measure import Timer, device_name, measure_all, target_device
 from jdnas.latency.parts import HeadParts, backbone_call, calibrated_detector, detector_call
-from jdnas.latency.space import (HEAD_PARTS, Entry, LatencySpace, arch_entries, head_entries,
+from jdnas.latency.space import (FIXED_PARTS, Entry, LatencySpace, arch_entries, e2e_entry, head_entries,
                                  network_input_size, space_entries, spaces_from_params)
 from jdnas.latency.table import BREAKDOWN, LatencyTable
 from jdnas.models.arch import PRESET_NAMES, Arch, preset, resolve_arch
 from jdnas.models.detector import head_config
 
 CACHE = "cache.csv"
-HEAD_SLOTS = 5  # fixed parts are in every prediction: time them 5x as often, spread over the run
+SLOTS = 5  # fixed parts are in every prediction, calibration archs set the factor: time them 5x as often
 
 
 def table_dir(params: dict, root: str | Path = "runs/latency") -> Path:
@@ -73,7 +82,7 @@ class Profiler:
 
     def settings(self, e: Entry) -> str:
         """Hash of what an entry's measurement depends on (a cached one is reused only if equal)."""
-        what = self.head_conditions if e.part in HEAD_PARTS else self.conditions
+        what = self.head_conditions if e.part in FIXED_PARTS + ("e2e",) else self.conditions
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
     def measure(self, builders: dict, desc: str, slots: dict | None = None) -> dict:
@@ -90,36 +99,80 @@ class Profiler:
         return calibrated_detector(arch, self.head_cfg, self.image, self.device)
 
 
-def needed_entries(prof: Profiler, spaces: list[LatencySpace]) -> set[Entry]:
-    """Every entry the table must hold: the spaces' backbone entries, the base arch's, the fixed parts."""
+def calibration_archs(prof: Profiler, spaces: list[LatencySpace]) -> list[Arch]:
+    """Archs timed end to end to calibrate the table: the base, and per space its smallest,
+    its largest and two random members (their own seed: not the validation archs)."""
+    rng = random.Random(prof.seed + 1)
+    archs = [prof.base]
+    for space in spaces:
+        archs += [space.smallest(), space.largest(), space.sample(rng), space.sample(rng)]
+    return list(dict.fromkeys(archs))
+
+
+def needed_entries(prof: Profiler, spaces: list[LatencySpace], calibration: list[Arch]) -> set[Entry]:
+    """Every timing the table needs: the spaces' backbone entries (and the calibration archs'),
+    the fixed parts, and the calibration archs end to end."""
     fpn = prof.head_cfg["fpn_channels"]
-    needed = set(arch_entries(prof.base, prof.input_hw, fpn)) | set(head_entries(prof.input_hw, prof.head_cfg))
+    needed = {e for e in head_entries(prof.input_hw, prof.head_cfg) if e.part in FIXED_PARTS}
+    for arch in calibration:
+        needed |= set(arch_entries(arch, prof.input_hw, fpn)) | {e2e_entry(arch, prof.input_hw)}
     for space in spaces:
         needed |= space_entries(space, prof.input_hw, fpn)
     return needed
 
 
 def entry_builders(prof: Profiler, entries: Iterable[Entry]) -> tuple[dict, dict]:
-    """What to time for each entry (keyed ("entry", e)), and the slots of the fixed parts."""
+    """What to time for each entry (keyed ("entry", e)), and the slots of the shared ones."""
     entries = list(entries)
-    builders: dict = {("entry", e): (lambda e=e: backbone_call(e, prof.device))
-                      for e in entries if e.part not in HEAD_PARTS}
-    if any(e.part in HEAD_PARTS for e in entries):
-        parts = HeadParts(prof.detector(prof.base), prof.image, prof.head_cfg["rpn_post_nms_top_n_test"])
-        builders.update({("entry", e): (lambda e=e: parts.call(e)) for e in entries if e.part in HEAD_PARTS})
-    slots = {k: HEAD_SLOTS for k in builders if k[1].part in HEAD_PARTS}
+    builders: dict = {}
+    parts = None
+    for e in entries:
+        if e.part == "e2e":
+            builders[("entry", e)] = lambda e=e: detector_call(prof.detector(Arch.parse(e.block)), prof.image)
+        elif e.part in FIXED_PARTS:
+            if parts is None:
+                parts = HeadParts(prof.detector(prof.base), prof.image, prof.head_cfg["rpn_post_nms_top_n_test"])
+            builders[("entry", e)] = lambda e=e: parts.call(e)
+        else:
+            builders[("entry", e)] = lambda e=e: backbone_call(e, prof.device)
+    slots = {k: SLOTS for k in builders if k[1].part in FIXED_PARTS + ("e2e",)}
     return builders, slots
 
 
-def finish_table(prof: Profiler, ms: dict[Entry, float], measured: Iterable[Entry]) -> LatencyTable:
-    """The table from entry timings; a freshly timed `glue` entry holds the base arch's end-to-end
-    time and becomes what that forward costs beyond the sum of its parts."""
-    ms = dict(ms)
-    glue = head_entries(prof.input_hw, prof.head_cfg)[-1]
-    if glue in set(measured):
-        e2e, ms[glue] = ms[glue], 0.0
-        ms[glue] = e2e - LatencyTable(ms).predict(prof.base, prof.input_hw)
-    return LatencyTable(ms, {e: prof.settings(e) for e in ms})
+def fit_context(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least squares y = factor * x + glue; factor 1 when x barely varies, kept within [0.5, 3]."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    var = sum((a - mx) ** 2 for a in x) / n
+    if n < 2 or var < (0.02 * mx) ** 2:
+        return 1.0, my - mx
+    factor = sum((a - mx) * (b - my) for a, b in zip(x, y)) / n / var
+    if not 0.5 <= factor <= 3.0:
+        print(f"profile_latency: in-context factor {factor:.2f} is implausible (noisy timings?): "
+              "clamped to [0.5, 3]", file=sys.stderr)
+        factor = min(3.0, max(0.5, factor))
+    return factor, my - factor * mx
+
+
+def finish_table(prof: Profiler, raw: dict[Entry, float], calibration: list[Arch]
+                 ) -> tuple[LatencyTable, dict[str, Any]]:
+    """The calibrated table from raw timings (see the module doc), and the calibration's figures."""
+    heads = head_entries(prof.input_hw, prof.head_cfg)
+    glue = heads[-1]
+    isolated = {e: v for e, v in raw.items() if e.part != "e2e"}
+    plain = LatencyTable({**isolated, glue: 0.0})
+    fixed = sum(isolated[e] for e in heads if e.part in FIXED_PARTS)
+    fpn = prof.head_cfg["fpn_channels"]
+    sums = [sum(plain.lookup(e) for e in arch_entries(a, prof.input_hw, fpn)) for a in calibration]
+    measured = [raw[e2e_entry(a, prof.input_hw)] for a in calibration]
+    factor, g = fit_context(sums, [m - fixed for m in measured])
+    ms = {e: v * factor if e.part in ("stem", "block", "fpn_lateral") else v for e, v in isolated.items()}
+    ms[glue] = g
+    table = LatencyTable(ms, {e: prof.settings(e) for e in ms}, isolated=isolated)
+    info = {"in_context_factor": round(factor, 4), "glue_ms": round(g, 4),
+            "archs": [{"arch": str(a), "measured_ms": round(m, 4), "predicted_ms": round(table.predict(a, prof.input_hw), 4)}
+                      for a, m in zip(calibration, measured)]}
+    return table, info
 
 
 def reusable(prof: Profiler, needed: set[Entry], cache: LatencyTable | None) -> dict[Entry, float]:
@@ -129,17 +182,38 @@ def reusable(prof: Profiler, needed: set[Entry], cache: LatencyTable | None) -> 
     return {e: cache.ms[e] for e in needed if e in cache.ms and cache.settings.get(e) == prof.settings(e)}
 
 
-def build_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable | None = None
-                ) -> tuple[LatencyTable, int]:
-    """Time every entry the spaces need (reusing matching cached ones), without validation.
-    Returns the table and how many entries were timed now."""
-    needed = needed_entries(prof, spaces)
+def load_cache(path: Path) -> LatencyTable | None:
+    if not path.is_file():
+        return None
+    try:
+        return LatencyTable.load(path)
+    except JdnasError as e:
+        print(f"profile_latency: ignoring cache ({e})", file=sys.stderr)
+        return None
+
+
+def time_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable | None = None,
+               extra: dict | None = None) -> tuple[LatencyTable, dict[str, Any], dict[Entry, float], dict]:
+    """Time what the table needs (reusing matching cached timings) together with the `extra`
+    builders, interleaved. Returns the table, its calibration, the raw timings, the extra timings."""
+    calibration = calibration_archs(prof, spaces)
+    needed = needed_entries(prof, spaces, calibration)
     reused = reusable(prof, needed, cache)
     missing = sorted(needed - set(reused))
     builders, slots = entry_builders(prof, missing)
-    timed = prof.measure(builders, "profile_latency: entries", slots)
-    table = finish_table(prof, {**reused, **{k[1]: v for k, v in timed.items()}}, missing)
-    return table, len(missing)
+    builders.update(extra or {})
+    timed = prof.measure(builders, "profile_latency", slots)
+    raw = {**reused, **{k[1]: v for k, v in timed.items() if k[0] == "entry"}}
+    table, info = finish_table(prof, raw, calibration)
+    info["entries_timed"], info["entries_reused"] = len(missing), len(reused)
+    return table, info, raw, {k: v for k, v in timed.items() if k[0] != "entry"}
+
+
+def build_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable | None = None
+                ) -> tuple[LatencyTable, dict[str, Any]]:
+    """The calibrated table for `spaces` on the profiler's device, without validation."""
+    table, info, _, _ = time_table(prof, spaces, cache)
+    return table, info
 
 
 def validation_archs(spaces: list[LatencySpace], count: int, seed: int, width: float,
@@ -159,22 +233,12 @@ def validation_archs(spaces: list[LatencySpace], count: int, seed: int, width: f
     return archs
 
 
-def arch_builders(prof: Profiler, archs: list[tuple[str, Arch]]) -> dict:
-    """End-to-end detector calls, keyed ("arch", i)."""
-    return {("arch", i): (lambda a=a: detector_call(prof.detector(a), prof.image)) for i, (_, a) in enumerate(archs)}
-
-
-def validation_rows(table: LatencyTable, archs: list[tuple[str, Arch]], timed: dict,
-                    input_hw: tuple[int, int]) -> list[dict]:
-    return [{"kind": kind, "arch": str(arch), "measured_ms": round(timed[("arch", i)], 4),
-             "predicted_ms": round(table.predict(arch, input_hw), 4)} for i, (kind, arch) in enumerate(archs)]
-
-
 def _spearman(x: list[float], y: list[float]) -> float | None:
     import pandas as pd
     if len(x) < 3:
         return None
-    return float(pd.Series(x).rank().corr(pd.Series(y).rank()))
+    rho = float(pd.Series(x).rank().corr(pd.Series(y).rank()))
+    return None if math.isnan(rho) else rho  # all values tied: no ranking to compare
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:
@@ -233,46 +297,43 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
     out = Path(out_dir) if out_dir else table_dir(params)
     prof = Profiler(params, num_classes(data_dir))
     spaces = spaces if spaces is not None else spaces_from_params(params)
-
-    cache = None
     cache_path = out / CACHE
-    if cfg["reuse_entries"] and cache_path.is_file():
-        try:
-            cache = LatencyTable.load(cache_path)
-        except JdnasError as e:
-            print(f"profile_latency: ignoring cache ({e})", file=sys.stderr)
-    needed = needed_entries(prof, spaces)
-    reused = reusable(prof, needed, cache)
-    missing = sorted(needed - set(reused))
-    # validation archs are timed in the same shuffled passes as the missing entries, so both
+    cache = load_cache(cache_path) if cfg["reuse_entries"] else None
+
+    # the validation archs are timed in the same shuffled passes as the table's entries, so both
     # see the same machine conditions (a busy spell does not bias one against the other)
-    archs = validation_archs(spaces, cfg["validation_archs"], prof.seed, params["model"]["width"],
-                             LatencyTable(dict.fromkeys(needed, 0.0)).covers)
-    builders, slots = entry_builders(prof, missing)
-    builders.update(arch_builders(prof, archs))
-    timed = prof.measure(builders, "profile_latency", slots)
-    table = finish_table(prof, {**reused, **{k[1]: v for k, v in timed.items() if k[0] == "entry"}}, missing)
+    grid = LatencyTable(dict.fromkeys(needed_entries(prof, spaces, []), 0.0)
+                        | dict.fromkeys(head_entries(prof.input_hw, prof.head_cfg), 0.0))
+    archs = validation_archs(spaces, cfg["validation_archs"], prof.seed, params["model"]["width"], grid.covers)
+    extra = {("arch", i): (lambda a=a: detector_call(prof.detector(a), prof.image)) for i, (_, a) in enumerate(archs)}
+    table, calibration, raw, timed = time_table(prof, spaces, cache, extra)
     table.save(out / "table.csv")
-    merged = {**(cache.ms if cache else {}), **table.ms}
-    LatencyTable(merged, {**(cache.settings if cache else {}), **table.settings}).save(cache_path)
-    rows = validation_rows(table, archs, timed, prof.input_hw)
-    random_rows = [r for r in rows if r["kind"].startswith("random")]
-    metrics = summarize(random_rows)
+    LatencyTable({**(cache.ms if cache else {}), **raw},
+                 {**(cache.settings if cache else {}), **{e: prof.settings(e) for e in raw}}).save(cache_path)
+
+    rows = [{"kind": kind, "arch": str(arch), "measured_ms": round(timed[("arch", i)], 4),
+             "predicted_ms": round(table.predict(arch, prof.input_hw), 4)} for i, (kind, arch) in enumerate(archs)]
+    metrics = summarize([r for r in rows if r["kind"].startswith("random")])
     base = table.breakdown(prof.base, prof.input_hw)
     result = {
         **metrics,
         "grid": summarize([r for r in rows if r["kind"] == "random_grid"]),
         "off_grid": summarize([r for r in rows if r["kind"] == "random_off_grid"]),
         "all_with_presets": summarize(rows),
-        "conditions": {**prof.conditions, "input_size": list(prof.input_hw), "image_size": list(prof.image_hw)},
-        "entries": len(table), "entries_measured": len(missing), "entries_reused": len(reused),
-        "interleaved": bool(missing),
+        "conditions": {**prof.conditions, "input_size": list(prof.input_hw), "image_size": list(prof.image_hw),
+                       "load_average": _load_average()},
+        "entries": len(table), "entries_timed": calibration.pop("entries_timed"),
+        "entries_reused": calibration.pop("entries_reused"),
+        "calibration": calibration,
         "base": {"arch": str(prof.base), "predicted_ms": {k: round(v, 4) for k, v in base.items()}},
         "spaces": [s.to_json() for s in spaces],
         "archs": rows,
     }
     c = prof.conditions
-    how = f"{c['threads']} thread(s), {c['clock']}" if prof.device.type == "cpu" else c["clock"]
+    how = c["clock"]
+    if prof.device.type == "cpu":
+        load = result["conditions"]["load_average"]
+        how = f"{c['threads']} thread(s), {c['clock']}" + (f", load {load[0]} on {os.cpu_count()} CPUs" if load else "")
     title = (f"{c['device']} ({c['device_name']}), {how}\n"
              f"random archs: MAPE {metrics['mape_percent']}%, Spearman {_fmt(metrics['spearman'])} "
              f"(n={metrics['n']})")
@@ -280,7 +341,14 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
     result["seconds"] = round(time.perf_counter() - start, 2)  # the whole stage, wall clock
     write_json(out / "validation.json", result)
     return {k: result[k] for k in ("n", "mape_percent", "spearman", "max_abs_error_percent", "entries",
-                                   "entries_measured", "seconds")}
+                                   "entries_timed", "seconds")}
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _fmt(v: float | None) -> str:

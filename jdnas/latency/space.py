@@ -18,15 +18,16 @@ from jdnas.models.arch import NUM_STAGES, Arch, Stage, resolve_arch
 from jdnas.models.backbone import STAGE_STRIDES
 
 EXPANSION = {"basic": 1, "bottleneck": 4}  # output width / mid width of the presets
-HEAD_PARTS = ("transform", "fpn_top", "rpn", "roi_heads", "glue")
+FIXED_PARTS = ("transform", "fpn_top", "rpn", "roi_heads")  # timed on their own
+HEAD_PARTS = FIXED_PARTS + ("glue",)                          # in every prediction
 
 
 @dataclass(frozen=True, order=True)
 class Entry:
     """One timed configuration; fields a part does not use stay 0 / empty."""
 
-    part: str            # stem | block | fpn_lateral | transform | fpn_top | rpn | roi_heads | glue
-    block: str = ""      # block type (part == block)
+    part: str            # stem | block | fpn_lateral | transform | fpn_top | rpn | roi_heads | glue | e2e
+    block: str = ""      # block type (part == block); the Arch string (part == e2e)
     cin: int = 0
     mid: int = 0         # mid width (block); proposal count (rpn, roi_heads)
     cout: int = 0        # output width; class count (roi_heads)
@@ -89,6 +90,15 @@ class LatencySpace:
             depth = rng.randint(1, d)
             stages.append(Stage(pick(outs), tuple(pick(mids) for _ in range(depth))))
         return Arch(self.block, pick(self.stems), tuple(stages))
+
+    def smallest(self) -> Arch:
+        """Every width at its minimum, one block per stage."""
+        return Arch(self.block, min(self.stems), tuple(Stage(min(o), (min(m),)) for o, m in zip(self.outs, self.mids)))
+
+    def largest(self) -> Arch:
+        """Every width at its maximum, every stage at its maximum depth."""
+        return Arch(self.block, max(self.stems),
+                    tuple(Stage(max(o), (max(m),) * d) for o, m, d in zip(self.outs, self.mids, self.max_depth)))
 
     def to_json(self) -> dict[str, Any]:
         return {"block": self.block, "stems": list(self.stems), "outs": [list(o) for o in self.outs],
@@ -181,8 +191,14 @@ def space_entries(space: LatencySpace, input_hw: tuple[int, int], fpn_channels: 
     return entries
 
 
+def e2e_entry(arch: Arch, input_hw: tuple[int, int]) -> Entry:
+    """An end-to-end timing of one arch's detector (calibrates the table; not summed by predictions)."""
+    return Entry("e2e", str(arch), height=input_hw[0], width=input_hw[1])
+
+
 def head_entries(input_hw: tuple[int, int], head_cfg: dict[str, Any]) -> list[Entry]:
-    """The fixed parts: transform, FPN top-down + output convs + pool, RPN, RoI heads, glue."""
+    """The fixed parts: transform, FPN top-down + output convs + pool, RPN, RoI heads, and the
+    glue (what a whole forward costs beyond the sum of its parts)."""
     h, w = input_hw
     c2 = stage_outputs(input_hw)[0]
     fpn, props = head_cfg["fpn_channels"], head_cfg["rpn_post_nms_top_n_test"]

@@ -1,9 +1,11 @@
 """The latency lookup table: measured entries, CSV round-trip, and the per-arch predictor.
 
 Predicted latency of an Arch = stem + every block + FPN laterals + the fixed parts (FPN rest,
-RPN, RoI heads, transform, glue). A width that is not on the table's grid (a pruned mid width,
-a slimmed stage) is interpolated linearly between the nearest grid widths on each axis;
-a width outside the grid's range is an error, not a guess.
+RPN, RoI heads, transform, glue): a plain sum of the `ms` column (calibrated in-context values,
+see `jdnas.latency.profile`; `isolated_ms` keeps each entry's timing on its own). A width that
+is not on the table's grid (a pruned mid width, a slimmed stage) is interpolated linearly
+between the nearest grid widths on each axis; a width outside the grid's range is an error,
+not a guess.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from jdnas.latency.space import HEAD_PARTS, Entry, arch_entries
 from jdnas.models.arch import Arch
 
 KEY_FIELDS = tuple(f.name for f in fields(Entry))
-COLUMNS = KEY_FIELDS + ("ms", "settings")
+COLUMNS = KEY_FIELDS + ("ms", "isolated_ms", "settings")
 BREAKDOWN = ("stem", "backbone", "fpn", "rpn", "roi_heads", "transform", "glue")
 
 
@@ -57,9 +59,11 @@ def _set(e: Entry, axis: str, value: int) -> Entry:
 class LatencyTable:
     """Milliseconds per entry on one device, with the settings each was measured under."""
 
-    def __init__(self, ms: dict[Entry, float], settings: dict[Entry, str] | None = None, source: str = "table"):
+    def __init__(self, ms: dict[Entry, float], settings: dict[Entry, str] | None = None, source: str = "table",
+                 isolated: dict[Entry, float] | None = None):
         self.ms = dict(ms)
         self.settings = dict(settings or {})
+        self.isolated = dict(isolated or {})  # the timing of the entry on its own, where ms was calibrated
         self.source = source
         self._grid: dict[tuple, list[set[int]]] = {}
         for e in self.ms:
@@ -144,8 +148,9 @@ class LatencyTable:
     # --- CSV ---------------------------------------------------------------------------
     def rows(self) -> Iterable[dict]:
         for e in sorted(self.ms):
+            iso = self.isolated.get(e)
             yield {**{f: getattr(e, f) for f in KEY_FIELDS}, "ms": f"{self.ms[e]:.6f}",
-                   "settings": self.settings.get(e, "")}
+                   "isolated_ms": "" if iso is None else f"{iso:.6f}", "settings": self.settings.get(e, "")}
 
     def save(self, path: str | Path) -> None:
         """Write the table as CSV (sorted rows), atomically."""
@@ -160,7 +165,7 @@ class LatencyTable:
         path = Path(path)
         if not path.is_file():
             raise JdnasError(f"{path}: latency table not found (run the profile_latency stage)")
-        ms, settings = {}, {}
+        ms, settings, isolated = {}, {}, {}
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
             if tuple(reader.fieldnames or ()) != COLUMNS:
@@ -169,7 +174,9 @@ class LatencyTable:
                 try:
                     e = Entry(row["part"], row["block"], *(int(row[k]) for k in KEY_FIELDS[2:]))
                     ms[e] = float(row["ms"])
+                    if row["isolated_ms"]:
+                        isolated[e] = float(row["isolated_ms"])
                 except ValueError as err:
                     raise JdnasError(f"{path}: line {n}: {err}") from None
                 settings[e] = row["settings"]
-        return cls(ms, settings, source=str(path))
+        return cls(ms, settings, source=str(path), isolated=isolated)
