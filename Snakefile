@@ -6,9 +6,11 @@ configfile: "params.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/base.smk"
+include: "workflow/rules/latency.smk"
 
 
 rule all:
     input:
         stage_outputs("train_base"),
+        stage_outputs("profile_latency"),
     default_target: True

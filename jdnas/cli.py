@@ -72,6 +72,27 @@ def cmd_arch(args: argparse.Namespace) -> None:
     print(json.dumps({"arch": str(arch), "params": count_params(model), "flops": count_flops(model)}))
 
 
+def cmd_profile_latency(args: argparse.Namespace) -> None:
+    from jdnas.latency.profile import profile_latency
+    params = _params(args)
+    # the timings use latency.threads from the params; --threads only says how many cores the job holds
+    if params["latency"]["device"] == "cuda":  # time on a GPU no other job of ours is using
+        from jdnas.gpu import lease_gpu
+        print(f"gpu lease: CUDA_VISIBLE_DEVICES={lease_gpu()}", file=sys.stderr, flush=True)
+    print(json.dumps(profile_latency(params, args.data, args.out)))
+
+
+def cmd_predict_latency(args: argparse.Namespace) -> None:
+    from jdnas.latency.table import LatencyTable
+    from jdnas.models.arch import resolve_arch
+    try:
+        arch = resolve_arch(args.base, args.width)
+    except ValueError as e:
+        raise JdnasError(f"arch: {e}") from None
+    parts = LatencyTable.load(args.table).breakdown(arch)
+    print(json.dumps({"arch": str(arch), **{k: round(v, 4) for k, v in parts.items()}}))
+
+
 def cmd_dvc_yaml(args: argparse.Namespace) -> None:
     from jdnas.stages import dvc_yaml
     sys.stdout.write(dvc_yaml())
@@ -119,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base", help="preset (tiny, r18, r34, r50, r101) or Arch string")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier for presets")
     p.add_argument("--classes", type=int, default=80, help="number of object classes")
+
+    p = add("profile-latency", cmd_profile_latency,
+            "stage profile_latency: latency table of the search space on latency.device, validated end to end",
+            threads=True)
+    p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/latency/<latency.device>)")
+
+    p = add("predict-latency", cmd_predict_latency, "predicted latency (ms, per part) of an Arch from a table")
+    p.add_argument("base", help="preset (tiny, r18, r34, r50, r101) or Arch string")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier for presets")
+    p.add_argument("--table", default="runs/latency/cpu/table.csv", help="latency table (default: %(default)s)")
 
     add("dvc-yaml", cmd_dvc_yaml, "print dvc.yaml, generated from the stage definitions")
     return parser

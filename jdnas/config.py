@@ -103,6 +103,16 @@ def _is_device(v: str) -> bool:
 
 
 MORPH_ACTIONS = ("deepen", "shallow", "shift", "prune", "slim", "widen")
+def _is_hw(v: Any) -> bool:
+    return v is None or (isinstance(v, list) and len(v) == 2
+                         and all(isinstance(x, int) and not isinstance(x, bool) and x >= 16 for x in v))
+
+
+def _is_depths(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) == 4
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v))
+
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
 
 
@@ -189,6 +199,22 @@ SCHEMA: dict = {
         "prune_ratios": numbers([0.25, 0.5], 0.0, 1.0),
         "slim_ratios": numbers([0.25], 0.0, 1.0),
         "widen_ratios": numbers([0.5], 0.0),
+    "latency": {
+        "device": text("cpu", pattern=_is_device, words="cpu, cuda or cuda:N"),
+        "threads": integer(1, 1),
+        "clock": choice("cpu_time", ("cpu_time", "wall")),
+        "warmup": integer(3, 0),
+        "runs": integer(40, 1),
+        "rounds": integer(8, 1),
+        "image_size": Opt(None, _is_hw, "null or [height, width] (integers >= 16)"),
+        "reuse_entries": flag(True),
+        "validation_archs": integer(30, 0),
+        "space": {
+            "extra_blocks": strings([], ("basic", "bottleneck"), min_len=0),
+            "width_ratios": numbers([0.25, 0.5, 0.75, 1.0, 1.5], 0.0, 16.0),
+            "width_divisor": integer(4, 1),
+            "max_depth": Opt([3, 4, 6, 3], _is_depths, "a list of 4 integers >= 1"),
+        },
     },
 }
 
@@ -242,6 +268,12 @@ def check_consistency(p: dict, source: str) -> None:
         if any(r <= 0 or (r >= 1 and key != "widen_ratios") for r in space[key]):
             raise ConfigError(f"{source}: search_space.{key} must hold ratios in (0, 1)"
                               + (" (widen: > 0)" if key == "widen_ratios" else ""))
+    lat = p["latency"]
+    if lat["device"] == "cpu" and lat["clock"] == "cpu_time" and lat["threads"] != 1:
+        raise ConfigError(f"{source}: latency.clock = 'cpu_time' times one thread: set latency.threads to 1 "
+                          "or latency.clock to wall")
+    if any(r <= 0 for r in lat["space"]["width_ratios"]):
+        raise ConfigError(f"{source}: latency.space.width_ratios must all be > 0")
     from jdnas.models.arch import resolve_arch  # late import: models depend on nothing here
     try:
         resolve_arch(p["model"]["base"], p["model"]["width"])

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import yaml
@@ -17,6 +18,8 @@ from jdnas.config import section
 
 DATA = "data/prepared"
 BASE = "runs/base"
+# per target device; `${latency.device}` is filled from the params (DVC templating; `resolved` for Snakemake)
+LATENCY = "runs/latency/${latency.device}"
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,13 @@ class StageDef:
         cmd = self.command + "".join(f" --params {f}" for f in param_files)
         return cmd + (f" --threads {threads}" if threads else "")
 
+    def resolved(self, params: dict) -> "StageDef":
+        """A copy with every `${dotted.key}` in its command and paths replaced by the params' value."""
+        def fill(text: str) -> str:
+            return re.sub(r"\$\{([\w.]+)\}", lambda m: str(section(params, m.group(1))), text)
+        return replace(self, command=fill(self.command),
+                       **{f: tuple(fill(x) for x in getattr(self, f)) for f in ("deps", "outs", "metrics", "dir_outs")})
+
     def params_hash(self, params: dict) -> str:
         """Hash of the params this stage reads: a rule param, so Snakemake reruns when they change."""
         chosen = {k: section(params, k) for k in self.params}
@@ -53,6 +63,12 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         deps=(DATA,), outs=(f"{BASE}/model.pt",), metrics=(f"{BASE}/metrics.json",),
         params=("seed", "device", "model", "train_base", "eval"),
         code=("jdnas/models", "jdnas/engine.py", "jdnas/base_detector.py"),
+    ),
+    StageDef(
+        "profile_latency", f"jdnas profile-latency --data {DATA} --out {LATENCY}",
+        deps=(DATA,), outs=(f"{LATENCY}/table.csv", f"{LATENCY}/validation.png"),
+        metrics=(f"{LATENCY}/validation.json",),
+        params=("seed", "model", "latency"), code=("jdnas/latency", "jdnas/models"),
     ),
 ]}
 

@@ -17,13 +17,13 @@ except JdnasError as e:
 
 def stage_outputs(name):
     """Every output of a stage: folders as directory(), then files and metrics."""
-    s = STAGES[name]
+    s = STAGES[name].resolved(PARAMS)
     return [directory(d) for d in s.dir_outs] + list(s.outs) + list(s.metrics)
 
 
 def stage_shell(name):
     """The stage's jdnas command with this run's params files; logs go to {log}."""
-    return STAGES[name].shell(PARAM_FILES, "{threads}") + " > {log} 2>&1"
+    return STAGES[name].resolved(PARAMS).shell(PARAM_FILES, "{threads}") + " > {log} 2>&1"
 
 
 # GPU jobs ask Snakemake for one of --resources gpu=N; the job itself picks a free device id.

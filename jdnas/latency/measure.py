@@ -1,0 +1,108 @@
+"""Timing on the target device: CUDA events after warm-up on GPU; on CPU a fixed thread count and
+either wall time or the thread's CPU time (robust when other processes share the cores).
+
+`measure_all` times many callables in `rounds` passes, each pass in a fresh random order, and
+reports the median of all timed calls per callable: a slow spell of the machine then spreads
+over every entry instead of inflating the few measured during it.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Callable, Hashable
+
+import torch
+
+from jdnas.errors import JdnasError
+
+Builder = Callable[[], Callable[[], object]]  # builds the modules and inputs, returns the call to time
+
+
+def target_device(name: str) -> torch.device:
+    """torch.device for `latency.device`; a one-line error when this machine lacks it."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise JdnasError(f"params: latency.device = {name!r} but this machine has no CUDA device "
+                             "(profile on a machine that has it, or use cpu)")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise JdnasError(f"params: latency.device = {name!r} but only {torch.cuda.device_count()} "
+                             "CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    raise JdnasError(f"params: latency.device = {name!r} is not allowed: must be cpu, cuda or cuda:N")
+
+
+def device_name(device: torch.device) -> str:
+    """What the hardware is: the GPU's name, or the CPU model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+class Timer:
+    """Times one call in milliseconds on a device."""
+
+    def __init__(self, device: torch.device, clock: str = "wall") -> None:
+        self.device = device
+        self.clock = {"wall": time.perf_counter, "cpu_time": time.thread_time}[clock]
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        t0 = self.clock()
+        fn()
+        return (self.clock() - t0) * 1e3
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+@torch.inference_mode()
+def measure_all(builders: dict[Hashable, Builder], timer: Timer, warmup: int, runs: int, rounds: int = 1,
+                seed: int = 0, progress: Callable[[int, int], None] | None = None,
+                slots: dict[Hashable, int] | None = None) -> dict[Hashable, float]:
+    """Median milliseconds of each builder's call: `runs` timed calls (split over `rounds`
+    shuffled passes), each batch of timed calls preceded by `warmup` untimed ones.
+
+    `slots[key]` > 1 gives a key that many separate places in every pass (and as many times
+    the timed calls): for the entries every prediction shares, whose error no arch escapes.
+    """
+    rng = random.Random(seed)
+    per_slot = max(1, math.ceil(runs / rounds))
+    samples: dict[Hashable, list[float]] = {k: [] for k in builders}
+    order = [k for k in builders for _ in range((slots or {}).get(k, 1))]
+    done, total = 0, len(order) * rounds
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for key in order:
+            fn = builders[key]()
+            for _ in range(warmup):
+                fn()
+            timer.sync()
+            samples[key].extend(timer(fn) for _ in range(per_slot))
+            done += 1
+            if progress:
+                progress(done, total)
+    return {k: median(v) for k, v in samples.items()}

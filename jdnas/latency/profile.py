@@ -1,0 +1,358 @@
+"""The `profile_latency` stage: build the table for the params' space on the target device,
+then validate it end to end on random archs of the space and on the presets.
+
+Calibration: a block timed on its own runs with its weights and input hot in cache; inside a
+whole forward it runs slower (on this CPU about 1.2x). So a few calibration archs (the base, the
+space's smallest and largest, two random ones) are also timed end to end, and a least-squares
+fit of `end-to-end = factor x sum(backbone entries) + fixed parts + glue` sets the in-context
+factor and the glue. The table's `ms` column holds the calibrated values (its `isolated_ms` the
+timings on their own), so a prediction stays a plain sum of `ms` entries.
+
+Outputs in `runs/latency/<device>/`: `table.csv`, `validation.json`, `validation.png`.
+Measurements are also merged into `cache.csv` beside them (not a stage output, so the
+workflow tools leave it alone): a later run with the same device and timing settings measures
+only the entries it lacks, e.g. after the space grows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from jdnas.errors import JdnasError
+from jdnas.io import atomic_path, write_json
+from jdnas.latency.measure import Timer, device_name, measure_all, target_device
+from jdnas.latency.parts import HeadParts, backbone_call, calibrated_detector, detector_call
+from jdnas.latency.space import (FIXED_PARTS, Entry, LatencySpace, arch_entries, e2e_entry, head_entries,
+                                 network_input_size, space_entries, spaces_from_params)
+from jdnas.latency.table import BREAKDOWN, LatencyTable
+from jdnas.models.arch import PRESET_NAMES, Arch, preset, resolve_arch
+from jdnas.models.detector import head_config
+
+CACHE = "cache.csv"
+SLOTS = 5  # fixed parts are in every prediction, calibration archs set the factor: time them 5x as often
+
+
+def table_dir(params: dict, root: str | Path = "runs/latency") -> Path:
+    """Where the table for the params' target device lives: runs/latency/<latency.device>."""
+    return Path(root) / params["latency"]["device"]
+
+
+def num_classes(data_dir: str | Path) -> int:
+    """Class count (background included) of the prepared data: the RoI heads' output size."""
+    manifest = Path(data_dir) / "manifest.json"
+    if not manifest.is_file():
+        raise JdnasError(f"{manifest}: not found (run the prepare_data stage first)")
+    return len(json.loads(manifest.read_text())["categories"]) + 1
+
+
+class Profiler:
+    """Settings of one profiling run: device, timer, head config, profiling image."""
+
+    def __init__(self, params: dict, classes: int) -> None:
+        cfg = params["latency"]
+        self.cfg = cfg
+        self.seed = params["seed"]
+        self.device = target_device(cfg["device"])
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg["threads"])
+        self.timer = Timer(self.device, cfg["clock"])
+        self.head_cfg = head_config(params["model"], classes)
+        model = params["model"]
+        self.image_hw = tuple(cfg["image_size"] or (model["min_size"], model["min_size"]))
+        self.input_hw = network_input_size(self.head_cfg, self.image_hw)
+        self.base = resolve_arch(model["base"], model["width"])
+        g = torch.Generator().manual_seed(self.seed)
+        self.image = torch.rand(3, *self.image_hw, generator=g).to(self.device)
+        self.conditions = {
+            "device": cfg["device"], "device_name": device_name(self.device), "torch": torch.__version__,
+            "threads": cfg["threads"] if self.device.type == "cpu" else None,
+            "clock": cfg["clock"] if self.device.type == "cpu" else "cuda_events",
+            "warmup": cfg["warmup"], "runs": cfg["runs"], "rounds": cfg["rounds"],
+        }
+        self.head_conditions = {**self.conditions, "head": self.head_cfg, "image": list(self.image_hw)}
+
+    def settings(self, e: Entry) -> str:
+        """Hash of what an entry's measurement depends on (a cached one is reused only if equal)."""
+        what = self.head_conditions if e.part in FIXED_PARTS + ("e2e",) else self.conditions
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+
+    def measure(self, builders: dict, desc: str, slots: dict | None = None) -> dict:
+        step = max(1, sum((slots or {}).get(k, 1) for k in builders) * self.cfg["rounds"] // 10)
+
+        def progress(done: int, total: int) -> None:
+            if done % step == 0 or done == total:
+                print(f"{desc}: {done}/{total}", file=sys.stderr, flush=True)
+        torch.manual_seed(self.seed)
+        return measure_all(builders, self.timer, self.cfg["warmup"], self.cfg["runs"], self.cfg["rounds"],
+                           self.seed, progress, slots)
+
+    def detector(self, arch: Arch) -> Any:
+        return calibrated_detector(arch, self.head_cfg, self.image, self.device)
+
+
+def calibration_archs(prof: Profiler, spaces: list[LatencySpace]) -> list[Arch]:
+    """Archs timed end to end to calibrate the table: the base, and per space its smallest,
+    its largest and two random members (their own seed: not the validation archs)."""
+    rng = random.Random(prof.seed + 1)
+    archs = [prof.base]
+    for space in spaces:
+        archs += [space.smallest(), space.largest(), space.sample(rng), space.sample(rng)]
+    return list(dict.fromkeys(archs))
+
+
+def needed_entries(prof: Profiler, spaces: list[LatencySpace], calibration: list[Arch]) -> set[Entry]:
+    """Every timing the table needs: the spaces' backbone entries (and the calibration archs'),
+    the fixed parts, and the calibration archs end to end."""
+    fpn = prof.head_cfg["fpn_channels"]
+    needed = {e for e in head_entries(prof.input_hw, prof.head_cfg) if e.part in FIXED_PARTS}
+    for arch in calibration:
+        needed |= set(arch_entries(arch, prof.input_hw, fpn)) | {e2e_entry(arch, prof.input_hw)}
+    for space in spaces:
+        needed |= space_entries(space, prof.input_hw, fpn)
+    return needed
+
+
+def entry_builders(prof: Profiler, entries: Iterable[Entry]) -> tuple[dict, dict]:
+    """What to time for each entry (keyed ("entry", e)), and the slots of the shared ones."""
+    entries = list(entries)
+    builders: dict = {}
+    parts = None
+    for e in entries:
+        if e.part == "e2e":
+            builders[("entry", e)] = lambda e=e: detector_call(prof.detector(Arch.parse(e.block)), prof.image)
+        elif e.part in FIXED_PARTS:
+            if parts is None:
+                parts = HeadParts(prof.detector(prof.base), prof.image, prof.head_cfg["rpn_post_nms_top_n_test"])
+            builders[("entry", e)] = lambda e=e: parts.call(e)
+        else:
+            builders[("entry", e)] = lambda e=e: backbone_call(e, prof.device)
+    slots = {k: SLOTS for k in builders if k[1].part in FIXED_PARTS + ("e2e",)}
+    return builders, slots
+
+
+def fit_context(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least squares y = factor * x + glue; factor 1 when x barely varies, kept within [0.5, 3]."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    var = sum((a - mx) ** 2 for a in x) / n
+    if n < 2 or var < (0.02 * mx) ** 2:
+        return 1.0, my - mx
+    factor = sum((a - mx) * (b - my) for a, b in zip(x, y)) / n / var
+    if not 0.5 <= factor <= 3.0:
+        print(f"profile_latency: in-context factor {factor:.2f} is implausible (noisy timings?): "
+              "clamped to [0.5, 3]", file=sys.stderr)
+        factor = min(3.0, max(0.5, factor))
+    return factor, my - factor * mx
+
+
+def finish_table(prof: Profiler, raw: dict[Entry, float], calibration: list[Arch]
+                 ) -> tuple[LatencyTable, dict[str, Any]]:
+    """The calibrated table from raw timings (see the module doc), and the calibration's figures."""
+    heads = head_entries(prof.input_hw, prof.head_cfg)
+    glue = heads[-1]
+    isolated = {e: v for e, v in raw.items() if e.part != "e2e"}
+    plain = LatencyTable({**isolated, glue: 0.0})
+    fixed = sum(isolated[e] for e in heads if e.part in FIXED_PARTS)
+    fpn = prof.head_cfg["fpn_channels"]
+    sums = [sum(plain.lookup(e) for e in arch_entries(a, prof.input_hw, fpn)) for a in calibration]
+    measured = [raw[e2e_entry(a, prof.input_hw)] for a in calibration]
+    factor, g = fit_context(sums, [m - fixed for m in measured])
+    ms = {e: v * factor if e.part in ("stem", "block", "fpn_lateral") else v for e, v in isolated.items()}
+    ms[glue] = g
+    table = LatencyTable(ms, {e: prof.settings(e) for e in ms}, isolated=isolated)
+    info = {"in_context_factor": round(factor, 4), "glue_ms": round(g, 4),
+            "archs": [{"arch": str(a), "measured_ms": round(m, 4), "predicted_ms": round(table.predict(a, prof.input_hw), 4)}
+                      for a, m in zip(calibration, measured)]}
+    return table, info
+
+
+def reusable(prof: Profiler, needed: set[Entry], cache: LatencyTable | None) -> dict[Entry, float]:
+    """Cached timings of needed entries measured under the same settings."""
+    if cache is None:
+        return {}
+    return {e: cache.ms[e] for e in needed if e in cache.ms and cache.settings.get(e) == prof.settings(e)}
+
+
+def load_cache(path: Path) -> LatencyTable | None:
+    if not path.is_file():
+        return None
+    try:
+        return LatencyTable.load(path)
+    except JdnasError as e:
+        print(f"profile_latency: ignoring cache ({e})", file=sys.stderr)
+        return None
+
+
+def time_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable | None = None,
+               extra: dict | None = None) -> tuple[LatencyTable, dict[str, Any], dict[Entry, float], dict]:
+    """Time what the table needs (reusing matching cached timings) together with the `extra`
+    builders, interleaved. Returns the table, its calibration, the raw timings, the extra timings."""
+    calibration = calibration_archs(prof, spaces)
+    needed = needed_entries(prof, spaces, calibration)
+    reused = reusable(prof, needed, cache)
+    missing = sorted(needed - set(reused))
+    builders, slots = entry_builders(prof, missing)
+    builders.update(extra or {})
+    timed = prof.measure(builders, "profile_latency", slots)
+    raw = {**reused, **{k[1]: v for k, v in timed.items() if k[0] == "entry"}}
+    table, info = finish_table(prof, raw, calibration)
+    info["entries_timed"], info["entries_reused"] = len(missing), len(reused)
+    return table, info, raw, {k: v for k, v in timed.items() if k[0] != "entry"}
+
+
+def build_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable | None = None
+                ) -> tuple[LatencyTable, dict[str, Any]]:
+    """The calibrated table for `spaces` on the profiler's device, without validation."""
+    table, info, _, _ = time_table(prof, spaces, cache)
+    return table, info
+
+
+def validation_archs(spaces: list[LatencySpace], count: int, seed: int, width: float,
+                     covers: Callable[[Arch], bool]) -> list[tuple[str, Arch]]:
+    """`count` random archs (half with grid widths, half with any widths in range, as pruning
+    makes them), then every preset at the base's width multiplier that the table covers."""
+    rng = random.Random(seed)
+    archs = []
+    for i in range(count):
+        off_grid = i % 2 == 1
+        archs.append(("random_off_grid" if off_grid else "random_grid",
+                      rng.choice(spaces).sample(rng, off_grid=off_grid)))
+    for name in PRESET_NAMES:
+        arch = preset(name, width)
+        if covers(arch):
+            archs.append((f"preset:{name}", arch))
+    return archs
+
+
+def _spearman(x: list[float], y: list[float]) -> float | None:
+    import pandas as pd
+    if len(x) < 3:
+        return None
+    rho = float(pd.Series(x).rank().corr(pd.Series(y).rank()))
+    return None if math.isnan(rho) else rho  # all values tied: no ranking to compare
+
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    """MAPE (percent), Spearman rank correlation and the worst error of predicted vs measured."""
+    if not rows:
+        return {"n": 0, "mape_percent": None, "spearman": None, "max_abs_error_percent": None}
+    errors = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] * 100 for r in rows]
+    return {"n": len(rows), "mape_percent": round(sum(errors) / len(errors), 3),
+            "spearman": _spearman([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows]),
+            "max_abs_error_percent": round(max(errors), 3)}
+
+
+def plot_validation(rows: list[dict], path: Path, title: str) -> None:
+    """Predicted vs measured scatter with the y = x line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=120)
+    styles = {"random_grid": ("random archs, grid widths", "o", "tab:blue"),
+              "random_off_grid": ("random archs, off-grid widths (interpolated)", "^", "tab:orange")}
+    for kind, (label, marker, colour) in styles.items():
+        pts = [r for r in rows if r["kind"] == kind]
+        if pts:
+            ax.scatter([r["measured_ms"] for r in pts], [r["predicted_ms"] for r in pts], marker=marker,
+                       color=colour, alpha=0.75, label=label)
+    presets = [r for r in rows if r["kind"].startswith("preset:")]
+    if presets:
+        ax.scatter([r["measured_ms"] for r in presets], [r["predicted_ms"] for r in presets], marker="s",
+                   color="tab:green", label="presets")
+        for r in presets:
+            ax.annotate(r["kind"].split(":", 1)[1], (r["measured_ms"], r["predicted_ms"]),
+                        textcoords="offset points", xytext=(5, -10), fontsize=8)
+    values = [r[k] for r in rows for k in ("measured_ms", "predicted_ms")]
+    lo, hi = min(values), max(values)
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=1, label="y = x (perfect prediction)")
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel("measured end-to-end latency (ms)")
+    ax.set_ylabel("predicted latency = sum of table entries (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | None = None,
+                    spaces: list[LatencySpace] | None = None) -> dict[str, Any]:
+    """The stage: table.csv, validation.json and validation.png in `out_dir`."""
+    start = time.perf_counter()
+    cfg = params["latency"]
+    target_device(cfg["device"])  # a device this machine lacks fails first, before any work
+    out = Path(out_dir) if out_dir else table_dir(params)
+    prof = Profiler(params, num_classes(data_dir))
+    spaces = spaces if spaces is not None else spaces_from_params(params)
+    cache_path = out / CACHE
+    cache = load_cache(cache_path) if cfg["reuse_entries"] else None
+
+    # the validation archs are timed in the same shuffled passes as the table's entries, so both
+    # see the same machine conditions (a busy spell does not bias one against the other)
+    grid = LatencyTable(dict.fromkeys(needed_entries(prof, spaces, []), 0.0)
+                        | dict.fromkeys(head_entries(prof.input_hw, prof.head_cfg), 0.0))
+    archs = validation_archs(spaces, cfg["validation_archs"], prof.seed, params["model"]["width"], grid.covers)
+    extra = {("arch", i): (lambda a=a: detector_call(prof.detector(a), prof.image)) for i, (_, a) in enumerate(archs)}
+    table, calibration, raw, timed = time_table(prof, spaces, cache, extra)
+    table.save(out / "table.csv")
+    LatencyTable({**(cache.ms if cache else {}), **raw},
+                 {**(cache.settings if cache else {}), **{e: prof.settings(e) for e in raw}}).save(cache_path)
+
+    rows = [{"kind": kind, "arch": str(arch), "measured_ms": round(timed[("arch", i)], 4),
+             "predicted_ms": round(table.predict(arch, prof.input_hw), 4)} for i, (kind, arch) in enumerate(archs)]
+    metrics = summarize([r for r in rows if r["kind"].startswith("random")])
+    base = table.breakdown(prof.base, prof.input_hw)
+    result = {
+        **metrics,
+        "grid": summarize([r for r in rows if r["kind"] == "random_grid"]),
+        "off_grid": summarize([r for r in rows if r["kind"] == "random_off_grid"]),
+        "all_with_presets": summarize(rows),
+        "conditions": {**prof.conditions, "input_size": list(prof.input_hw), "image_size": list(prof.image_hw),
+                       "load_average": _load_average()},
+        "entries": len(table), "entries_timed": calibration.pop("entries_timed"),
+        "entries_reused": calibration.pop("entries_reused"),
+        "calibration": calibration,
+        "base": {"arch": str(prof.base), "predicted_ms": {k: round(v, 4) for k, v in base.items()}},
+        "spaces": [s.to_json() for s in spaces],
+        "archs": rows,
+    }
+    c = prof.conditions
+    how = c["clock"]
+    if prof.device.type == "cpu":
+        load = result["conditions"]["load_average"]
+        how = f"{c['threads']} thread(s), {c['clock']}" + (f", load {load[0]} on {os.cpu_count()} CPUs" if load else "")
+    title = (f"{c['device']} ({c['device_name']}), {how}\n"
+             f"random archs: MAPE {metrics['mape_percent']}%, Spearman {_fmt(metrics['spearman'])} "
+             f"(n={metrics['n']})")
+    plot_validation(rows, out / "validation.png", title)
+    result["seconds"] = round(time.perf_counter() - start, 2)  # the whole stage, wall clock
+    write_json(out / "validation.json", result)
+    return {k: result[k] for k in ("n", "mape_percent", "spearman", "max_abs_error_percent", "entries",
+                                   "entries_timed", "seconds")}
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+__all__ = ["profile_latency", "table_dir", "build_table", "Profiler", "BREAKDOWN"]

@@ -1,0 +1,278 @@
+"""Latency lookup table: enumeration, predictor, CSV round-trip, device errors, the stage."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+from dataclasses import replace
+
+import pytest
+import torch
+
+from jdnas.config import load_params
+from jdnas.errors import ConfigError, JdnasError
+from jdnas.latency import (Entry, LatencySpace, LatencyTable, NotCovered, arch_entries, space_entries,
+                           spaces_from_params)
+from jdnas.latency.measure import Timer, measure_all
+from jdnas.latency.parts import backbone_call
+from jdnas.latency.space import HEAD_PARTS, head_entries, network_input_size
+from jdnas.models.arch import Arch, Stage, preset, resolve_arch
+from jdnas.models.detector import head_config
+from jdnas.stages import STAGES
+from conftest import REPO, cli_env, with_overrides, write_yaml
+
+HW = (128, 128)
+FPN = 64
+
+
+@pytest.fixture(scope="module")
+def default_params():
+    return load_params([REPO / "params.yaml"])
+
+
+@pytest.fixture(scope="module")
+def space(default_params):
+    (s,) = spaces_from_params(default_params)
+    return s
+
+
+def linear_ms(e: Entry) -> float:
+    """A made-up cost, linear in every width: linear interpolation must reproduce it exactly."""
+    return 0.1 + 0.01 * e.cin + 0.02 * e.mid + 0.03 * e.cout + 0.001 * e.height + (0.5 if e.stride == 2 else 0.0)
+
+
+def synthetic_table(spaces, head_cfg) -> LatencyTable:
+    entries = set()
+    for s in spaces:
+        entries |= space_entries(s, HW, head_cfg["fpn_channels"])
+    entries |= set(head_entries(HW, head_cfg))
+    return LatencyTable({e: linear_ms(e) for e in entries}, {e: "s" for e in entries})
+
+
+def test_default_space_covers_the_base_and_presets(default_params, space):
+    base = resolve_arch(default_params["model"]["base"], default_params["model"]["width"])
+    assert str(base) == "S16:2x16m16-2x32m32-2x64m64-2x128m128"
+    assert space.contains(base)
+    for name in ("tiny", "r18", "r34"):
+        assert space.contains(preset(name, 0.25)), name
+
+
+def test_enumeration_covers_every_block_of_random_archs(space):
+    entries = space_entries(space, HW, FPN)
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        arch = space.sample(rng)
+        assert space.contains(arch)
+        needed = set(arch_entries(arch, HW, FPN))
+        assert needed <= entries, needed - entries
+        seen |= needed
+    # and the enumeration is not padded with configurations no arch of the space uses
+    assert len(seen) > 0.5 * len(entries)
+
+
+def test_enumeration_is_distinct_configurations(space):
+    entries = space_entries(space, HW, FPN)
+    blocks = [e for e in entries if e.part == "block"]
+    first = sum(len(space.stems if s == 0 else space.outs[s - 1]) * len(space.outs[s]) * len(space.mids[s])
+                for s in range(4))
+    rest = sum(len(space.outs[s]) * len(space.mids[s]) for s in range(4))
+    # stage 0's first block without projection (stem width == stage width) is also a repeated block
+    overlap = len(set(space.stems) & set(space.outs[0])) * len(space.mids[0])
+    assert len(blocks) == first + rest - overlap
+    assert {e.height for e in blocks} == {32, 16, 8, 4}  # stage inputs, and C5 for repeated blocks
+
+
+def test_arch_entries_follow_the_backbone():
+    arch = Arch.parse("S8:2x8m4,6-1x16m8-1x32m16-2x64m32")
+    e = arch_entries(arch, HW, FPN)
+    assert e[0] == Entry("stem", cin=3, cout=8, stride=4, height=128, width=128)
+    assert e[1] == Entry("block", "basic", 8, 4, 8, 1, 32, 32)          # stage 0: no projection
+    assert e[2] == Entry("block", "basic", 8, 6, 8, 1, 32, 32)
+    assert e[3] == Entry("block", "basic", 8, 8, 16, 2, 32, 32)         # stride 2 at 32x32 input
+    assert e[5] == Entry("block", "basic", 32, 32, 64, 2, 8, 8)
+    assert e[6] == Entry("block", "basic", 64, 32, 64, 1, 4, 4)
+    assert [x.cin for x in e[7:]] == [8, 16, 32, 64] and all(x.part == "fpn_lateral" for x in e[7:])
+    assert [x.height for x in e[7:]] == [32, 16, 8, 4]
+
+
+def test_network_input_size_follows_the_transform(default_params):
+    cfg = head_config(default_params["model"], 5)
+    assert network_input_size(cfg, (128, 128)) == (128, 128)
+    assert network_input_size(cfg, (100, 60)) == (128, 96)  # resized to fit, padded to /32
+
+
+def test_predictor_is_the_sum_of_entries(default_params, space):
+    head_cfg = head_config(default_params["model"], 5)
+    table = synthetic_table([space], head_cfg)
+    rng = random.Random(1)
+    for _ in range(20):
+        arch = space.sample(rng)
+        parts = table.breakdown(arch)
+        expected = sum(linear_ms(e) for e in arch_entries(arch, HW, FPN))
+        expected += sum(linear_ms(e) for e in head_entries(HW, head_cfg))
+        assert parts["total"] == pytest.approx(expected, rel=1e-12)
+        assert table.predict(arch) == parts["total"]
+        assert parts["backbone"] == pytest.approx(sum(linear_ms(e) for e in arch_entries(arch, HW, FPN)
+                                                      if e.part == "block"))
+
+
+def test_off_grid_widths_are_interpolated(default_params, space):
+    """Pruned and slimmed archs have widths between grid values: linear costs come out exact."""
+    head_cfg = head_config(default_params["model"], 5)
+    table = synthetic_table([space], head_cfg)
+    rng = random.Random(2)
+    for _ in range(30):
+        arch = space.sample(rng, off_grid=True)
+        expected = sum(linear_ms(e) for e in arch_entries(arch, HW, FPN))
+        expected += sum(linear_ms(e) for e in head_entries(HW, head_cfg))
+        assert table.predict(arch) == pytest.approx(expected, rel=1e-9), str(arch)
+    # pruned variants of the base: every mid width down to the grid's minimum
+    base = preset("r18", 0.25)
+    pruned = Arch(base.block, base.stem, tuple(Stage(s.out, tuple(max(m // 3, min(space.mids[i])) for m in s.mids))
+                                                for i, s in enumerate(base.stages)))
+    assert table.covers(pruned)
+
+
+def test_outside_the_space_is_a_clear_error(default_params, space):
+    table = synthetic_table([space], head_config(default_params["model"], 5))
+    with pytest.raises(NotCovered, match="outside the profiled range"):
+        table.predict(Arch.parse("S16:1x16m2-1x32m32-1x64m64-1x128m128"))
+    with pytest.raises(NotCovered, match="no entry for block\\(block=bottleneck"):
+        table.predict(preset("r50", 0.25))
+
+
+def test_table_round_trip(tmp_path, default_params, space):
+    table = synthetic_table([space], head_config(default_params["model"], 5))
+    table.save(tmp_path / "t.csv")
+    back = LatencyTable.load(tmp_path / "t.csv")
+    assert back.ms.keys() == table.ms.keys()
+    assert all(back.ms[e] == pytest.approx(table.ms[e], abs=1e-6) for e in table.ms)
+    assert back.settings == table.settings
+    arch = preset("r18", 0.25)
+    assert back.predict(arch) == pytest.approx(table.predict(arch), abs=1e-4)
+    assert back.input_hw == HW
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(JdnasError, match="not a latency table"):
+        LatencyTable.load(tmp_path / "bad.csv")
+    with pytest.raises(JdnasError, match="latency table not found"):
+        LatencyTable.load(tmp_path / "missing.csv")
+
+
+def test_bottleneck_space_around_a_basic_base(default_params):
+    p = with_overrides(default_params, {"latency": {"space": {"extra_blocks": ["bottleneck"]}}})
+    basic, bottle = spaces_from_params(p)
+    assert basic.block == "basic" and bottle.block == "bottleneck"
+    assert bottle.outs[0] == tuple(4 * m for m in bottle.mids[0])
+    assert bottle.contains(preset("r50", 0.25))
+
+
+def test_latency_params_are_checked(tmp_path):
+    bad = write_yaml(tmp_path / "bad.yaml", {"latency": {"clock": "cpu_time", "threads": 2}})
+    with pytest.raises(ConfigError, match="latency.threads to 1"):
+        load_params([REPO / "params.yaml", bad])
+    bad = write_yaml(tmp_path / "bad2.yaml", {"latency": {"device": "tpu"}})
+    with pytest.raises(ConfigError, match="latency.device = 'tpu' is not allowed"):
+        load_params([REPO / "params.yaml", bad])
+
+
+def test_measurement_orders_real_blocks():
+    """Timing is real: a block 4x as wide (16x the FLOPs) measures clearly slower."""
+    torch.set_num_threads(1)
+    small = Entry("block", "basic", 8, 8, 8, 1, 32, 32)
+    big = Entry("block", "basic", 32, 32, 32, 1, 32, 32)
+    ms = measure_all({e: (lambda e=e: backbone_call(e, torch.device("cpu"))) for e in (small, big)},
+                     Timer(torch.device("cpu"), "cpu_time"), warmup=2, runs=9, rounds=3, slots={big: 2})
+    assert 0 < ms[small] < ms[big]
+
+
+def test_missing_cuda_is_a_one_line_error(tmp_path, smoke_params, prepared):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from jdnas.latency.profile import profile_latency
+    params = with_overrides(smoke_params, {"latency": {"device": "cuda:0"}})
+    with pytest.raises(JdnasError, match="latency.device = 'cuda:0' but this machine has no CUDA device"):
+        profile_latency(params, prepared, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    cuda = write_yaml(tmp_path / "cuda.yaml", {"latency": {"device": "cuda:0"}})
+    r = subprocess.run(["jdnas", "profile-latency", "--params", str(REPO / "params.yaml"), "--params", str(cuda),
+                        "--data", str(prepared), "--out", str(tmp_path / "cli")],
+                       env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "no CUDA device" in r.stderr
+
+
+def test_stage_on_smoke_config_and_rerun_reuses(tmp_path, smoke_params, prepared):
+    from jdnas.latency.profile import profile_latency
+    out = tmp_path / "runs" / "latency" / "cpu"
+    first = profile_latency(smoke_params, prepared, out)
+    table = LatencyTable.load(out / "table.csv")
+    (space,) = spaces_from_params(smoke_params)
+    hw = (64, 64)
+    assert table.input_hw == hw
+    expected = space_entries(space, hw, smoke_params["model"]["fpn_channels"])
+    assert expected <= set(table.ms) and {e.part for e in table.ms} == {"stem", "block", "fpn_lateral", *HEAD_PARTS}
+    assert first["entries"] == len(table) and first["entries_timed"] > len(table) - 1  # + calibration archs
+    assert all(v > 0 for e, v in table.ms.items() if e.part != "glue")
+    v = json.loads((out / "validation.json").read_text())
+    # calibrated entries: isolated timing x the fitted in-context factor
+    factor = v["calibration"]["in_context_factor"]
+    for e in expected:
+        assert table.ms[e] == pytest.approx(table.isolated[e] * factor, rel=1e-4, abs=1e-6)
+    assert v["n"] == smoke_params["latency"]["validation_archs"]
+    assert v["mape_percent"] >= 0 and (v["spearman"] is None or -1 <= v["spearman"] <= 1)
+    assert {r["kind"] for r in v["archs"]} >= {"random_grid", "random_off_grid", "preset:tiny"}
+    for r in v["archs"]:
+        assert r["predicted_ms"] == pytest.approx(table.predict(Arch.parse(r["arch"])), abs=1e-3)
+    assert v["conditions"]["threads"] == 1 and v["conditions"]["clock"] == "cpu_time"
+    assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # same params again: every timing comes from the cache, the table is unchanged
+    before = (out / "table.csv").read_bytes()
+    again = profile_latency(smoke_params, prepared, out)
+    assert again["entries_timed"] == 0
+    assert (out / "table.csv").read_bytes() == before
+    # one more width ratio: only the new entries are timed
+    wider = with_overrides(smoke_params, {"latency": {"space": {"width_ratios": [0.5, 0.75, 1.0]}}})
+    grown = profile_latency(wider, prepared, out)
+    assert 0 < grown["entries_timed"] < grown["entries"]
+    # other timing settings: nothing is reused
+    slower = with_overrides(smoke_params, {"latency": {"runs": 4}})
+    assert profile_latency(slower, prepared, out)["entries_timed"] == first["entries_timed"]
+
+
+def test_stage_paths_follow_the_device(default_params):
+    stage = STAGES["profile_latency"]
+    assert "${latency.device}" in stage.outs[0]
+    p = with_overrides(default_params, {"latency": {"device": "cuda:1"}})
+    r = stage.resolved(p)
+    assert r.outs[0] == "runs/latency/cuda:1/table.csv" and r.metrics == ("runs/latency/cuda:1/validation.json",)
+    assert "--out runs/latency/cuda:1" in r.shell(["params.yaml"])
+    assert replace(stage, outs=()).resolved(p).outs == ()
+
+
+@pytest.mark.slow
+def test_profile_latency_workflow_second_run_is_a_no_op(tmp_path):
+    """Snakemake and DVC each run the stage on the smoke config; the same params again do nothing."""
+    import yaml
+    from test_workflow import dvc_workspace, run, workspace
+    ws = workspace(tmp_path)
+    args = ["--cores", "2", "--configfile", "config/smoke.yaml"]
+    run(["snakemake", *args, "profile_latency"], ws)
+    for name in ("table.csv", "validation.json", "validation.png"):
+        assert (ws / "runs/latency/cpu" / name).is_file(), name
+    assert "profile_latency" in (ws / "logs/profile_latency.log").read_text()
+    again = run(["snakemake", *args, "profile_latency"], ws)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    # DVC reads params.yaml only: make it the smoke run, from a clean workspace
+    smoke = load_params([ws / "params.yaml", ws / "config/smoke.yaml"])
+    (ws / "params.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
+    shutil.rmtree(ws / "runs")
+    shutil.rmtree(ws / "data")
+    dvc_workspace(ws)
+    first = run(["dvc", "repro", "profile_latency"], ws)
+    assert "Running stage 'profile_latency'" in first.stdout
+    assert (ws / "runs/latency/cpu/validation.json").is_file()
+    second = run(["dvc", "repro", "profile_latency"], ws)
+    assert "Running stage" not in second.stdout, second.stdout
+    assert "Stage 'profile_latency' didn't change, skipping" in second.stdout
