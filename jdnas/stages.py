@@ -17,6 +17,7 @@ from jdnas.config import section
 
 DATA = "data/prepared"
 BASE = "runs/base"
+POOL = "runs/teacher_pool"
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,19 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         deps=(DATA,), outs=(f"{BASE}/model.pt",), metrics=(f"{BASE}/metrics.json",),
         params=("seed", "device", "model", "train_base", "eval"),
         code=("jdnas/models", "jdnas/engine.py", "jdnas/base_detector.py"),
+    ),
+    StageDef(
+        "train_teacher_pool", f"jdnas train-teacher-pool --data {DATA} --out {POOL}",
+        deps=(DATA,), outs=(f"{POOL}/supernet.pt",),
+        params=("seed", "device", "model", "teacher_pool.space", "teacher_pool.train"),
+        code=("jdnas/models", "jdnas/engine.py", "jdnas/dist.py", "jdnas/teacher_pool.py"),
+    ),
+    StageDef(
+        "eval_teacher_pool",
+        f"jdnas eval-teacher-pool --data {DATA} --supernet {POOL}/supernet.pt --out {POOL}/pool.csv",
+        deps=(DATA, f"{POOL}/supernet.pt"), outs=(f"{POOL}/pool.csv",),
+        params=("seed", "device", "teacher_pool.eval", "eval"),
+        code=("jdnas/models", "jdnas/engine.py", "jdnas/teacher_pool.py"),
     ),
 ]}
 
