@@ -7,10 +7,12 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/base.smk"
 include: "workflow/rules/latency.smk"
+include: "workflow/rules/teacher_pool.smk"
 
 
 rule all:
     input:
         stage_outputs("train_base"),
         stage_outputs("profile_latency"),
+        stage_outputs("eval_teacher_pool"),
     default_target: True

@@ -48,6 +48,28 @@ def cmd_train(args: argparse.Namespace) -> None:
     _runtime(args, params)
     print(json.dumps(train_student(params, args.data, args.out, args.init, args.action, args.teacher,
                                    args.eval_split, args.seed)))
+def cmd_train_teacher_pool(args: argparse.Namespace) -> None:
+    import os
+    params = _params(args)
+    gpus = params["teacher_pool"]["train"]["gpus"]
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:  # DDP: run this command again under torchrun
+        from jdnas.dist import relaunch_with_torchrun
+        if relaunch_with_torchrun(gpus) != 0:
+            raise JdnasError(f"train-teacher-pool: one of the {gpus} torchrun processes failed (see above)")
+        return
+    from jdnas.teacher_pool import train_teacher_pool
+    _runtime(args, params)
+    summary = train_teacher_pool(params, args.data, args.out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+
+
+def cmd_eval_teacher_pool(args: argparse.Namespace) -> None:
+    from jdnas.teacher_pool import eval_teacher_pool
+    params = _params(args)
+    _runtime(args, params)
+    for row in eval_teacher_pool(params, args.data, args.supernet, args.out):
+        print(json.dumps(row))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -131,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default="minival", choices=["minival", "val"],
                    help="split to evaluate on (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: params seed)")
+    p = add("train-teacher-pool", cmd_train_teacher_pool, "stage train_teacher_pool: train the elastic "
+            "supernet once (progressive shrinking; DDP via torchrun when teacher_pool.train.gpus > 1)", threads=True)
+    p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/teacher_pool", help="output folder (default: %(default)s)")
+
+    p = add("eval-teacher-pool", cmd_eval_teacher_pool, "stage eval_teacher_pool: AP, size, FLOPs and latency "
+            "of a sample of pool members -> pool.csv", threads=True)
+    p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
+    p.add_argument("--supernet", default="runs/teacher_pool/supernet.pt", help="(default: %(default)s)")
+    p.add_argument("--out", default="runs/teacher_pool/pool.csv", help="(default: %(default)s)")
 
     p = add("evaluate", cmd_evaluate, "COCO AP of a detector checkpoint on a prepared split", threads=True)
     p.add_argument("checkpoint", help="a model.pt written by jdnas")

@@ -199,6 +199,7 @@ SCHEMA: dict = {
         "prune_ratios": numbers([0.25, 0.5], 0.0, 1.0),
         "slim_ratios": numbers([0.25], 0.0, 1.0),
         "widen_ratios": numbers([0.5], 0.0),
+    },
     "latency": {
         "device": text("cpu", pattern=_is_device, words="cpu, cuda or cuda:N"),
         "threads": integer(1, 1),
@@ -214,6 +215,30 @@ SCHEMA: dict = {
             "width_ratios": numbers([0.25, 0.5, 0.75, 1.0, 1.5], 0.0, 16.0),
             "width_divisor": integer(4, 1),
             "max_depth": Opt([3, 4, 6, 3], _is_depths, "a list of 4 integers >= 1"),
+        },
+    },
+    "teacher_pool": {
+        "space": {
+            "base": text("r34", words="a preset (tiny, r18, r34, r50, r101) or an Arch string"),
+            "width": number(0.25, 0.0, 8.0, lo_open=True),
+            "min_depths": numbers([1, 1, 2, 1], 1, ints=True, min_len=4),
+            "width_ratios": numbers([0.5, 0.75, 1.0], 0.0, 1.0),
+            "out_width_ratios": numbers([1.0], 0.0, 1.0),
+        },
+        "train": {
+            **train_schema(iters=160, lr=0.04),
+            "depth_phase_start": number(0.25, 0.0, 1.0),
+            "width_phase_start": number(0.5, 0.0, 1.0),
+            "sandwich_random": integer(1, 0),
+            "distill_weight": number(1.0, 0.0),
+            "gpus": integer(1, 1),
+        },
+        "eval": {
+            "sample_size": integer(5, 2),
+            "bn_batches": integer(4, 0),
+            "bn_batch_size": integer(8, 1),
+            "latency_runs": integer(5, 1),
+            "latency_threads": integer(1, 1),
         },
     },
 }
@@ -281,6 +306,28 @@ def check_consistency(p: dict, source: str) -> None:
         raise ConfigError(f"{source}: model.base = {p['model']['base']!r} is not allowed: {e}") from None
 
 
+def check_teacher_pool(p: dict, source: str) -> None:
+    """The pool space must fit its largest member; phases must come in order; DDP needs CUDA."""
+    from jdnas.models.arch import resolve_arch
+    space, train = p["teacher_pool"]["space"], p["teacher_pool"]["train"]
+    try:
+        arch = resolve_arch(space["base"], space["width"])
+    except ValueError as e:
+        raise ConfigError(f"{source}: teacher_pool.space.base = {space['base']!r} is not allowed: {e}") from None
+    if len(space["min_depths"]) != len(arch.stages) or any(
+            d > s.depth for d, s in zip(space["min_depths"], arch.stages)):
+        raise ConfigError(f"{source}: teacher_pool.space.min_depths = {space['min_depths']} is not allowed: must "
+                          f"list {len(arch.stages)} depths, each at most the largest member's {list(arch.depths)}")
+    for key in ("width_ratios", "out_width_ratios"):
+        if any(r <= 0 for r in space[key]):
+            raise ConfigError(f"{source}: teacher_pool.space.{key} = {space[key]} is not allowed: ratios must be > 0")
+    if train["depth_phase_start"] > train["width_phase_start"]:
+        raise ConfigError(f"{source}: teacher_pool.train.depth_phase_start must be <= width_phase_start")
+    if train["gpus"] > 1 and p["device"] != "cuda":
+        raise ConfigError(f"{source}: teacher_pool.train.gpus = {train['gpus']} needs device: cuda "
+                          f"(DDP over the first {train['gpus']} visible GPUs)")
+
+
 def load_params(files: Iterable[str | Path]) -> dict:
     """Load and validate params: defaults, then each YAML file in order (later files win)."""
     files = [Path(f) for f in files]
@@ -294,6 +341,7 @@ def load_params(files: Iterable[str | Path]) -> dict:
             raise ConfigError(f"{f}: invalid YAML: {str(e).splitlines()[0]}") from None
         params = merge(params, content, source=str(f))
     check_consistency(params, " + ".join(map(str, files)) or "defaults")
+    check_teacher_pool(params, " + ".join(map(str, files)) or "defaults")
     return params
 
 

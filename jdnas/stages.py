@@ -20,6 +20,7 @@ DATA = "data/prepared"
 BASE = "runs/base"
 # per target device; `${latency.device}` is filled from the params (DVC templating; `resolved` for Snakemake)
 LATENCY = "runs/latency/${latency.device}"
+POOL = "runs/teacher_pool"
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,19 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         deps=(DATA,), outs=(f"{LATENCY}/table.csv", f"{LATENCY}/validation.png"),
         metrics=(f"{LATENCY}/validation.json",),
         params=("seed", "model", "latency"), code=("jdnas/latency", "jdnas/models"),
+    ),
+    StageDef(
+        "train_teacher_pool", f"jdnas train-teacher-pool --data {DATA} --out {POOL}",
+        deps=(DATA,), outs=(f"{POOL}/supernet.pt",),
+        params=("seed", "device", "model", "teacher_pool.space", "teacher_pool.train"),
+        code=("jdnas/models", "jdnas/engine.py", "jdnas/dist.py", "jdnas/teacher_pool.py"),
+    ),
+    StageDef(
+        "eval_teacher_pool",
+        f"jdnas eval-teacher-pool --data {DATA} --supernet {POOL}/supernet.pt --out {POOL}/pool.csv",
+        deps=(DATA, f"{POOL}/supernet.pt"), outs=(f"{POOL}/pool.csv",),
+        params=("seed", "device", "teacher_pool.eval", "eval"),
+        code=("jdnas/models", "jdnas/engine.py", "jdnas/teacher_pool.py"),
     ),
 ]}
 

@@ -1,0 +1,110 @@
+"""Data-parallel training across processes started by torchrun (one process per GPU).
+
+A single process (no `WORLD_SIZE` in the environment, or 1) runs exactly as without this
+module. Under torchrun every rank reads the same batches from the iteration sampler and keeps
+its own share (`rank::world`), gradients are averaged with one all-reduce per step, and only
+rank 0 writes files. NCCL on CUDA, gloo on CPU (which is how the tests exercise this path).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from jdnas.engine import resolve_device
+from jdnas.errors import JdnasError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job: rank, world size and local rank (GPU index)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_name: str) -> tuple[DistContext, torch.device]:
+    """Join the process group torchrun describes in the environment; single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext(), resolve_device(device_name)
+    ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device_name.startswith("cuda"):
+        if torch.cuda.device_count() <= ctx.local_rank:
+            raise JdnasError(f"torchrun started {world} processes but only {torch.cuda.device_count()} GPU(s) visible")
+        torch.cuda.set_device(ctx.local_rank)
+        device, backend = torch.device("cuda", ctx.local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return ctx, device
+
+
+def shutdown(ctx: DistContext, wait: bool = True) -> None:
+    """Leave the process group (after a barrier unless this rank failed: torchrun stops the others)."""
+    if ctx.active and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.active:
+        dist.barrier()
+
+
+@torch.no_grad()
+def average_gradients(params: Sequence[torch.nn.Parameter], ctx: DistContext) -> None:
+    """Average gradients over ranks in one flat all-reduce (a missing gradient counts as zero)."""
+    if not ctx.active:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= ctx.world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p))
+        offset += n
+
+
+class ShardedBatchSampler(Sampler):
+    """This rank's share (`batch[rank::world]`) of every batch of another batch sampler."""
+
+    def __init__(self, batches: Sampler, ctx: DistContext) -> None:
+        self.batches, self.ctx = batches, ctx
+
+    def __iter__(self) -> Iterator[list]:
+        for batch in self.batches:
+            yield batch[self.ctx.rank::self.ctx.world]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def relaunch_with_torchrun(nproc: int, argv: Sequence[str] | None = None) -> int:
+    """Run this command again under torchrun with `nproc` processes on this machine; its exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "jdnas.cli", *argv]
+    print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)

@@ -1,0 +1,387 @@
+"""The elastic teacher pool (DESIGN §6): train the supernet once, then take any teacher from it.
+
+- `train_supernet`: integrated progressive shrinking in one resumable run. Phases by iteration
+  (full network, then elastic depth, then elastic width; channels sorted by importance when
+  the width phase starts); every iteration trains the largest, the smallest and n random
+  members of the current phase (sandwich rule, gradients accumulated, one optimizer step);
+  the smaller members also match the largest member's FPN features (in-place distillation).
+- `TeacherPool.teacher(arch)`: a static detector with sliced weights and batch-norm
+  statistics recalibrated on a few training batches.
+- Stages `train_teacher_pool` (-> supernet.pt) and `eval_teacher_pool` (-> pool.csv).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from jdnas.base_detector import fingerprint
+from jdnas.data.dataset import CocoDetection, IterationSampler, collate
+from jdnas.dist import DistContext, ShardedBatchSampler, average_gradients, barrier, init_distributed, shutdown
+from jdnas.engine import _progress, _to_device, evaluate, lr_factor, make_optimizer, resolve_device
+from jdnas.errors import JdnasError
+from jdnas.io import atomic_path, save_torch
+from jdnas.models.arch import Arch, resolve_arch
+from jdnas.models.complexity import count_flops, count_params
+from jdnas.models.detector import Detector, head_config
+from jdnas.models.elastic import PoolSpace, Supernet, sort_channels
+
+STATE_FORMAT = "jdnas-pool-train-state/1"
+SUPERNET_FORMAT = "jdnas-supernet/1"
+CSV_COLUMNS = ("arch", "role", "AP", "AP50", "params", "flops", "latency_ms")
+
+
+# --- schedule -------------------------------------------------------------------------------
+def pool_space(space_params: dict[str, Any]) -> PoolSpace:
+    """The pool space described by the `teacher_pool.space` params."""
+    return PoolSpace(resolve_arch(space_params["base"], space_params["width"]), tuple(space_params["min_depths"]),
+                     tuple(space_params["width_ratios"]), tuple(space_params["out_width_ratios"]))
+
+
+def phase_starts(cfg: dict[str, Any]) -> tuple[int, int]:
+    """First iteration of the elastic-depth phase and of the elastic-width phase."""
+    return round(cfg["depth_phase_start"] * cfg["iters"]), round(cfg["width_phase_start"] * cfg["iters"])
+
+
+def phase_at(it: int, cfg: dict[str, Any]) -> str:
+    """'full', 'depth' or 'width': what iteration `it` trains."""
+    depth_start, width_start = phase_starts(cfg)
+    return "full" if it < depth_start else "depth" if it < width_start else "width"
+
+
+def sandwich(space: PoolSpace, it: int, cfg: dict[str, Any], seed: int) -> list[tuple[str, Arch]]:
+    """Members trained at iteration `it`: the largest first, then the smallest and n random ones.
+
+    The full phase trains the largest member only. The draw depends on (seed, it) alone, so a
+    resumed run and every DDP rank train the same members.
+    """
+    phase = phase_at(it, cfg)
+    members = [("largest", space.largest())]
+    if phase == "full":
+        return members
+    rng = random.Random(seed * 1_000_003 + it)
+    members.append(("smallest", space.smallest(phase)))
+    members += [("random", space.sample(rng, phase)) for _ in range(cfg["sandwich_random"])]
+    return members
+
+
+def fpn_distill_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over FPN levels of the relative squared error ||s - t||^2 / ||t||^2 to the largest member.
+
+    Relative, so the term stays O(1) whatever the scale of the (un-normalised) FPN features.
+    """
+    total = 0.0
+    for k, t in teacher.items():
+        t = t.float()
+        total = total + F.mse_loss(student[k].float(), t) / t.pow(2).mean().clamp_min(1e-8)
+    return total / len(teacher)
+
+
+class _Recorder:
+    """Keeps the last output of a module (a forward hook): the FPN features of each member."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.output: Any = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        self.output = output
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+# --- training -------------------------------------------------------------------------------
+def _loader(dataset: CocoDetection, batch_size: int, total: int, seed: int, start: int, workers: int,
+            ctx: DistContext) -> DataLoader:
+    batches = IterationSampler(len(dataset), batch_size, total, seed, start)
+    sampler = ShardedBatchSampler(batches, ctx) if ctx.active else batches
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, Any], state_path: str | Path,
+                   seed: int, device: torch.device, fingerprint: str = "", ctx: DistContext = DistContext(),
+                   desc: str = "train_teacher_pool", stop_after: int | None = None) -> dict[str, Any]:
+    """Progressive shrinking with sandwich sampling and in-place distillation, resumable.
+
+    State (weights, optimizer, iteration, RNG, whether channels were sorted) is written to
+    `state_path` every `checkpoint_every` iterations (rank 0 only) and resumed when its
+    `fingerprint` matches. Returns iterations done, wall and CPU seconds (resumed runs included).
+    """
+    state_path = Path(state_path)
+    if ctx.active and cfg["batch_size"] < ctx.world:
+        raise JdnasError(f"teacher_pool.train.batch_size = {cfg['batch_size']} is smaller than the {ctx.world} "
+                         "DDP processes: every process needs at least one image")
+    model = supernet.model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    start, seconds, cpu_seconds, channels_sorted = 0, 0.0, 0.0, False
+    torch.manual_seed(seed + ctx.rank)  # RPN / RoI sampling draw from the global generator
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("format") == STATE_FORMAT and state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, seconds, cpu_seconds = int(state["iter"]), float(state["seconds"]), float(state["cpu_seconds"])
+            channels_sorted = bool(state["channels_sorted"])
+            if ctx.is_main:
+                torch.set_rng_state(state["rng"])
+            else:
+                torch.manual_seed(seed * 7919 + ctx.rank * 104729 + start)
+            print(f"{desc}: resuming from {state_path} at iteration {start}/{cfg['iters']}", file=sys.stderr)
+        elif ctx.is_main:
+            print(f"{desc}: ignoring {state_path} (written for other params)", file=sys.stderr)
+
+    def save(it: int) -> None:
+        if ctx.is_main:
+            save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,
+                                    "seconds": seconds, "cpu_seconds": cpu_seconds, "rng": torch.get_rng_state(),
+                                    "channels_sorted": channels_sorted, "model": model.state_dict(),
+                                    "optimizer": optimizer.state_dict()})
+        barrier(ctx)
+
+    total = cfg["iters"] if stop_after is None else min(cfg["iters"], start + stop_after)
+    loader = _loader(dataset, cfg["batch_size"], total, seed, start, cfg["workers"], ctx)
+    params = [p for p in model.parameters() if p.requires_grad]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    recorder = _Recorder(model.backbone)
+    model.train()
+    bar = _progress(cfg["iters"], start, desc) if ctx.is_main else None
+    it, last = start, {}
+    try:
+        for images, targets in loader:
+            t0, c0 = time.perf_counter(), time.process_time()
+            images, targets = _to_device(images, targets, device)
+            if phase_at(it, cfg) == "width" and not channels_sorted:
+                moved = sort_channels(supernet, optimizer)
+                channels_sorted = True
+                if ctx.is_main:
+                    print(f"{desc}: width phase at iteration {it}: sorted {moved} channel groups by importance",
+                          file=sys.stderr)
+            for g in optimizer.param_groups:
+                g["lr"] = cfg["lr"] * lr_factor(it, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            teacher_feats, last = None, {}
+            for role, arch in sandwich(supernet.space, it, cfg, seed):
+                supernet.set_active(arch)
+                with amp:
+                    losses = model(images, targets)
+                    feats = recorder.output
+                    if teacher_feats is None:
+                        teacher_feats = {k: v.detach() for k, v in feats.items()}
+                    elif cfg["distill_weight"] > 0:
+                        losses["loss_distill"] = cfg["distill_weight"] * fpn_distill_loss(feats, teacher_feats)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    raise JdnasError(f"{desc}: loss of the {role} member became {loss.item()} at iteration {it} "
+                                     "(lower teacher_pool.train.lr)")
+                loss.backward()
+                last[role] = round(loss.item(), 4)
+            supernet.set_active(supernet.space.largest())
+            average_gradients(params, ctx)
+            if cfg["clip_grad"] > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - t0
+            cpu_seconds += time.process_time() - c0
+            it += 1
+            if bar is not None:
+                bar.set_postfix({"phase": phase_at(it - 1, cfg), **{k: f"{v:.3f}" for k, v in last.items()}},
+                                refresh=False)
+                bar.update(1)
+            if it % cfg["checkpoint_every"] == 0 or it == total:
+                save(it)
+    finally:
+        recorder.close()
+        if bar is not None:
+            bar.close()
+    return {"iters": it, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+            "channels_sorted": channels_sorted, "last_losses": last}
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+def save_supernet(path: str | Path, supernet: Supernet, **meta: Any) -> None:
+    """supernet.pt: format tag, pool space, head config and the shared weights (atomic)."""
+    save_torch(path, {"format": SUPERNET_FORMAT, "space": supernet.space.to_json(), "head": supernet.head_cfg,
+                      "state_dict": {k: v.detach().cpu() for k, v in supernet.state_dict().items()}, "meta": meta})
+
+
+def load_supernet(path: str | Path) -> Supernet:
+    """Rebuild a Supernet from supernet.pt (loaded with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise JdnasError(f"{path}: supernet checkpoint not found (run the train_teacher_pool stage)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise JdnasError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != SUPERNET_FORMAT:
+        raise JdnasError(f"{path}: format: not a {SUPERNET_FORMAT} checkpoint")
+    supernet = Supernet(PoolSpace.from_json(ckpt["space"]), ckpt["head"])
+    supernet.load_state_dict(ckpt["state_dict"])
+    supernet.meta = ckpt.get("meta", {})
+    return supernet
+
+
+# --- extraction -----------------------------------------------------------------------------
+@torch.no_grad()
+def recalibrate_bn(model: Detector, dataset: CocoDetection, batches: int, batch_size: int, seed: int,
+                   device: torch.device) -> Detector:
+    """Recompute every BatchNorm's running statistics from `batches` training batches (no flips).
+
+    Statistics are plain averages over the batches (momentum None); the backbone runs in train
+    mode on the detector's own transform of the images. Returns the model in eval mode.
+    """
+    model.to(device)
+    if batches <= 0:
+        return model.eval()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    sampler = IterationSampler(len(dataset), batch_size, batches, seed, flip=False)
+    try:
+        for images, _ in DataLoader(dataset, batch_sampler=sampler, collate_fn=collate):
+            image_list, _ = model.transform([im.to(device) for im in images])
+            model.backbone(image_list.tensors)
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+    return model.eval()
+
+
+class TeacherPool:
+    """Teachers on demand: `teacher(arch)` = extract + BN recalibration on training batches."""
+
+    def __init__(self, supernet: Supernet, train_set: CocoDetection, bn_batches: int, bn_batch_size: int,
+                 seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.supernet, self.train_set = supernet, train_set
+        self.bn_batches, self.bn_batch_size, self.seed = bn_batches, bn_batch_size, seed
+        self.device = torch.device(device)
+
+    @classmethod
+    def load(cls, supernet_path: str | Path, data_dir: str | Path, params: dict) -> "TeacherPool":
+        """The pool of a trained supernet.pt, recalibrating on the prepared train split."""
+        supernet = load_supernet(supernet_path)
+        train_set = CocoDetection(Path(data_dir) / "train.json", max_size=supernet.head_cfg["max_size"])
+        ev = params["teacher_pool"]["eval"]
+        return cls(supernet, train_set, ev["bn_batches"], ev["bn_batch_size"], params["seed"],
+                   resolve_device(params["device"]))
+
+    @property
+    def space(self) -> PoolSpace:
+        return self.supernet.space
+
+    def teacher(self, arch: Arch) -> Detector:
+        """Member `arch` as a static detector with recalibrated BN statistics, in eval mode."""
+        model = self.supernet.extract(arch)
+        return recalibrate_bn(model, self.train_set, self.bn_batches, self.bn_batch_size, self.seed, self.device)
+
+
+# --- measurements ---------------------------------------------------------------------------
+@torch.no_grad()
+def measure_latency(model: Detector, runs: int, threads: int, device: torch.device) -> float:
+    """Median wall time (ms) of `runs` eval forwards on one max_size x max_size image, after a warm-up.
+
+    On CPU with `threads` torch threads (restored afterwards); on CUDA synchronised per run.
+    """
+    size = model.head_cfg["max_size"]
+    model.to(device).eval()
+    x = [torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)).to(device)]
+    old_threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        model(x)
+        times = []
+        for _ in range(runs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(1000 * (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(old_threads)
+    return round(statistics.median(times), 3)
+
+
+def sample_members(space: PoolSpace, n: int, seed: int) -> list[tuple[str, Arch]]:
+    """`n` distinct members: the largest, the smallest, the middle one, then random ones."""
+    chosen: dict[Arch, str] = {}
+    for role, arch in (("largest", space.largest()), ("smallest", space.smallest()), ("middle", space.middle())):
+        if len(chosen) < n:
+            chosen.setdefault(arch, role)
+    rng = random.Random(seed)
+    tries = 0
+    while len(chosen) < n and tries < 100 * n:
+        chosen.setdefault(space.sample(rng), "random")
+        tries += 1
+    return [(role, arch) for arch, role in chosen.items()]
+
+
+# --- stages ---------------------------------------------------------------------------------
+def _manifest(data_dir: Path) -> dict:
+    return json.loads((data_dir / "manifest.json").read_text())
+
+
+def train_teacher_pool(params: dict, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Stage train_teacher_pool: train the supernet, write `supernet.pt` (rank 0)."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    ctx, device = init_distributed(params["device"])
+    tp = params["teacher_pool"]
+    cfg, space = tp["train"], pool_space(tp["space"])
+    ok = False
+    try:
+        train_set = CocoDetection(data_dir / "train.json", max_size=params["model"]["max_size"])
+        torch.manual_seed(params["seed"])
+        supernet = Supernet(space, head_config(params["model"], train_set.labels.num_classes))
+        fp = fingerprint(space.to_json(), supernet.head_cfg, {k: v for k, v in cfg.items() if k != "gpus"},
+                         params["seed"], _manifest(data_dir)["splits"]["train"]["sha256"], ctx.world)
+        state_path = out_dir / "train_state.pt"
+        summary = train_supernet(supernet, train_set, cfg, state_path, params["seed"], device, fp, ctx)
+        summary.update({"largest": str(space.largest()), "smallest": str(space.smallest()), "world_size": ctx.world})
+        if ctx.is_main:
+            save_supernet(out_dir / "supernet.pt", supernet, stage="train_teacher_pool", **summary)
+            state_path.unlink(missing_ok=True)
+        ok = True
+        return summary
+    finally:
+        shutdown(ctx, wait=ok)
+
+
+def eval_teacher_pool(params: dict, data_dir: str | Path, supernet_path: str | Path,
+                      out_csv: str | Path) -> list[dict[str, Any]]:
+    """Stage eval_teacher_pool: AP, AP50, size, FLOPs and latency of a sample of members -> pool.csv."""
+    data_dir = Path(data_dir)
+    pool = TeacherPool.load(supernet_path, data_dir, params)
+    ev = params["teacher_pool"]["eval"]
+    rows = []
+    for role, arch in sample_members(pool.space, ev["sample_size"], params["seed"]):
+        model = pool.teacher(arch)
+        metrics = evaluate(model, data_dir / "val.json", params["eval"]["batch_size"], pool.device)
+        rows.append({"arch": str(arch), "role": role, "AP": metrics["AP"], "AP50": metrics["AP50"],
+                     "params": count_params(model), "flops": count_flops(model),
+                     "latency_ms": measure_latency(model, ev["latency_runs"], ev["latency_threads"], pool.device)})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    with atomic_path(out_csv) as tmp:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows

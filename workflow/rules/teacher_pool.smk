@@ -1,0 +1,36 @@
+# The elastic teacher pool: the supernet is trained once (DDP over teacher_pool.train.gpus GPUs
+# via torchrun inside this one job when device is cuda), then a sample of members is evaluated.
+rule train_teacher_pool:
+    input:
+        STAGES["train_teacher_pool"].deps,
+    output:
+        stage_outputs("train_teacher_pool"),
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/train_teacher_pool.log",
+    threads: 2
+    resources:
+        gpu=PARAMS["teacher_pool"]["train"]["gpus"] if PARAMS["device"].startswith("cuda") else 0,
+    params:
+        trigger=STAGES["train_teacher_pool"].params_hash(PARAMS),
+    shell:
+        stage_shell("train_teacher_pool")
+
+
+rule eval_teacher_pool:
+    input:
+        STAGES["eval_teacher_pool"].deps,
+    output:
+        stage_outputs("eval_teacher_pool"),
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/eval_teacher_pool.log",
+    threads: 2
+    resources:
+        gpu=1 if PARAMS["device"].startswith("cuda") else 0,
+    params:
+        trigger=STAGES["eval_teacher_pool"].params_hash(PARAMS),
+    shell:
+        stage_shell("eval_teacher_pool")
