@@ -8,6 +8,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/base.smk"
 include: "workflow/rules/latency.smk"
 include: "workflow/rules/teacher_pool.smk"
+include: "workflow/rules/search.smk"
 
 
 rule all:
@@ -15,4 +16,6 @@ rule all:
         stage_outputs("train_base"),
         stage_outputs("profile_latency"),
         stage_outputs("eval_teacher_pool"),
+        stage_outputs("evaluate_final"),
+        f"{SEARCH}/history.csv",
     default_target: True

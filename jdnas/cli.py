@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable
 
@@ -23,9 +24,11 @@ def _runtime(args: argparse.Namespace, params: dict) -> None:
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
-    if params["device"] == "cuda":
+    if params["device"] == "cuda" or os.environ.get("JDNAS_GPUS"):
+        import time
         from jdnas.gpu import lease_gpu
-        print(f"gpu lease: CUDA_VISIBLE_DEVICES={lease_gpu()}", file=sys.stderr, flush=True)
+        dev = lease_gpu()
+        print(f"gpu lease: CUDA_VISIBLE_DEVICES={dev} at {time.time():.3f}", file=sys.stderr, flush=True)
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
@@ -70,6 +73,46 @@ def cmd_eval_teacher_pool(args: argparse.Namespace) -> None:
     _runtime(args, params)
     for row in eval_teacher_pool(params, args.data, args.supernet, args.out):
         print(json.dumps(row))
+
+
+def _search_context(args: argparse.Namespace, params: dict):
+    from jdnas.search import Context
+    return Context(params, args.data, args.supernet, args.latency_table, args.base, args.root)
+
+
+def cmd_search_step(args: argparse.Namespace) -> None:
+    from jdnas import search
+    params = _params(args)
+    _runtime(args, params)
+    if args.step == "history":
+        search.write_history(search.Path(args.root), params["search"]["rounds"])
+        return
+    if args.step in ("propose", "candidate", "select") and args.round is None:
+        raise JdnasError(f"search-step {args.step}: --round is required")
+    ctx = _search_context(args, params)
+    if args.step == "init":
+        out = search.init_search(ctx)
+    elif args.step == "propose":
+        out = search.write_proposals(ctx, args.round)
+    elif args.step == "candidate":
+        out = search.run_candidate(ctx, args.round, args.index)
+    else:
+        out = search.select(ctx, args.round)
+    print(json.dumps(out, default=lambda o: o.__dict__))
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from jdnas.search import run_search
+    params = _params(args)
+    _runtime(args, params)
+    print(json.dumps(run_search(_search_context(args, params)).__dict__))
+
+
+def cmd_evaluate_final(args: argparse.Namespace) -> None:
+    from jdnas.search import evaluate_final
+    params = _params(args)
+    _runtime(args, params)
+    print(json.dumps(evaluate_final(params, args.data, args.state, args.base, args.out)))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -163,6 +206,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
     p.add_argument("--supernet", default="runs/teacher_pool/supernet.pt", help="(default: %(default)s)")
     p.add_argument("--out", default="runs/teacher_pool/pool.csv", help="(default: %(default)s)")
+
+    def search_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
+        p.add_argument("--supernet", default="runs/teacher_pool/supernet.pt", help="(default: %(default)s)")
+        p.add_argument("--latency-table", default="runs/latency/cpu/table.csv", help="(default: %(default)s)")
+        p.add_argument("--base", default="runs/base/model.pt", help="base detector (default: %(default)s)")
+        p.add_argument("--root", default="runs/search", help="search folder (default: %(default)s)")
+
+    p = add("search-step", cmd_search_step, "one job of the joint search (Snakemake runs these): init, "
+            "propose, candidate, select, history", threads=True)
+    p.add_argument("step", choices=["init", "propose", "candidate", "select", "history"])
+    p.add_argument("--round", type=int, default=None, help="search round r >= 1")
+    p.add_argument("--index", type=int, default=0, help="candidate index k (step candidate)")
+    search_args(p)
+
+    p = add("search", cmd_search, "stage search (DVC): every round of the joint search in one process, "
+            "resuming from the rounds already on disk", threads=True)
+    search_args(p)
+
+    p = add("evaluate-final", cmd_evaluate_final, "stage evaluate_final: the final student and the base "
+            "detector on val (AP, measured latency, params, FLOPs)", threads=True)
+    p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
+    p.add_argument("--state", required=True, help="the last round's state.json")
+    p.add_argument("--base", default="runs/base/model.pt", help="base detector (default: %(default)s)")
+    p.add_argument("--out", default="runs/final", help="output folder (default: %(default)s)")
 
     p = add("evaluate", cmd_evaluate, "COCO AP of a detector checkpoint on a prepared split", threads=True)
     p.add_argument("checkpoint", help="a model.pt written by jdnas")

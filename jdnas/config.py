@@ -217,6 +217,17 @@ SCHEMA: dict = {
             "max_depth": Opt([3, 4, 6, 3], _is_depths, "a list of 4 integers >= 1"),
         },
     },
+    # hill climbing over (student, teacher) pairs (jdnas.search)
+    "search": {
+        "rounds": integer(3, 1),
+        "candidates": integer(2, 1),
+        "patience": integer(2, 1),
+        "latency_target": number(0.8, 0.0, 10.0, lo_open=True),
+        "penalty": number(50.0, 0.0),
+        "teacher_keep": number(0.4, 0.0, 1.0),
+        "teacher_mutate": number(0.4, 0.0, 1.0),
+        "teacher_resample": number(0.2, 0.0, 1.0),
+    },
     "teacher_pool": {
         "space": {
             "base": text("r34", words="a preset (tiny, r18, r34, r50, r101) or an Arch string"),
@@ -293,6 +304,9 @@ def check_consistency(p: dict, source: str) -> None:
         if any(r <= 0 or (r >= 1 and key != "widen_ratios") for r in space[key]):
             raise ConfigError(f"{source}: search_space.{key} must hold ratios in (0, 1)"
                               + (" (widen: > 0)" if key == "widen_ratios" else ""))
+    sc = p["search"]
+    if sc["teacher_keep"] + sc["teacher_mutate"] + sc["teacher_resample"] <= 0:
+        raise ConfigError(f"{source}: search.teacher_keep/mutate/resample: at least one must be > 0")
     lat = p["latency"]
     if lat["device"] == "cpu" and lat["clock"] == "cpu_time" and lat["threads"] != 1:
         raise ConfigError(f"{source}: latency.clock = 'cpu_time' times one thread: set latency.threads to 1 "

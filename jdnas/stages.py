@@ -21,6 +21,18 @@ BASE = "runs/base"
 # per target device; `${latency.device}` is filled from the params (DVC templating; `resolved` for Snakemake)
 LATENCY = "runs/latency/${latency.device}"
 POOL = "runs/teacher_pool"
+SEARCH = "runs/search"
+TABLE = f"{LATENCY}/table.csv"
+# inputs every search step reads; the Snakemake search rules add their round's files
+SEARCH_INPUTS = (DATA, f"{POOL}/supernet.pt", TABLE, f"{BASE}/model.pt")
+SEARCH_ARGS = f"--data {DATA} --supernet {POOL}/supernet.pt --latency-table {TABLE} --base {BASE}/model.pt"
+SEARCH_PARAMS = ("seed", "device", "eval", "search", "search_space", "train_student", "teacher_pool.eval")
+SEARCH_CODE = ("jdnas/search.py", "jdnas/student.py", "jdnas/morphism.py", "jdnas/distill.py", "jdnas/engine.py")
+
+
+def fill(text: str, params: dict) -> str:
+    """Replace every `${dotted.key}` (DVC's templating syntax) by the params' value."""
+    return re.sub(r"\$\{([\w.]+)\}", lambda m: str(section(params, m.group(1))), text)
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,7 @@ class StageDef:
     params: tuple[str, ...] = ()      # params keys read (DVC params; Snakemake rerun trigger)
     code: tuple[str, ...] = field(default=())  # source paths (DVC deps only: Snakemake tracks code itself)
     dir_outs: tuple[str, ...] = ()    # outputs that are folders (Snakemake `directory()`)
+    dvc_only: bool = False            # Snakemake runs it as several finer rules instead
 
     def shell(self, param_files: Iterable[str], threads: str | None = None) -> str:
         """The command line with its params files (later ones override earlier ones)."""
@@ -43,10 +56,9 @@ class StageDef:
 
     def resolved(self, params: dict) -> "StageDef":
         """A copy with every `${dotted.key}` in its command and paths replaced by the params' value."""
-        def fill(text: str) -> str:
-            return re.sub(r"\$\{([\w.]+)\}", lambda m: str(section(params, m.group(1))), text)
-        return replace(self, command=fill(self.command),
-                       **{f: tuple(fill(x) for x in getattr(self, f)) for f in ("deps", "outs", "metrics", "dir_outs")})
+        return replace(self, command=fill(self.command, params),
+                       **{f: tuple(fill(x, params) for x in getattr(self, f))
+                          for f in ("deps", "outs", "metrics", "dir_outs")})
 
     def params_hash(self, params: dict) -> str:
         """Hash of the params this stage reads: a rule param, so Snakemake reruns when they change."""
@@ -84,7 +96,28 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         params=("seed", "device", "teacher_pool.eval", "eval"),
         code=("jdnas/models", "jdnas/engine.py", "jdnas/teacher_pool.py"),
     ),
+    # Snakemake runs the search as rounds of jobs (workflow/rules/search.smk, `jdnas search-step`);
+    # DVC cannot unroll that DAG, so its stage runs every round in one process, resuming.
+    StageDef(
+        "search", f"jdnas search {SEARCH_ARGS}", deps=SEARCH_INPUTS, dir_outs=(SEARCH,),
+        params=SEARCH_PARAMS, code=SEARCH_CODE, dvc_only=True,
+    ),
+    StageDef(
+        "evaluate_final",
+        f"jdnas evaluate-final --data {DATA} --state {SEARCH}/round_${{search.rounds}}/state.json "
+        f"--base {BASE}/model.pt --out runs/final",
+        deps=(DATA, f"{SEARCH}/round_${{search.rounds}}/state.json", f"{BASE}/model.pt"),
+        outs=("runs/final/model.pt",), metrics=("runs/final/metrics.json",),
+        params=("seed", "device", "eval", "teacher_pool.eval", "search.rounds"),
+        code=("jdnas/search.py", "jdnas/engine.py"),
+    ),
 ]}
+
+
+def search_step(step: str, r: int | str = "", k: int | str = "") -> str:
+    """The `jdnas search-step` command line of one search job (Snakemake wildcards may fill r, k)."""
+    where = (f" --round {r}" if r != "" else "") + (f" --index {k}" if k != "" else "")
+    return f"jdnas search-step {step}{where} {SEARCH_ARGS}"
 
 
 def dvc_yaml(param_file: str = "params.yaml") -> str:

@@ -1,4 +1,6 @@
 # Shared helpers: validated params and the stage table from jdnas.stages.
+import os
+
 from jdnas.config import defaults, load_params, merge
 from jdnas.errors import JdnasError
 from jdnas.stages import STAGES
@@ -15,6 +17,11 @@ except JdnasError as e:
     raise WorkflowError(f"jdnas: error: {e}")
 
 
+def stage_inputs(name):
+    """A stage's data inputs, with params filled in."""
+    return list(STAGES[name].resolved(PARAMS).deps)
+
+
 def stage_outputs(name):
     """Every output of a stage: folders as directory(), then files and metrics."""
     s = STAGES[name].resolved(PARAMS)
@@ -26,5 +33,6 @@ def stage_shell(name):
     return STAGES[name].resolved(PARAMS).shell(PARAM_FILES, "{threads}") + " > {log} 2>&1"
 
 
-# GPU jobs ask Snakemake for one of --resources gpu=N; the job itself picks a free device id.
-GPUS_PER_JOB = 1 if PARAMS["device"].startswith("cuda") else 0
+# GPU jobs ask Snakemake for one of --resources gpu=N; the job itself leases a free device id
+# (jdnas.gpu). JDNAS_GPUS lists the ids jobs may lease (tests use fake ids on CPU).
+GPUS_PER_JOB = 1 if PARAMS["device"].startswith("cuda") or os.environ.get("JDNAS_GPUS") else 0

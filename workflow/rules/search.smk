@@ -1,0 +1,125 @@
+# The joint search as a static DAG: per round, propose -> K candidate jobs -> select.
+# R and K come from params, so `snakemake -n` plans the whole search; a round after an early
+# stop passes its state through. Round r depends on round r-1 only through its files.
+from jdnas.stages import SEARCH, SEARCH_INPUTS, fill, search_step
+
+ROUNDS = PARAMS["search"]["rounds"]
+CANDIDATES = PARAMS["search"]["candidates"]
+SEARCH_DEPS = [fill(x, PARAMS) for x in SEARCH_INPUTS]
+
+
+def search_shell(step, r="", k=""):
+    return fill(search_step(step, r, k), PARAMS) + " --params " + " --params ".join(PARAM_FILES) + \
+        " --threads {threads} > {log} 2>&1"
+
+
+wildcard_constraints:
+    r=r"\d+",
+    k=r"\d+",
+
+
+rule search_init:
+    input:
+        SEARCH_DEPS,
+    output:
+        f"{SEARCH}/round_0/state.json",
+        f"{SEARCH}/round_0/student.pt",
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/search/init.log",
+    threads: 1
+    resources:
+        gpu=GPUS_PER_JOB,
+    params:
+        trigger=STAGES["search"].params_hash(PARAMS),
+    shell:
+        search_shell("init")
+
+
+rule search_propose:
+    input:
+        SEARCH_DEPS,
+        state=lambda w: f"{SEARCH}/round_{int(w.r) - 1}/state.json",
+    output:
+        f"{SEARCH}/round_{{r}}/proposals.json",
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/search/round_{r}/propose.log",
+    threads: 1
+    params:
+        trigger=STAGES["search"].params_hash(PARAMS),
+    shell:
+        search_shell("propose", "{wildcards.r}")
+
+
+rule search_candidate:
+    input:
+        SEARCH_DEPS,
+        f"{SEARCH}/round_{{r}}/proposals.json",
+        student=lambda w: f"{SEARCH}/round_{int(w.r) - 1}/student.pt",
+    output:
+        f"{SEARCH}/round_{{r}}/cand_{{k}}/result.json",
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/search/round_{r}/cand_{k}.log",
+    threads: 1
+    resources:
+        gpu=GPUS_PER_JOB,
+    params:
+        trigger=STAGES["search"].params_hash(PARAMS),
+    shell:
+        search_shell("candidate", "{wildcards.r}", "{wildcards.k}")
+
+
+rule search_select:
+    input:
+        SEARCH_DEPS,
+        lambda w: [f"{SEARCH}/round_{w.r}/cand_{k}/result.json" for k in range(CANDIDATES)],
+        state=lambda w: f"{SEARCH}/round_{int(w.r) - 1}/state.json",
+    output:
+        f"{SEARCH}/round_{{r}}/state.json",
+        f"{SEARCH}/round_{{r}}/student.pt",
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/search/round_{r}/select.log",
+    threads: 1
+    params:
+        trigger=STAGES["search"].params_hash(PARAMS),
+    shell:
+        search_shell("select", "{wildcards.r}")
+
+
+rule search_history:
+    input:
+        [f"{SEARCH}/round_{r}/state.json" for r in range(1, ROUNDS + 1)],
+    output:
+        f"{SEARCH}/history.csv",
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/search/history.log",
+    threads: 1
+    shell:
+        search_shell("history")
+
+
+rule evaluate_final:
+    input:
+        stage_inputs("evaluate_final"),
+    output:
+        stage_outputs("evaluate_final"),
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/evaluate_final.log",
+    threads: 2
+    resources:
+        gpu=GPUS_PER_JOB,
+    params:
+        trigger=STAGES["evaluate_final"].params_hash(PARAMS),
+    shell:
+        stage_shell("evaluate_final")
