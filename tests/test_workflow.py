@@ -45,8 +45,11 @@ def test_dvc_yaml_is_generated_from_stages():
 def test_snakemake_dry_run_lists_every_stage(tmp_path):
     ws = workspace(tmp_path)
     out = run(["snakemake", "-n", "--profile", "workflow/profiles/local"], ws).stdout
-    for name in STAGES:
-        assert f"rule {name}:" in out
+    for name, stage in STAGES.items():
+        if not stage.dvc_only:
+            assert f"rule {name}:" in out
+    for rule in ("search_propose", "search_candidate", "search_select"):
+        assert f"rule {rule}:" in out
 
 
 def test_snakemake_rejects_bad_params(tmp_path):
@@ -69,19 +72,105 @@ def test_dvc_dag_lists_every_stage(tmp_path):
         assert name in out
 
 
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """The whole smoke DAG, with two fake GPUs so candidate jobs lease distinct devices."""
+    ws = workspace(tmp_path_factory.mktemp("smoke"))
+    env = {**cli_env(), "JDNAS_GPUS": "0,1", "JDNAS_GPU_LOCK_DIR": str(ws / "gpu-locks")}
+    r = subprocess.run(["snakemake", "--cores", "4", "--resources", "gpu=2", "--configfile", "config/smoke.yaml"],
+                       cwd=ws, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return ws
+
+
+def decisions(ws: Path) -> list[dict]:
+    """history.csv without the timing column: what the search decided and measured."""
+    import pandas as pd
+    return pd.read_csv(ws / "runs/search/history.csv").drop(columns=["seconds"]).to_dict("records")
+
+
 @pytest.mark.slow
-def test_smoke_workflow_runs_through_train_base(tmp_path):
-    ws = workspace(tmp_path)
-    run(["snakemake", "--cores", "2", "--configfile", "config/smoke.yaml"], ws)
-    for path in ["data/prepared/manifest.json", "data/prepared/train.json", "data/prepared/minival.json",
-                 "data/prepared/val.json", "runs/base/model.pt", "runs/base/metrics.json",
-                 "logs/prepare_data.log", "logs/train_base.log"]:
+def test_smoke_workflow_runs_the_whole_dag(smoke_run):
+    ws = smoke_run
+    for path in ["data/prepared/manifest.json", "runs/base/model.pt", "runs/base/metrics.json",
+                 "runs/teacher_pool/pool.csv", "runs/latency/cpu/table.csv", "runs/search/round_0/state.json",
+                 "runs/search/round_2/state.json", "runs/search/history.csv", "runs/final/model.pt",
+                 "runs/final/metrics.json", "logs/prepare_data.log", "logs/train_base.log"]:
         assert (ws / path).is_file(), path
     import json
-    metrics = json.loads((ws / "runs/base/metrics.json").read_text())
-    assert metrics["AP"] is not None and metrics["params"] > 0
+    final = json.loads((ws / "runs/final/metrics.json").read_text())
+    assert set(final) == {"final", "base"}
+    for m in final.values():
+        assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "latency_ms", "params", "flops"} <= set(m)
+    from jdnas.models.detector import load_detector
+    assert str(load_detector(ws / "runs/final/model.pt").arch) == final["final"]["arch"]
+    assert len(decisions(ws)) >= 1
     again = run(["snakemake", "--cores", "2", "--configfile", "config/smoke.yaml"], ws)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_concurrent_candidates_lease_distinct_gpus(smoke_run):
+    import re
+    leases = {}
+    for log in (smoke_run / "logs/search").glob("round_*/cand_*.log"):
+        m = re.search(r"gpu lease: CUDA_VISIBLE_DEVICES=(\d+) at ([\d.]+)", log.read_text())
+        result = smoke_run / "runs/search" / log.parent.name / log.stem / "result.json"
+        import json
+        x = json.loads(result.read_text())
+        leases[log] = (m.group(1), float(m.group(2)), x.get("finished", float(m.group(2))))
+    assert len(leases) >= 2
+    overlapping = [(a, b) for a in leases for b in leases if a < b
+                   and leases[a][1] < leases[b][2] and leases[b][1] < leases[a][2]]
+    assert overlapping, "no two candidate jobs ran at the same time"
+    for a, b in overlapping:
+        assert leases[a][0] != leases[b][0], f"{a} and {b} ran at once on one device"
+
+
+def _upstream_copy(src: Path, tmp: Path) -> Path:
+    """A workspace holding src's finished upstream stages (same latency table), without the search."""
+    ws = tmp / "ws2"
+    shutil.copytree(src, ws, symlinks=True, ignore=shutil.ignore_patterns("gpu-locks"))
+    for d in ["runs/search", "runs/final", "logs/search"]:
+        shutil.rmtree(ws / d, ignore_errors=True)
+    return ws
+
+
+@pytest.mark.slow
+def test_search_resumes_after_kill_with_identical_decisions(smoke_run, tmp_path):
+    ws = _upstream_copy(smoke_run, tmp_path)
+    args = ["--cores", "2", "--configfile", "config/smoke.yaml"]
+    proc = subprocess.Popen(["snakemake", *args], cwd=ws, env=cli_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = ws / "runs/search/round_1/state.json"
+    # round 2's proposal exists only once Snakemake has booked round 1 as finished
+    second = ws / "runs/search/round_2/proposals.json"
+    deadline = time.time() + 300
+    while not second.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (ws / "runs/search/round_2/state.json").exists()
+    done_at = first.stat().st_mtime
+    run(["snakemake", "--unlock", *args], ws)
+    run(["snakemake", "--rerun-incomplete", *args], ws)
+    assert first.stat().st_mtime == done_at, "a finished round was recomputed"
+    assert decisions(ws) == decisions(smoke_run)
+    import json
+    a = json.loads((ws / "runs/final/metrics.json").read_text())
+    b = json.loads((smoke_run / "runs/final/metrics.json").read_text())
+    assert a["final"]["arch"] == b["final"]["arch"] and a["final"]["AP"] == b["final"]["AP"]
+
+
+@pytest.mark.slow
+def test_dvc_search_stage_makes_the_same_decisions(smoke_run, tmp_path):
+    """`jdnas search` (the DVC stage) runs the same library calls as the Snakemake rounds."""
+    ws = _upstream_copy(smoke_run, tmp_path)
+    # DVC reads params.yaml only: make it the smoke run's params
+    from jdnas.config import load_params
+    write_yaml(ws / "params.yaml", load_params([ws / "params.yaml", ws / "config/smoke.yaml"]))
+    run(["jdnas", "search", "--params", "params.yaml", "--threads", "1"], ws)
+    assert decisions(ws) == decisions(smoke_run)
     # DVC plans the same stages (its --dry needs upstream outputs on disk: dvc#9021)
     out = run(["dvc", "repro", "--dry"], dvc_workspace(ws)).stdout
     for name in STAGES:
@@ -94,8 +183,8 @@ def test_train_base_resumes_after_kill(tmp_path):
     write_yaml(ws / "long.yaml", {"train_base": {"iters": 80, "checkpoint_every": 5}})
     args = ["--cores", "2", "--configfile", "config/smoke.yaml", "long.yaml"]
     run(["snakemake", "prepare_data", *args], ws)
-    proc = subprocess.Popen(["snakemake", *args], cwd=ws, env=cli_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(["snakemake", "train_base", *args], cwd=ws, env=cli_env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = ws / "runs/base/train_state.pt"
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline and proc.poll() is None:
@@ -107,7 +196,7 @@ def test_train_base_resumes_after_kill(tmp_path):
     killed_at = torch.load(state, weights_only=True)["iter"]
     assert 0 < killed_at < 80
     run(["snakemake", "--unlock", *args], ws)
-    run(["snakemake", "--rerun-incomplete", *args], ws)
+    run(["snakemake", "train_base", "--rerun-incomplete", *args], ws)
     log = (ws / "logs/train_base.log").read_text()
     assert f"resuming from runs/base/train_state.pt at iteration" in log
     resumed_at = int(log.split("at iteration ")[1].split("/")[0])
