@@ -7,7 +7,6 @@ r18 x 0.25; data and parent are cached under `runs/bench/` and shared by both be
 """
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import tempfile
@@ -76,10 +75,6 @@ def train_and_eval(model: Detector, params: dict, section: str, iters: int, seed
                            extra=extra, **kw)
     ap = evaluate(model, data / "val.json", params["eval"]["batch_size"], DEVICE)["AP"]
     return ap, time.time() - t0
-
-
-def fresh_copy(model: Detector) -> Detector:
-    return copy.deepcopy(model)
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:

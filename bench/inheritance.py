@@ -22,24 +22,32 @@ from jdnas.models.detector import build_detector
 from jdnas.morphism import Action, morph_detector
 
 ACTIONS = ("prune(3,0.5)", "shallow(3,1)")
-INHERITED_ITERS = (0, 50, 100, 200)
-SCRATCH_ITERS = (200, PARENT_ITERS)
+INHERITED_ITERS = (0, 25, 50, 100, 200)
+SCRATCH_ITERS = (200, 400, PARENT_ITERS)
 
 
-def first_reaching(results: dict[int, float], target: float) -> int | None:
-    hits = [n for n, ap in sorted(results.items()) if ap >= target]
-    return hits[0] if hits else None
+def first_reaching(results: dict[int, float], target: float) -> tuple[int | None, int]:
+    """The first iteration count whose AP reaches `target`, and the count before it (the true
+    number of iterations needed lies in (before, first])."""
+    before = 0
+    for n, ap in sorted(results.items()):
+        if ap >= target:
+            return n, before
+        before = n
+    return None, before
 
 
-def speedup(ni: int | None, ns: int | None) -> str:
-    """How many times fewer iterations the inherited child needed (bounds when one never got there)."""
+def speedup(inh: tuple[int | None, int], scr: tuple[int | None, int]) -> str:
+    """How many times fewer iterations the inherited child needed, with the range the grids allow."""
+    (ni, ni_lo), (ns, ns_lo) = inh, scr
     if ni is None:
         return "n/a (inherited never reached it)"
     if ni == 0:
         return "no training needed" + ("" if ns is not None else f"; scratch never in {max(SCRATCH_ITERS)}")
     if ns is None:
         return f"> {max(SCRATCH_ITERS) / ni:.0f}x (scratch never reached it in {max(SCRATCH_ITERS)})"
-    return f"{ns / ni:.1f}x"
+    hi = f"{ns / ni_lo:.0f}x" if ni_lo else "inf"
+    return f"{ns / ni:.1f}x (grid range {ns_lo / ni:.1f}x-{hi})"
 
 
 def main() -> None:
@@ -73,7 +81,8 @@ def main() -> None:
         for frac in (1.0, 0.9):
             ni, ns = first_reaching(inherited, frac * target), first_reaching(scratch, frac * target)
             summary.append([str(action), str(arch), count_params(morph_detector(par, action)), f"{frac:.0%}",
-                            "never" if ni is None else ni, "never" if ns is None else ns, speedup(ni, ns)])
+                            "never" if ni[0] is None else f"({ni[1]}, {ni[0]}]",
+                            "never" if ns[0] is None else f"({ns[1]}, {ns[0]}]", speedup(ni, ns)])
     print()
     print(f"parent {par.arch}: val AP {target:.2f} ({PARENT_ITERS} it, {count_params(par)} params)\n")
     print(table(rows, ["action", "iters", "AP inherited", "AP scratch"]))

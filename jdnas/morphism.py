@@ -168,7 +168,8 @@ def deepen(arch: Arch, sd: Mapping[str, Tensor], stage: int, seed: int = 0) -> t
     out = dict(sd)
     ref = sd[f"{_bp(stage, 0)}conv1.weight"]
     for k, v in block.state_dict().items():
-        out[_bp(stage, spec.depth) + k] = v.to(device=ref.device, dtype=v.dtype if v.dtype == torch.long else ref.dtype)
+        dtype = v.dtype if k.endswith("num_batches_tracked") else ref.dtype
+        out[_bp(stage, spec.depth) + k] = v.to(device=ref.device, dtype=dtype)
     return arch.with_stage(stage, Stage(spec.out, spec.mids + (mid,))), _own(out, sd)
 
 

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection
