@@ -258,11 +258,11 @@ def test_profile_latency_workflow_second_run_is_a_no_op(tmp_path):
     from test_workflow import dvc_workspace, run, workspace
     ws = workspace(tmp_path)
     args = ["--cores", "2", "--configfile", "config/smoke.yaml"]
-    run(["snakemake", *args, "profile_latency"], ws)
+    run(["snakemake", "profile_latency", *args], ws)
     for name in ("table.csv", "validation.json", "validation.png"):
         assert (ws / "runs/latency/cpu" / name).is_file(), name
     assert "profile_latency" in (ws / "logs/profile_latency.log").read_text()
-    again = run(["snakemake", *args, "profile_latency"], ws)
+    again = run(["snakemake", "profile_latency", *args], ws)
     assert "Nothing to be done" in again.stdout + again.stderr
     # DVC reads params.yaml only: make it the smoke run, from a clean workspace
     smoke = load_params([ws / "params.yaml", ws / "config/smoke.yaml"])
