@@ -39,6 +39,7 @@ from jdnas.models.detector import head_config
 
 CACHE = "cache.csv"
 SLOTS = 5  # fixed parts are in every prediction, calibration archs set the factor: time them 5x as often
+VALIDATION_SLOTS = 2  # the validation's measured side is its ground truth: time it 2x as often
 
 
 def table_dir(params: dict, root: str | Path = "runs/latency") -> Path:
@@ -193,7 +194,8 @@ def load_cache(path: Path) -> LatencyTable | None:
 
 
 def time_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable | None = None,
-               extra: dict | None = None) -> tuple[LatencyTable, dict[str, Any], dict[Entry, float], dict]:
+               extra: dict | None = None, extra_slots: int = 1
+               ) -> tuple[LatencyTable, dict[str, Any], dict[Entry, float], dict]:
     """Time what the table needs (reusing matching cached timings) together with the `extra`
     builders, interleaved. Returns the table, its calibration, the raw timings, the extra timings."""
     calibration = calibration_archs(prof, spaces)
@@ -202,6 +204,7 @@ def time_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable |
     missing = sorted(needed - set(reused))
     builders, slots = entry_builders(prof, missing)
     builders.update(extra or {})
+    slots.update({k: extra_slots for k in extra or {}})
     timed = prof.measure(builders, "profile_latency", slots)
     raw = {**reused, **{k[1]: v for k, v in timed.items() if k[0] == "entry"}}
     table, info = finish_table(prof, raw, calibration)
@@ -247,7 +250,7 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
         return {"n": 0, "mape_percent": None, "spearman": None, "max_abs_error_percent": None}
     errors = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] * 100 for r in rows]
     return {"n": len(rows), "mape_percent": round(sum(errors) / len(errors), 3),
-            "spearman": _spearman([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows]),
+            "spearman": _round(_spearman([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])),
             "max_abs_error_percent": round(max(errors), 3)}
 
 
@@ -306,7 +309,7 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
                         | dict.fromkeys(head_entries(prof.input_hw, prof.head_cfg), 0.0))
     archs = validation_archs(spaces, cfg["validation_archs"], prof.seed, params["model"]["width"], grid.covers)
     extra = {("arch", i): (lambda a=a: detector_call(prof.detector(a), prof.image)) for i, (_, a) in enumerate(archs)}
-    table, calibration, raw, timed = time_table(prof, spaces, cache, extra)
+    table, calibration, raw, timed = time_table(prof, spaces, cache, extra, VALIDATION_SLOTS)
     table.save(out / "table.csv")
     LatencyTable({**(cache.ms if cache else {}), **raw},
                  {**(cache.settings if cache else {}), **{e: prof.settings(e) for e in raw}}).save(cache_path)
@@ -314,6 +317,7 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
     rows = [{"kind": kind, "arch": str(arch), "measured_ms": round(timed[("arch", i)], 4),
              "predicted_ms": round(table.predict(arch, prof.input_hw), 4)} for i, (kind, arch) in enumerate(archs)]
     metrics = summarize([r for r in rows if r["kind"].startswith("random")])
+    timed_now = calibration.pop("entries_timed")
     base = table.breakdown(prof.base, prof.input_hw)
     result = {
         **metrics,
@@ -322,9 +326,10 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
         "all_with_presets": summarize(rows),
         "conditions": {**prof.conditions, "input_size": list(prof.input_hw), "image_size": list(prof.image_hw),
                        "load_average": _load_average()},
-        "entries": len(table), "entries_timed": calibration.pop("entries_timed"),
-        "entries_reused": calibration.pop("entries_reused"),
+        "entries": len(table), "entries_timed": timed_now, "entries_reused": calibration.pop("entries_reused"),
         "calibration": calibration,
+        # false when every entry came from the cache: the validation then ran later than the table
+        "validation_interleaved_with_table": timed_now > 0,
         "base": {"arch": str(prof.base), "predicted_ms": {k: round(v, 4) for k, v in base.items()}},
         "spaces": [s.to_json() for s in spaces],
         "archs": rows,
@@ -349,6 +354,10 @@ def _load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
 
 
 def _fmt(v: float | None) -> str:
