@@ -12,7 +12,7 @@ import torch
 
 from jdnas.config import load_params
 from jdnas.errors import ConfigError, JdnasError
-from jdnas.latency import (Entry, LatencySpace, LatencyTable, NotCovered, arch_entries, space_entries,
+from jdnas.latency import (Entry, LatencyTable, NotCovered, arch_entries, space_entries,
                            spaces_from_params)
 from jdnas.latency.measure import Timer, measure_all
 from jdnas.latency.parts import backbone_call
@@ -185,6 +185,20 @@ def test_measurement_orders_real_blocks():
     ms = measure_all({e: (lambda e=e: backbone_call(e, torch.device("cpu"))) for e in (small, big)},
                      Timer(torch.device("cpu"), "cpu_time"), warmup=2, runs=9, rounds=3, slots={big: 2})
     assert 0 < ms[small] < ms[big]
+
+
+def test_calibration_fit_and_summary_figures():
+    from jdnas.latency.profile import fit_context
+    from jdnas.latency.validate import summarize
+    factor, glue = fit_context([1.0, 2.0, 3.0, 4.0], [1.3 * x + 0.5 for x in (1.0, 2.0, 3.0, 4.0)])
+    assert factor == pytest.approx(1.3) and glue == pytest.approx(0.5)
+    assert fit_context([2.0, 2.0], [3.0, 3.2]) == pytest.approx((1.0, 1.1))  # no spread: factor 1
+    rows = [{"measured_ms": m, "predicted_ms": p} for m, p in [(10, 11), (20, 19), (40, 40), (30, 33)]]
+    s = summarize(rows)
+    assert s["mape_percent"] == pytest.approx((10 + 5 + 0 + 10) / 4)
+    assert s["max_abs_error_percent"] == pytest.approx(10) and s["spearman"] == pytest.approx(1.0)
+    rows[0]["predicted_ms"] = 45  # now ranked first instead of last
+    assert summarize(rows)["spearman"] == pytest.approx(1 - 6 * (3 ** 2 + 1 + 1 + 1) / (4 * 15))
 
 
 def test_missing_cuda_is_a_one_line_error(tmp_path, smoke_params, prepared):

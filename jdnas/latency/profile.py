@@ -2,7 +2,8 @@
 then validate it end to end on random archs of the space and on the presets.
 
 Calibration: a block timed on its own runs with its weights and input hot in cache; inside a
-whole forward it runs slower (on this CPU about 1.2x). So a few calibration archs (the base, the
+whole forward it runs slower (on the 2-core shared CPU it was developed on: 1.1x when idle,
+up to 1.5x under load). So a few calibration archs (the base, the
 space's smallest and largest, two random ones) are also timed end to end, and a least-squares
 fit of `end-to-end = factor x sum(backbone entries) + fixed parts + glue` sets the in-context
 factor and the glue. The table's `ms` column holds the calibrated values (its `isolated_ms` the
@@ -17,29 +18,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
 from jdnas.errors import JdnasError
-from jdnas.io import atomic_path, write_json
+from jdnas.io import write_json
 from jdnas.latency.measure import Timer, device_name, measure_all, target_device
 from jdnas.latency.parts import HeadParts, backbone_call, calibrated_detector, detector_call
 from jdnas.latency.space import (FIXED_PARTS, Entry, LatencySpace, arch_entries, e2e_entry, head_entries,
                                  network_input_size, space_entries, spaces_from_params)
 from jdnas.latency.table import BREAKDOWN, LatencyTable
-from jdnas.models.arch import PRESET_NAMES, Arch, preset, resolve_arch
+from jdnas.latency.validate import fmt, plot_validation, summarize, validation_archs
+from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.detector import head_config
 
 CACHE = "cache.csv"
 SLOTS = 5  # fixed parts are in every prediction, calibration archs set the factor: time them 5x as often
 VALIDATION_SLOTS = 2  # the validation's measured side is its ground truth: time it 2x as often
+KEEP_BYTES = 1 << 30  # built modules kept between passes (the rest are rebuilt each pass)
 
 
 def table_dir(params: dict, root: str | Path = "runs/latency") -> Path:
@@ -94,7 +96,7 @@ class Profiler:
                 print(f"{desc}: {done}/{total}", file=sys.stderr, flush=True)
         torch.manual_seed(self.seed)
         return measure_all(builders, self.timer, self.cfg["warmup"], self.cfg["runs"], self.cfg["rounds"],
-                           self.seed, progress, slots)
+                           self.seed, progress, slots, KEEP_BYTES)
 
     def detector(self, arch: Arch) -> Any:
         return calibrated_detector(arch, self.head_cfg, self.image, self.device)
@@ -219,78 +221,6 @@ def build_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable 
     return table, info
 
 
-def validation_archs(spaces: list[LatencySpace], count: int, seed: int, width: float,
-                     covers: Callable[[Arch], bool]) -> list[tuple[str, Arch]]:
-    """`count` random archs (half with grid widths, half with any widths in range, as pruning
-    makes them), then every preset at the base's width multiplier that the table covers."""
-    rng = random.Random(seed)
-    archs = []
-    for i in range(count):
-        off_grid = i % 2 == 1
-        archs.append(("random_off_grid" if off_grid else "random_grid",
-                      rng.choice(spaces).sample(rng, off_grid=off_grid)))
-    for name in PRESET_NAMES:
-        arch = preset(name, width)
-        if covers(arch):
-            archs.append((f"preset:{name}", arch))
-    return archs
-
-
-def _spearman(x: list[float], y: list[float]) -> float | None:
-    import pandas as pd
-    if len(x) < 3:
-        return None
-    rho = float(pd.Series(x).rank().corr(pd.Series(y).rank()))
-    return None if math.isnan(rho) else rho  # all values tied: no ranking to compare
-
-
-def summarize(rows: list[dict]) -> dict[str, Any]:
-    """MAPE (percent), Spearman rank correlation and the worst error of predicted vs measured."""
-    if not rows:
-        return {"n": 0, "mape_percent": None, "spearman": None, "max_abs_error_percent": None}
-    errors = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] * 100 for r in rows]
-    return {"n": len(rows), "mape_percent": round(sum(errors) / len(errors), 3),
-            "spearman": _round(_spearman([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows])),
-            "max_abs_error_percent": round(max(errors), 3)}
-
-
-def plot_validation(rows: list[dict], path: Path, title: str) -> None:
-    """Predicted vs measured scatter with the y = x line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=120)
-    styles = {"random_grid": ("random archs, grid widths", "o", "tab:blue"),
-              "random_off_grid": ("random archs, off-grid widths (interpolated)", "^", "tab:orange")}
-    for kind, (label, marker, colour) in styles.items():
-        pts = [r for r in rows if r["kind"] == kind]
-        if pts:
-            ax.scatter([r["measured_ms"] for r in pts], [r["predicted_ms"] for r in pts], marker=marker,
-                       color=colour, alpha=0.75, label=label)
-    presets = [r for r in rows if r["kind"].startswith("preset:")]
-    if presets:
-        ax.scatter([r["measured_ms"] for r in presets], [r["predicted_ms"] for r in presets], marker="s",
-                   color="tab:green", label="presets")
-        for r in presets:
-            ax.annotate(r["kind"].split(":", 1)[1], (r["measured_ms"], r["predicted_ms"]),
-                        textcoords="offset points", xytext=(5, -10), fontsize=8)
-    values = [r[k] for r in rows for k in ("measured_ms", "predicted_ms")]
-    lo, hi = min(values), max(values)
-    pad = 0.05 * (hi - lo or 1.0)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=1, label="y = x (perfect prediction)")
-    ax.set_xlim(lo - pad, hi + pad)
-    ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xlabel("measured end-to-end latency (ms)")
-    ax.set_ylabel("predicted latency = sum of table entries (ms)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
 def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | None = None,
                     spaces: list[LatencySpace] | None = None) -> dict[str, Any]:
     """The stage: table.csv, validation.json and validation.png in `out_dir`."""
@@ -340,7 +270,7 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
         load = result["conditions"]["load_average"]
         how = f"{c['threads']} thread(s), {c['clock']}" + (f", load {load[0]} on {os.cpu_count()} CPUs" if load else "")
     title = (f"{c['device']} ({c['device_name']}), {how}\n"
-             f"random archs: MAPE {metrics['mape_percent']}%, Spearman {_fmt(metrics['spearman'])} "
+             f"random archs: MAPE {metrics['mape_percent']}%, Spearman {fmt(metrics['spearman'])} "
              f"(n={metrics['n']})")
     plot_validation(rows, out / "validation.png", title)
     result["seconds"] = round(time.perf_counter() - start, 2)  # the whole stage, wall clock
@@ -354,14 +284,6 @@ def _load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def _round(v: float | None) -> float | None:
-    return None if v is None else round(v, 4)
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
 
 
 __all__ = ["profile_latency", "table_dir", "build_table", "Profiler", "BREAKDOWN"]
