@@ -31,8 +31,8 @@ from jdnas.errors import JdnasError
 from jdnas.io import write_json
 from jdnas.latency.measure import Timer, device_name, measure_all, target_device
 from jdnas.latency.parts import HeadParts, backbone_call, calibrated_detector, detector_call
-from jdnas.latency.space import (FIXED_PARTS, Entry, LatencySpace, arch_entries, e2e_entry, head_entries,
-                                 network_input_size, space_entries, spaces_from_params)
+from jdnas.latency.space import (FIXED_PARTS, HEAD_PARTS, Entry, LatencySpace, arch_entries, e2e_entry,
+                                 head_entries, network_input_size, space_entries, spaces_from_params)
 from jdnas.latency.table import BREAKDOWN, LatencyTable
 from jdnas.latency.validate import fmt, plot_validation, summarize, validation_archs
 from jdnas.models.arch import Arch, resolve_arch
@@ -85,7 +85,7 @@ class Profiler:
 
     def settings(self, e: Entry) -> str:
         """Hash of what an entry's measurement depends on (a cached one is reused only if equal)."""
-        what = self.head_conditions if e.part in FIXED_PARTS + ("e2e",) else self.conditions
+        what = self.head_conditions if e.part in HEAD_PARTS + ("e2e",) else self.conditions
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
     def measure(self, builders: dict, desc: str, slots: dict | None = None) -> dict:
@@ -173,8 +173,8 @@ def finish_table(prof: Profiler, raw: dict[Entry, float], calibration: list[Arch
     ms[glue] = g
     table = LatencyTable(ms, {e: prof.settings(e) for e in ms}, isolated=isolated)
     info = {"in_context_factor": round(factor, 4), "glue_ms": round(g, 4),
-            "archs": [{"arch": str(a), "measured_ms": round(m, 4), "predicted_ms": round(table.predict(a, prof.input_hw), 4)}
-                      for a, m in zip(calibration, measured)]}
+            "archs": [{"arch": str(a), "measured_ms": round(m, 4),
+                       "predicted_ms": round(table.predict(a, prof.input_hw), 4)} for a, m in zip(calibration, measured)]}
     return table, info
 
 
