@@ -77,7 +77,7 @@ def plot_validation(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("predicted latency = sum of table entries (ms)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="best", framealpha=0.85)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
