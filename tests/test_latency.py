@@ -12,7 +12,7 @@ import torch
 
 from jdnas.config import load_params
 from jdnas.errors import ConfigError, JdnasError
-from jdnas.latency import (Entry, LatencySpace, LatencyTable, NotCovered, arch_entries, space_entries,
+from jdnas.latency import (Entry, LatencyTable, NotCovered, arch_entries, space_entries,
                            spaces_from_params)
 from jdnas.latency.measure import Timer, measure_all
 from jdnas.latency.parts import backbone_call
@@ -187,6 +187,20 @@ def test_measurement_orders_real_blocks():
     assert 0 < ms[small] < ms[big]
 
 
+def test_calibration_fit_and_summary_figures():
+    from jdnas.latency.profile import fit_context
+    from jdnas.latency.validate import summarize
+    factor, glue = fit_context([1.0, 2.0, 3.0, 4.0], [1.3 * x + 0.5 for x in (1.0, 2.0, 3.0, 4.0)])
+    assert factor == pytest.approx(1.3) and glue == pytest.approx(0.5)
+    assert fit_context([2.0, 2.0], [3.0, 3.2]) == pytest.approx((1.0, 1.1))  # no spread: factor 1
+    rows = [{"measured_ms": m, "predicted_ms": p} for m, p in [(10, 11), (20, 19), (40, 40), (30, 33)]]
+    s = summarize(rows)
+    assert s["mape_percent"] == pytest.approx((10 + 5 + 0 + 10) / 4)
+    assert s["max_abs_error_percent"] == pytest.approx(10) and s["spearman"] == pytest.approx(1.0)
+    rows[0]["predicted_ms"] = 45  # now ranked first instead of last
+    assert summarize(rows)["spearman"] == pytest.approx(1 - 6 * (3 ** 2 + 1 + 1 + 1) / (4 * 15))
+
+
 def test_missing_cuda_is_a_one_line_error(tmp_path, smoke_params, prepared):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -258,11 +272,11 @@ def test_profile_latency_workflow_second_run_is_a_no_op(tmp_path):
     from test_workflow import dvc_workspace, run, workspace
     ws = workspace(tmp_path)
     args = ["--cores", "2", "--configfile", "config/smoke.yaml"]
-    run(["snakemake", *args, "profile_latency"], ws)
+    run(["snakemake", "profile_latency", *args], ws)
     for name in ("table.csv", "validation.json", "validation.png"):
         assert (ws / "runs/latency/cpu" / name).is_file(), name
     assert "profile_latency" in (ws / "logs/profile_latency.log").read_text()
-    again = run(["snakemake", *args, "profile_latency"], ws)
+    again = run(["snakemake", "profile_latency", *args], ws)
     assert "Nothing to be done" in again.stdout + again.stderr
     # DVC reads params.yaml only: make it the smoke run, from a clean workspace
     smoke = load_params([ws / "params.yaml", ws / "config/smoke.yaml"])

@@ -19,6 +19,19 @@ from jdnas.errors import JdnasError
 Builder = Callable[[], Callable[[], object]]  # builds the modules and inputs, returns the call to time
 
 
+class Call:
+    """A call to time, with the bytes its modules and input tensors hold (to bound what is kept)."""
+
+    def __init__(self, fn: Callable[[], object], *holders: torch.nn.Module | torch.Tensor) -> None:
+        self.fn = fn
+        tensors = [t for h in holders for t in (list(h.parameters()) + list(h.buffers())
+                                                if isinstance(h, torch.nn.Module) else [h])]
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+
+    def __call__(self) -> object:
+        return self.fn()
+
+
 def target_device(name: str) -> torch.device:
     """torch.device for `latency.device`; a one-line error when this machine lacks it."""
     if name == "cpu":
@@ -82,22 +95,31 @@ def median(values: list[float]) -> float:
 @torch.inference_mode()
 def measure_all(builders: dict[Hashable, Builder], timer: Timer, warmup: int, runs: int, rounds: int = 1,
                 seed: int = 0, progress: Callable[[int, int], None] | None = None,
-                slots: dict[Hashable, int] | None = None) -> dict[Hashable, float]:
+                slots: dict[Hashable, int] | None = None, keep_bytes: int = 0) -> dict[Hashable, float]:
     """Median milliseconds of each builder's call: `runs` timed calls (split over `rounds`
     shuffled passes), each batch of timed calls preceded by `warmup` untimed ones.
 
     `slots[key]` > 1 gives a key that many separate places in every pass (and as many times
     the timed calls): for the entries every prediction shares, whose error no arch escapes.
+    Built calls (`Call`) are kept for the next passes while they hold at most `keep_bytes` in
+    all; the others are built again each time.
     """
     rng = random.Random(seed)
     per_slot = max(1, math.ceil(runs / rounds))
     samples: dict[Hashable, list[float]] = {k: [] for k in builders}
     order = [k for k in builders for _ in range((slots or {}).get(k, 1))]
+    kept: dict[Hashable, Callable[[], object]] = {}
+    held = 0
     done, total = 0, len(order) * rounds
     for _ in range(rounds):
         rng.shuffle(order)
         for key in order:
-            fn = builders[key]()
+            fn = kept.get(key)
+            if fn is None:
+                fn = builders[key]()
+                size = getattr(fn, "nbytes", None)
+                if size is not None and held + size <= keep_bytes:
+                    kept[key], held = fn, held + size
             for _ in range(warmup):
                 fn()
             timer.sync()

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from jdnas.latency.measure import Call
 from jdnas.latency.space import Entry, stage_outputs
 from jdnas.models.arch import Arch
 from jdnas.models.backbone import BLOCKS, Stem
@@ -25,7 +26,7 @@ def _randn(*shape: int, device: torch.device) -> torch.Tensor:
     return torch.randn(*shape, device=device)
 
 
-def backbone_call(e: Entry, device: torch.device) -> Callable[[], object]:
+def backbone_call(e: Entry, device: torch.device) -> Call:
     """The module of a stem / block / FPN lateral entry applied to a random input of its shape."""
     if e.part == "block":
         module: nn.Module = BLOCKS[e.block](e.cin, e.mid, e.cout, e.stride)
@@ -37,7 +38,7 @@ def backbone_call(e: Entry, device: torch.device) -> Callable[[], object]:
         raise ValueError(f"not a backbone entry: {e}")
     module = module.to(device).eval()
     x = _randn(1, e.cin, e.height, e.width, device=device)
-    return lambda: module(x)
+    return Call(lambda: module(x), module, x)
 
 
 @torch.no_grad()
@@ -55,9 +56,9 @@ def calibrated_detector(arch: Arch, head_cfg: dict[str, Any], image: torch.Tenso
     return model.eval()
 
 
-def detector_call(model: Detector, image: torch.Tensor) -> Callable[[], object]:
+def detector_call(model: Detector, image: torch.Tensor) -> Call:
     """The end-to-end forward: what the table's sum predicts."""
-    return lambda: model([image])
+    return Call(lambda: model([image]), model, image)
 
 
 class HeadParts:

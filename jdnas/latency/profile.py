@@ -2,7 +2,8 @@
 then validate it end to end on random archs of the space and on the presets.
 
 Calibration: a block timed on its own runs with its weights and input hot in cache; inside a
-whole forward it runs slower (on this CPU about 1.2x). So a few calibration archs (the base, the
+whole forward it runs slower (on the 2-core shared CPU it was developed on: 1.1x when idle,
+up to 1.5x under load). So a few calibration archs (the base, the
 space's smallest and largest, two random ones) are also timed end to end, and a least-squares
 fit of `end-to-end = factor x sum(backbone entries) + fixed parts + glue` sets the in-context
 factor and the glue. The table's `ms` column holds the calibrated values (its `isolated_ms` the
@@ -17,28 +18,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
 from jdnas.errors import JdnasError
-from jdnas.io import atomic_path, write_json
+from jdnas.io import write_json
 from jdnas.latency.measure import Timer, device_name, measure_all, target_device
 from jdnas.latency.parts import HeadParts, backbone_call, calibrated_detector, detector_call
-from jdnas.latency.space import (FIXED_PARTS, Entry, LatencySpace, arch_entries, e2e_entry, head_entries,
-                                 network_input_size, space_entries, spaces_from_params)
+from jdnas.latency.space import (FIXED_PARTS, HEAD_PARTS, Entry, LatencySpace, arch_entries, e2e_entry,
+                                 head_entries, network_input_size, space_entries, spaces_from_params)
 from jdnas.latency.table import BREAKDOWN, LatencyTable
-from jdnas.models.arch import PRESET_NAMES, Arch, preset, resolve_arch
+from jdnas.latency.validate import fmt, plot_validation, summarize, validation_archs
+from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.detector import head_config
 
 CACHE = "cache.csv"
 SLOTS = 5  # fixed parts are in every prediction, calibration archs set the factor: time them 5x as often
+VALIDATION_SLOTS = 2  # the validation's measured side is its ground truth: time it 2x as often
+KEEP_BYTES = 1 << 30  # built modules kept between passes (the rest are rebuilt each pass)
 
 
 def table_dir(params: dict, root: str | Path = "runs/latency") -> Path:
@@ -82,7 +85,7 @@ class Profiler:
 
     def settings(self, e: Entry) -> str:
         """Hash of what an entry's measurement depends on (a cached one is reused only if equal)."""
-        what = self.head_conditions if e.part in FIXED_PARTS + ("e2e",) else self.conditions
+        what = self.head_conditions if e.part in HEAD_PARTS + ("e2e",) else self.conditions
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
     def measure(self, builders: dict, desc: str, slots: dict | None = None) -> dict:
@@ -93,7 +96,7 @@ class Profiler:
                 print(f"{desc}: {done}/{total}", file=sys.stderr, flush=True)
         torch.manual_seed(self.seed)
         return measure_all(builders, self.timer, self.cfg["warmup"], self.cfg["runs"], self.cfg["rounds"],
-                           self.seed, progress, slots)
+                           self.seed, progress, slots, KEEP_BYTES)
 
     def detector(self, arch: Arch) -> Any:
         return calibrated_detector(arch, self.head_cfg, self.image, self.device)
@@ -170,8 +173,8 @@ def finish_table(prof: Profiler, raw: dict[Entry, float], calibration: list[Arch
     ms[glue] = g
     table = LatencyTable(ms, {e: prof.settings(e) for e in ms}, isolated=isolated)
     info = {"in_context_factor": round(factor, 4), "glue_ms": round(g, 4),
-            "archs": [{"arch": str(a), "measured_ms": round(m, 4), "predicted_ms": round(table.predict(a, prof.input_hw), 4)}
-                      for a, m in zip(calibration, measured)]}
+            "archs": [{"arch": str(a), "measured_ms": round(m, 4),
+                       "predicted_ms": round(table.predict(a, prof.input_hw), 4)} for a, m in zip(calibration, measured)]}
     return table, info
 
 
@@ -193,7 +196,8 @@ def load_cache(path: Path) -> LatencyTable | None:
 
 
 def time_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable | None = None,
-               extra: dict | None = None) -> tuple[LatencyTable, dict[str, Any], dict[Entry, float], dict]:
+               extra: dict | None = None, extra_slots: int = 1
+               ) -> tuple[LatencyTable, dict[str, Any], dict[Entry, float], dict]:
     """Time what the table needs (reusing matching cached timings) together with the `extra`
     builders, interleaved. Returns the table, its calibration, the raw timings, the extra timings."""
     calibration = calibration_archs(prof, spaces)
@@ -202,6 +206,7 @@ def time_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable |
     missing = sorted(needed - set(reused))
     builders, slots = entry_builders(prof, missing)
     builders.update(extra or {})
+    slots.update({k: extra_slots for k in extra or {}})
     timed = prof.measure(builders, "profile_latency", slots)
     raw = {**reused, **{k[1]: v for k, v in timed.items() if k[0] == "entry"}}
     table, info = finish_table(prof, raw, calibration)
@@ -214,78 +219,6 @@ def build_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable 
     """The calibrated table for `spaces` on the profiler's device, without validation."""
     table, info, _, _ = time_table(prof, spaces, cache)
     return table, info
-
-
-def validation_archs(spaces: list[LatencySpace], count: int, seed: int, width: float,
-                     covers: Callable[[Arch], bool]) -> list[tuple[str, Arch]]:
-    """`count` random archs (half with grid widths, half with any widths in range, as pruning
-    makes them), then every preset at the base's width multiplier that the table covers."""
-    rng = random.Random(seed)
-    archs = []
-    for i in range(count):
-        off_grid = i % 2 == 1
-        archs.append(("random_off_grid" if off_grid else "random_grid",
-                      rng.choice(spaces).sample(rng, off_grid=off_grid)))
-    for name in PRESET_NAMES:
-        arch = preset(name, width)
-        if covers(arch):
-            archs.append((f"preset:{name}", arch))
-    return archs
-
-
-def _spearman(x: list[float], y: list[float]) -> float | None:
-    import pandas as pd
-    if len(x) < 3:
-        return None
-    rho = float(pd.Series(x).rank().corr(pd.Series(y).rank()))
-    return None if math.isnan(rho) else rho  # all values tied: no ranking to compare
-
-
-def summarize(rows: list[dict]) -> dict[str, Any]:
-    """MAPE (percent), Spearman rank correlation and the worst error of predicted vs measured."""
-    if not rows:
-        return {"n": 0, "mape_percent": None, "spearman": None, "max_abs_error_percent": None}
-    errors = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] * 100 for r in rows]
-    return {"n": len(rows), "mape_percent": round(sum(errors) / len(errors), 3),
-            "spearman": _spearman([r["predicted_ms"] for r in rows], [r["measured_ms"] for r in rows]),
-            "max_abs_error_percent": round(max(errors), 3)}
-
-
-def plot_validation(rows: list[dict], path: Path, title: str) -> None:
-    """Predicted vs measured scatter with the y = x line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=120)
-    styles = {"random_grid": ("random archs, grid widths", "o", "tab:blue"),
-              "random_off_grid": ("random archs, off-grid widths (interpolated)", "^", "tab:orange")}
-    for kind, (label, marker, colour) in styles.items():
-        pts = [r for r in rows if r["kind"] == kind]
-        if pts:
-            ax.scatter([r["measured_ms"] for r in pts], [r["predicted_ms"] for r in pts], marker=marker,
-                       color=colour, alpha=0.75, label=label)
-    presets = [r for r in rows if r["kind"].startswith("preset:")]
-    if presets:
-        ax.scatter([r["measured_ms"] for r in presets], [r["predicted_ms"] for r in presets], marker="s",
-                   color="tab:green", label="presets")
-        for r in presets:
-            ax.annotate(r["kind"].split(":", 1)[1], (r["measured_ms"], r["predicted_ms"]),
-                        textcoords="offset points", xytext=(5, -10), fontsize=8)
-    values = [r[k] for r in rows for k in ("measured_ms", "predicted_ms")]
-    lo, hi = min(values), max(values)
-    pad = 0.05 * (hi - lo or 1.0)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=1, label="y = x (perfect prediction)")
-    ax.set_xlim(lo - pad, hi + pad)
-    ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xlabel("measured end-to-end latency (ms)")
-    ax.set_ylabel("predicted latency = sum of table entries (ms)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | None = None,
@@ -306,7 +239,7 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
                         | dict.fromkeys(head_entries(prof.input_hw, prof.head_cfg), 0.0))
     archs = validation_archs(spaces, cfg["validation_archs"], prof.seed, params["model"]["width"], grid.covers)
     extra = {("arch", i): (lambda a=a: detector_call(prof.detector(a), prof.image)) for i, (_, a) in enumerate(archs)}
-    table, calibration, raw, timed = time_table(prof, spaces, cache, extra)
+    table, calibration, raw, timed = time_table(prof, spaces, cache, extra, VALIDATION_SLOTS)
     table.save(out / "table.csv")
     LatencyTable({**(cache.ms if cache else {}), **raw},
                  {**(cache.settings if cache else {}), **{e: prof.settings(e) for e in raw}}).save(cache_path)
@@ -314,6 +247,7 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
     rows = [{"kind": kind, "arch": str(arch), "measured_ms": round(timed[("arch", i)], 4),
              "predicted_ms": round(table.predict(arch, prof.input_hw), 4)} for i, (kind, arch) in enumerate(archs)]
     metrics = summarize([r for r in rows if r["kind"].startswith("random")])
+    timed_now = calibration.pop("entries_timed")
     base = table.breakdown(prof.base, prof.input_hw)
     result = {
         **metrics,
@@ -322,9 +256,10 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
         "all_with_presets": summarize(rows),
         "conditions": {**prof.conditions, "input_size": list(prof.input_hw), "image_size": list(prof.image_hw),
                        "load_average": _load_average()},
-        "entries": len(table), "entries_timed": calibration.pop("entries_timed"),
-        "entries_reused": calibration.pop("entries_reused"),
+        "entries": len(table), "entries_timed": timed_now, "entries_reused": calibration.pop("entries_reused"),
         "calibration": calibration,
+        # false when every entry came from the cache: the validation then ran later than the table
+        "validation_interleaved_with_table": timed_now > 0,
         "base": {"arch": str(prof.base), "predicted_ms": {k: round(v, 4) for k, v in base.items()}},
         "spaces": [s.to_json() for s in spaces],
         "archs": rows,
@@ -335,7 +270,7 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
         load = result["conditions"]["load_average"]
         how = f"{c['threads']} thread(s), {c['clock']}" + (f", load {load[0]} on {os.cpu_count()} CPUs" if load else "")
     title = (f"{c['device']} ({c['device_name']}), {how}\n"
-             f"random archs: MAPE {metrics['mape_percent']}%, Spearman {_fmt(metrics['spearman'])} "
+             f"random archs: MAPE {metrics['mape_percent']}%, Spearman {fmt(metrics['spearman'])} "
              f"(n={metrics['n']})")
     plot_validation(rows, out / "validation.png", title)
     result["seconds"] = round(time.perf_counter() - start, 2)  # the whole stage, wall clock
@@ -349,10 +284,6 @@ def _load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
 
 
 __all__ = ["profile_latency", "table_dir", "build_table", "Profiler", "BREAKDOWN"]
