@@ -237,9 +237,9 @@ SCHEMA: dict = {
             "out_width_ratios": numbers([1.0], 0.0, 1.0),
         },
         "train": {
-            **train_schema(iters=160, lr=0.04),
-            "depth_phase_start": number(0.25, 0.0, 1.0),
-            "width_phase_start": number(0.5, 0.0, 1.0),
+            **train_schema(iters=300, lr=0.04),
+            "depth_phase_start": number(0.4, 0.0, 1.0),
+            "width_phase_start": number(0.7, 0.0, 1.0),
             "sandwich_random": integer(1, 0),
             "distill_weight": number(1.0, 0.0),
             "gpus": integer(1, 1),

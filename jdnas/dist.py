@@ -87,6 +87,19 @@ def average_gradients(params: Sequence[torch.nn.Parameter], ctx: DistContext) ->
         offset += n
 
 
+@torch.no_grad()
+def check_in_sync(params: Sequence[torch.nn.Parameter], ctx: DistContext) -> None:
+    """Raise if the ranks' weights differ (they must: same init, averaged gradients, same steps)."""
+    if not ctx.active:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in params])
+    gathered = [torch.zeros_like(sums) for _ in range(ctx.world)]
+    dist.all_gather(gathered, sums)
+    for rank, other in enumerate(gathered):
+        if not torch.allclose(other, sums, rtol=1e-9, atol=1e-9):
+            raise JdnasError(f"DDP: the weights of rank {rank} differ from those of rank {ctx.rank}")
+
+
 class ShardedBatchSampler(Sampler):
     """This rank's share (`batch[rank::world]`) of every batch of another batch sampler."""
 

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection, IterationSampler, collate
-from jdnas.dist import DistContext, ShardedBatchSampler, average_gradients, barrier, init_distributed, shutdown
+from jdnas.dist import (DistContext, ShardedBatchSampler, average_gradients, barrier, check_in_sync, init_distributed,
+                        shutdown)
 from jdnas.engine import _progress, _to_device, evaluate, lr_factor, make_optimizer, resolve_device
 from jdnas.errors import JdnasError
 from jdnas.io import atomic_path, save_torch
@@ -207,6 +208,7 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
         recorder.close()
         if bar is not None:
             bar.close()
+    check_in_sync(params, ctx)
     return {"iters": it, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
             "channels_sorted": channels_sorted, "last_losses": last}
 

@@ -285,3 +285,58 @@ def test_supernet_checkpoint_round_trip(smoke_params, tmp_path):
 def test_bad_pool_params_are_clear_errors(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         load_params([REPO / "params.yaml", write_yaml(tmp_path / "bad.yaml", override)])
+
+
+@pytest.mark.slow
+def test_ddp_code_path_with_two_cpu_processes(prepared, tmp_path):
+    """torchrun with 2 gloo processes: sharded batches, averaged gradients (ranks checked in sync), rank 0 writes."""
+    import subprocess
+    import sys
+    from conftest import cli_env
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "jdnas.cli",
+           "train-teacher-pool", "--data", str(prepared), "--out", str(tmp_path / "ddp"), "--threads", "1",
+           "--params", str(REPO / "params.yaml"), "--params", str(REPO / "config" / "smoke.yaml")]
+    r = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["supernet.pt"]
+    sn = load_supernet(tmp_path / "ddp" / "supernet.pt")
+    assert sn.meta["world_size"] == 2 and sn.meta["iters"] == 6
+
+
+@pytest.mark.slow
+def test_stage_resumes_after_kill(prepared, tmp_path):
+    """SIGKILL the CLI mid-run; the rerun resumes from the state and ends where an uninterrupted run ends."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from conftest import cli_env
+    write_yaml(tmp_path / "long.yaml", {"teacher_pool": {"train": {"iters": 24, "checkpoint_every": 2}}})
+    files = ["--params", str(REPO / "params.yaml"), "--params", str(REPO / "config" / "smoke.yaml"),
+             "--params", str(tmp_path / "long.yaml")]
+
+    def cmd(out: str) -> list[str]:
+        return ["jdnas", "train-teacher-pool", "--data", str(prepared), "--out", str(tmp_path / out),
+                "--threads", "1", *files]
+
+    proc = subprocess.Popen(cmd("pool"), env=cli_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = tmp_path / "pool" / "train_state.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and torch.load(state, weights_only=True)["iter"] >= 14:  # past the width phase start
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "pool" / "supernet.pt").exists()
+    killed = torch.load(state, weights_only=True)
+    assert 0 < killed["iter"] < 24 and killed["channels_sorted"] == (killed["iter"] > 12)
+    r = subprocess.run(cmd("pool"), env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming from {state} at iteration" in r.stderr
+    subprocess.run(cmd("ref"), env=cli_env(), capture_output=True, text=True, check=True)
+    a = torch.load(tmp_path / "pool" / "supernet.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "ref" / "supernet.pt", weights_only=True)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
