@@ -34,7 +34,7 @@ from jdnas.errors import JdnasError
 from jdnas.io import atomic_path, save_torch
 from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.complexity import count_flops, count_params
-from jdnas.models.detector import Detector, head_config
+from jdnas.models.detector import Detector, head_config, read_checkpoint
 from jdnas.models.elastic import PoolSpace, Supernet, sort_channels
 
 STATE_FORMAT = "jdnas-pool-train-state/1"
@@ -222,15 +222,7 @@ def save_supernet(path: str | Path, supernet: Supernet, **meta: Any) -> None:
 
 def load_supernet(path: str | Path) -> Supernet:
     """Rebuild a Supernet from supernet.pt (loaded with weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise JdnasError(f"{path}: supernet checkpoint not found (run the train_teacher_pool stage)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise JdnasError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != SUPERNET_FORMAT:
-        raise JdnasError(f"{path}: format: not a {SUPERNET_FORMAT} checkpoint")
+    ckpt = read_checkpoint(path, SUPERNET_FORMAT, " (run the train_teacher_pool stage)")
     supernet = Supernet(PoolSpace.from_json(ckpt["space"]), ckpt["head"])
     supernet.load_state_dict(ckpt["state_dict"])
     supernet.meta = ckpt.get("meta", {})

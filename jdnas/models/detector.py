@@ -102,17 +102,17 @@ def save_detector(path: str | Path, model: Detector, **meta: Any) -> None:
     save_torch(path, checkpoint_dict(model, **meta))
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a detector checkpoint with weights_only=True; a clear error if it is not one."""
+def read_checkpoint(path: str | Path, fmt: str = CHECKPOINT_FORMAT, hint: str = "") -> dict[str, Any]:
+    """Load a jdnas checkpoint of format `fmt` with weights_only=True; a clear error if it is not one."""
     path = Path(path)
     if not path.is_file():
-        raise JdnasError(f"{path}: checkpoint not found")
+        raise JdnasError(f"{path}: checkpoint not found{hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
         raise JdnasError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise JdnasError(f"{path}: format: not a {CHECKPOINT_FORMAT} checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise JdnasError(f"{path}: format: not a {fmt} checkpoint")
     return ckpt
 
 
