@@ -7,7 +7,8 @@ rule train_base:
         "../../envs/jdnas.yaml"
     log:
         "logs/train_base.log",
-    threads: 2
+    # one thread: torch's intra-op threads stall badly when another job shares the cores
+    threads: 1
     resources:
         gpu=GPUS_PER_JOB,
     params:
