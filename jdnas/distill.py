@@ -45,10 +45,27 @@ def make_adapters(student_channels: int, teacher_channels: int, levels: list[str
     return nn.ModuleDict({lvl: one() for lvl in levels})
 
 
+def standardize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Zero mean, unit variance per sample and channel over the map (as in PKD, Cao et al. 2022).
+
+    The KD error then measures feature *patterns*, not magnitudes: a teacher whose FPN features
+    are 20x larger than the student's (an elastic-pool member, say) would otherwise give an
+    error of hundreds that swamps the detection loss and wrecks an inherited student.
+    """
+    x = x.float()
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    std = x.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    return (x - mean) / (std + eps)
+
+
+def _error(student: Tensor, teacher: Tensor) -> Tensor:
+    """(N, h, w): squared error of standardized features, averaged over channels."""
+    return (standardize(student) - standardize(teacher)).pow(2).mean(1)
+
+
 def fpn_loss(student: dict[str, Tensor], teacher: dict[str, Tensor], adapters: nn.ModuleDict) -> Tensor:
-    """Mean over levels of the MSE between adapted student features and teacher features."""
-    losses = [F.mse_loss(adapters[lvl](student[lvl]).float(), teacher[lvl].float()) for lvl in adapters]
-    return torch.stack(losses).mean()
+    """Mean over levels of the MSE between standardized adapted-student and teacher features."""
+    return torch.stack([_error(adapters[lvl](student[lvl]), teacher[lvl]).mean() for lvl in adapters]).mean()
 
 
 def box_masks(boxes: list[Tensor], batch_hw: tuple[int, int], feat_hw: tuple[int, int]) -> Tensor:
@@ -77,10 +94,11 @@ def box_masks(boxes: list[Tensor], batch_hw: tuple[int, int], feat_hw: tuple[int
 def fpn_masked_loss(student: dict[str, Tensor], teacher: dict[str, Tensor], adapters: nn.ModuleDict,
                     boxes: list[Tensor], batch_hw: tuple[int, int], fg_weight: float, bg_weight: float) -> Tensor:
     """Per level: fg_weight x mean squared error over pixels inside boxes + bg_weight x that outside;
-    averaged over levels (the squared error of a pixel is averaged over channels)."""
+    averaged over levels (the squared error of a pixel, on standardized features, is averaged over
+    channels)."""
     losses = []
     for lvl in adapters:
-        err = (adapters[lvl](student[lvl]).float() - teacher[lvl].float()).pow(2).mean(1)  # (N, h, w)
+        err = _error(adapters[lvl](student[lvl]), teacher[lvl])  # (N, h, w)
         fg = box_masks(boxes, batch_hw, tuple(err.shape[-2:])).float()
         bg = 1.0 - fg
         losses.append(fg_weight * (err * fg).sum() / fg.sum().clamp(min=1.0)

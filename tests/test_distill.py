@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jdnas.data.dataset import CocoDetection
-from jdnas.distill import (Distiller, Teacher, box_masks, check_compatible, fpn_loss, fpn_masked_loss,
+from jdnas.distill import (Distiller, Teacher, box_masks, check_compatible, fpn_loss, fpn_masked_loss, standardize,
                            logits_loss, make_adapters)
 from jdnas.engine import train_detector
 from jdnas.errors import JdnasError
@@ -57,10 +57,20 @@ def test_feature_losses_positive_and_differentiable(kind, student_channels):
             assert isinstance(a, torch.nn.Conv2d) and a.weight.grad.abs().sum() > 0
 
 
-def test_fpn_loss_is_the_mse_per_level():
+def test_fpn_loss_is_the_mse_of_standardized_features_per_level():
     t, s = feats(8, 0), feats(8, 1)
-    expected = torch.stack([((s[k] - t[k]) ** 2).mean() for k in LEVELS]).mean()
+    expected = torch.stack([((standardize(s[k]) - standardize(t[k])) ** 2).mean() for k in LEVELS]).mean()
     torch.testing.assert_close(fpn_loss(s, t, make_adapters(8, 8)), expected)
+
+
+def test_kd_error_ignores_the_teacher_scale():
+    """A teacher whose features are a scaled copy of the student's teaches nothing new: zero loss."""
+    s = feats(8, 1)
+    t = {k: 20.0 * v + 3.0 for k, v in s.items()}
+    assert float(fpn_loss(s, t, make_adapters(8, 8))) < 1e-6
+    x = standardize(torch.randn(2, 4, 5, 6) * 7 + 2)
+    torch.testing.assert_close(x.mean(dim=(-2, -1)), torch.zeros(2, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(dim=(-2, -1), unbiased=False), torch.ones(2, 4), atol=1e-4, rtol=0)
 
 
 def test_logits_loss_zero_positive_differentiable():
@@ -105,13 +115,14 @@ def test_masked_loss_weights_inside_and_outside_boxes():
     boxes = [torch.tensor([[16.0, 16.0, 32.0, 32.0]]), torch.tensor([[16.0, 16.0, 32.0, 32.0]])]
     level0 = box_masks(boxes, BATCH_HW, (16, 16))       # stride 4: the box covers a 4x4 patch
     assert level0[0].sum() == 16
-    s["0"] = t["0"] + 2.0 * level0[:, None].float()      # error only inside the box, at level 0
-    inside_only = fpn_masked_loss(s, t, adapters, boxes, BATCH_HW, fg_weight=1.0, bg_weight=0.0)
-    assert inside_only.item() == pytest.approx(4.0 / len(LEVELS))   # squared error 4 on fg pixels
-    assert fpn_masked_loss(s, t, adapters, boxes, BATCH_HW, fg_weight=0.0, bg_weight=1.0).item() == 0.0
-    s["0"] = t["0"] + 2.0 * (~level0[:, None]).float()   # error only outside
-    assert fpn_masked_loss(s, t, adapters, boxes, BATCH_HW, fg_weight=1.0, bg_weight=0.0).item() == 0.0
-    assert fpn_masked_loss(s, t, adapters, boxes, BATCH_HW, 0.0, 0.5).item() == pytest.approx(0.5 * 4 / 4)
+    s["0"] = t["0"] + 2.0 * level0[:, None].float() * torch.randn_like(t["0"])  # disturb inside the box, level 0
+    err = ((standardize(s["0"]) - standardize(t["0"])) ** 2).mean(1)
+    fg = level0.float()
+    inside, outside = (err * fg).sum() / fg.sum(), (err * (1 - fg)).sum() / (1 - fg).sum()
+    assert inside > 5 * outside  # the error sits where it was planted (standardizing spreads a little)
+    got = fpn_masked_loss(s, t, adapters, boxes, BATCH_HW, fg_weight=0.7, bg_weight=0.2)
+    torch.testing.assert_close(got, (0.7 * inside + 0.2 * outside) / len(LEVELS))
+    assert fpn_masked_loss(s, t, adapters, boxes, BATCH_HW, fg_weight=0.0, bg_weight=0.0).item() == 0.0
 
 
 # --- student + teacher -----------------------------------------------------------------------------
