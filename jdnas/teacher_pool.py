@@ -231,7 +231,8 @@ def load_supernet(path: str | Path) -> Supernet:
         raise JdnasError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != SUPERNET_FORMAT:
         raise JdnasError(f"{path}: format: not a {SUPERNET_FORMAT} checkpoint")
-    supernet = Supernet(PoolSpace.from_json(ckpt["space"]), ckpt["head"])
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights; leave the caller's RNG alone
+        supernet = Supernet(PoolSpace.from_json(ckpt["space"]), ckpt["head"])
     supernet.load_state_dict(ckpt["state_dict"])
     supernet.meta = ckpt.get("meta", {})
     return supernet
