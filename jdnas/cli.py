@@ -57,7 +57,7 @@ def cmd_train_teacher_pool(args: argparse.Namespace) -> None:
     gpus = params["teacher_pool"]["train"]["gpus"]
     if gpus > 1 and "WORLD_SIZE" not in os.environ:  # DDP: run this command again under torchrun
         from jdnas.dist import relaunch_with_torchrun
-        if relaunch_with_torchrun(gpus) != 0:
+        if relaunch_with_torchrun(gpus, args.argv) != 0:
             raise JdnasError(f"train-teacher-pool: one of the {gpus} torchrun processes failed (see above)")
         return
     from jdnas.teacher_pool import train_teacher_pool
@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to run the same command under torchrun
     try:
         args.fn(args)
     except JdnasError as e:

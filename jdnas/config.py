@@ -241,7 +241,7 @@ SCHEMA: dict = {
             "depth_phase_start": number(0.4, 0.0, 1.0),
             "width_phase_start": number(0.7, 0.0, 1.0),
             "sandwich_random": integer(1, 0),
-            "distill_weight": number(1.0, 0.0),
+            "distill_weight": number(0.1, 0.0),
             "gpus": integer(1, 1),
         },
         "eval": {

@@ -223,7 +223,8 @@ def save_supernet(path: str | Path, supernet: Supernet, **meta: Any) -> None:
 def load_supernet(path: str | Path) -> Supernet:
     """Rebuild a Supernet from supernet.pt (loaded with weights_only=True)."""
     ckpt = read_checkpoint(path, SUPERNET_FORMAT, " (run the train_teacher_pool stage)")
-    supernet = Supernet(PoolSpace.from_json(ckpt["space"]), ckpt["head"])
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights; leave the caller's RNG alone
+        supernet = Supernet(PoolSpace.from_json(ckpt["space"]), ckpt["head"])
     supernet.load_state_dict(ckpt["state_dict"])
     supernet.meta = ckpt.get("meta", {})
     return supernet

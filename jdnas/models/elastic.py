@@ -252,6 +252,7 @@ class Supernet:
         for inner in self.model.backbone.fpn.inner_blocks:  # lateral 1x1 convs read C2..C5
             inner[0] = DynamicConv2d.from_static(inner[0])
         self.active = space.max_arch
+        self.meta: dict[str, Any] = {}  # what the checkpoint says about the training run
 
     @property
     def body(self) -> ElasticBackbone:
