@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from jdnas.errors import JdnasError
@@ -85,7 +86,7 @@ def cmd_search_step(args: argparse.Namespace) -> None:
     params = _params(args)
     _runtime(args, params)
     if args.step == "history":
-        search.write_history(search.Path(args.root), params["search"]["rounds"])
+        search.write_history(Path(args.root), params["search"]["rounds"])
         return
     if args.step in ("propose", "candidate", "select") and args.round is None:
         raise JdnasError(f"search-step {args.step}: --round is required")

@@ -70,13 +70,13 @@ def detection_loss(model: Detector, images: list, targets: list) -> dict[str, to
     return model(images, targets)
 
 
-def _to_device(images: list, targets: list, device: torch.device) -> tuple[list, list]:
+def to_device(images: list, targets: list, device: torch.device) -> tuple[list, list]:
     images = [im.to(device, non_blocking=True) for im in images]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
     return images, targets
 
 
-def _progress(total: int, initial: int, desc: str) -> tqdm:
+def progress_bar(total: int, initial: int, desc: str) -> tqdm:
     tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=tty,
                 mininterval=0.5 if tty else 15.0, file=sys.stderr)
@@ -127,11 +127,11 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     params = [p for p in trained.parameters() if p.requires_grad]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     trained.train()
-    bar = _progress(cfg["iters"], start, desc)
+    bar = progress_bar(cfg["iters"], start, desc)
     it, last = start, {}
     for images, targets in loader:
         t0 = time.perf_counter()
-        images, targets = _to_device(images, targets, device)
+        images, targets = to_device(images, targets, device)
         for g in optimizer.param_groups:
             g["lr"] = cfg["lr"] * lr_factor(it, cfg)
         with amp:

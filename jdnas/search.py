@@ -134,9 +134,10 @@ class Context:
                  base: str | Path, root: str | Path = SEARCH) -> None:
         from jdnas.teacher_pool import load_supernet
         self.params, self.cfg = params, params["search"]
-        self.data_dir, self.supernet_path, self.root = Path(data_dir), Path(supernet), Path(root)
+        self.data_dir, self.root = Path(data_dir), Path(root)
         self.base = Path(base)
-        self.space: PoolSpace = load_supernet(supernet).space
+        self.supernet = load_supernet(supernet)
+        self.space: PoolSpace = self.supernet.space
         self.table = LatencyTable.load(latency_table)
         from jdnas.models.detector import read_checkpoint
         self.base_arch = Arch.from_json(read_checkpoint(base)["arch"])
@@ -212,7 +213,7 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     c = Candidate(**cands[k])
     t0 = time.time()
     teacher_arch = Teacher.parse(c.teacher).arch(ctx.space)
-    pool = TeacherPool.load(ctx.supernet_path, ctx.data_dir, ctx.params)
+    pool = TeacherPool.load(ctx.supernet, ctx.data_dir, ctx.params)
     save_detector(out / "teacher.pt", pool.teacher(teacher_arch).cpu(), stage="search", teacher=c.teacher)
     metrics = train_student(ctx.params, ctx.data_dir, out, round_dir(r - 1, ctx.root) / "student.pt",
                             c.action, out / "teacher.pt", eval_split="minival", seed=c.seed)

@@ -29,7 +29,7 @@ from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection, IterationSampler, collate
 from jdnas.dist import (DistContext, ShardedBatchSampler, average_gradients, barrier, check_in_sync, init_distributed,
                         shutdown)
-from jdnas.engine import _progress, _to_device, evaluate, lr_factor, make_optimizer, resolve_device
+from jdnas.engine import progress_bar, to_device, evaluate, lr_factor, make_optimizer, resolve_device
 from jdnas.errors import JdnasError
 from jdnas.io import atomic_path, save_torch
 from jdnas.models.arch import Arch, resolve_arch
@@ -157,12 +157,12 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     recorder = _Recorder(model.backbone)
     model.train()
-    bar = _progress(cfg["iters"], start, desc) if ctx.is_main else None
+    bar = progress_bar(cfg["iters"], start, desc) if ctx.is_main else None
     it, last = start, {}
     try:
         for images, targets in loader:
             t0, c0 = time.perf_counter(), time.process_time()
-            images, targets = _to_device(images, targets, device)
+            images, targets = to_device(images, targets, device)
             if phase_at(it, cfg) == "width" and not channels_sorted:
                 moved = sort_channels(supernet, optimizer)
                 channels_sorted = True
@@ -269,9 +269,10 @@ class TeacherPool:
         self.device = torch.device(device)
 
     @classmethod
-    def load(cls, supernet_path: str | Path, data_dir: str | Path, params: dict) -> "TeacherPool":
-        """The pool of a trained supernet.pt, recalibrating on the prepared train split."""
-        supernet = load_supernet(supernet_path)
+    def load(cls, supernet: str | Path | Supernet, data_dir: str | Path, params: dict) -> "TeacherPool":
+        """The pool of a trained supernet (or its supernet.pt), recalibrating on the prepared train split."""
+        if not isinstance(supernet, Supernet):
+            supernet = load_supernet(supernet)
         train_set = CocoDetection(Path(data_dir) / "train.json", max_size=supernet.head_cfg["max_size"])
         ev = params["teacher_pool"]["eval"]
         return cls(supernet, train_set, ev["bn_batches"], ev["bn_batch_size"], params["seed"],
