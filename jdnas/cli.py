@@ -63,7 +63,7 @@ def cmd_train_teacher_pool(args: argparse.Namespace) -> None:
         return
     from jdnas.teacher_pool import train_teacher_pool
     _runtime(args, params)
-    summary = train_teacher_pool(params, args.data, args.out)
+    summary = train_teacher_pool(params, args.data, args.out, args.base)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
 
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
             "supernet once (progressive shrinking; DDP via torchrun when teacher_pool.train.gpus > 1)", threads=True)
     p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
     p.add_argument("--out", default="runs/teacher_pool", help="output folder (default: %(default)s)")
+    p.add_argument("--base", default="runs/base/model.pt",
+                   help="trained detector to start from when teacher_pool.init is base (default: %(default)s)")
 
     p = add("eval-teacher-pool", cmd_eval_teacher_pool, "stage eval_teacher_pool: AP, size, FLOPs and latency "
             "of a sample of pool members -> pool.csv", threads=True)

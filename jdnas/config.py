@@ -229,6 +229,7 @@ SCHEMA: dict = {
         "teacher_resample": number(0.2, 0.0, 1.0),
     },
     "teacher_pool": {
+        "init": choice("base", ("base", "scratch")),
         "space": {
             "base": text("r34", words="a preset (tiny, r18, r34, r50, r101) or an Arch string"),
             "width": number(0.25, 0.0, 8.0, lo_open=True),

@@ -4,6 +4,7 @@ A killed job therefore never leaves a half-written output that looks finished.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,3 +58,12 @@ def save_torch(path: str | Path, obj: Any) -> None:
     """torch.save, atomically."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -84,9 +84,10 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         params=("seed", "model", "latency"), code=("jdnas/latency", "jdnas/models"),
     ),
     StageDef(
-        "train_teacher_pool", f"jdnas train-teacher-pool --data {DATA} --out {POOL}",
-        deps=(DATA,), outs=(f"{POOL}/supernet.pt",),
-        params=("seed", "device", "model", "teacher_pool.space", "teacher_pool.train"),
+        "train_teacher_pool", f"jdnas train-teacher-pool --data {DATA} --base {BASE}/model.pt --out {POOL}",
+        # the base model is read only when teacher_pool.init is base (a static dependency either way)
+        deps=(DATA, f"{BASE}/model.pt"), outs=(f"{POOL}/supernet.pt",),
+        params=("seed", "device", "model", "teacher_pool.init", "teacher_pool.space", "teacher_pool.train"),
         code=("jdnas/models", "jdnas/engine.py", "jdnas/dist.py", "jdnas/teacher_pool.py"),
     ),
     StageDef(

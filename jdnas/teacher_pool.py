@@ -31,7 +31,7 @@ from jdnas.dist import (DistContext, ShardedBatchSampler, average_gradients, bar
                         shutdown)
 from jdnas.engine import progress_bar, to_device, evaluate, lr_factor, make_optimizer, resolve_device
 from jdnas.errors import JdnasError
-from jdnas.io import atomic_path, save_torch
+from jdnas.io import atomic_path, file_sha256, save_torch
 from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, head_config, read_checkpoint
@@ -336,8 +336,14 @@ def _manifest(data_dir: Path) -> dict:
     return json.loads((data_dir / "manifest.json").read_text())
 
 
-def train_teacher_pool(params: dict, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Stage train_teacher_pool: train the supernet, write `supernet.pt` (rank 0)."""
+def train_teacher_pool(params: dict, data_dir: str | Path, out_dir: str | Path,
+                       base: str | Path | None = None) -> dict[str, Any]:
+    """Stage train_teacher_pool: train the supernet, write `supernet.pt` (rank 0).
+
+    With `teacher_pool.init: base` the supernet starts from the trained base detector `base`
+    (`Supernet.inherit`), so on a short CPU schedule the teachers start as good as the base
+    rather than from scratch.
+    """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     ctx, device = init_distributed(params["device"])
     tp = params["teacher_pool"]
@@ -347,8 +353,18 @@ def train_teacher_pool(params: dict, data_dir: str | Path, out_dir: str | Path) 
         train_set = CocoDetection(data_dir / "train.json", max_size=params["model"]["max_size"])
         torch.manual_seed(params["seed"])
         supernet = Supernet(space, head_config(params["model"], train_set.labels.num_classes))
+        base_sha = ""
+        if tp["init"] == "base":
+            if base is None or not Path(base).is_file():
+                raise JdnasError(f"teacher_pool.init is base but the base detector {base} does not exist")
+            ckpt = read_checkpoint(base)
+            try:
+                supernet.inherit(Arch.from_json(ckpt["arch"]), ckpt["state_dict"])
+            except ValueError as e:
+                raise JdnasError(f"{base}: {e} (set teacher_pool.init: scratch or a pool space around it)") from None
+            base_sha = file_sha256(base)
         fp = fingerprint(space.to_json(), supernet.head_cfg, {k: v for k, v in cfg.items() if k != "gpus"},
-                         params["seed"], _manifest(data_dir)["splits"]["train"]["sha256"], ctx.world)
+                         params["seed"], _manifest(data_dir)["splits"]["train"]["sha256"], ctx.world, base_sha)
         state_path = out_dir / "train_state.pt"
         summary = train_supernet(supernet, train_set, cfg, state_path, params["seed"], device, fp, ctx)
         summary.update({"largest": str(space.largest()), "smallest": str(space.smallest()), "world_size": ctx.world})

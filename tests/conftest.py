@@ -34,6 +34,17 @@ def prepared(tmp_path_factory, smoke_params) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def base_ckpt(prepared, smoke_params, tmp_path_factory) -> Path:
+    """A (barely) trained smoke base detector: model.pt."""
+    import torch
+    from jdnas.base_detector import train_base
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("base")
+    train_base(with_overrides(smoke_params, {"train_base": {"iters": 2}}), prepared, out)
+    return out / "model.pt"
+
+
 def cli_env() -> dict:
     """Environment for subprocesses: the venv's bin first on PATH."""
     env = dict(os.environ)

@@ -6,20 +6,11 @@ import json
 import pytest
 import torch
 
-from jdnas.base_detector import train_base
 from jdnas.cli import main
 from jdnas.models.arch import Arch
 from jdnas.models.detector import load_detector, read_checkpoint
 from jdnas.morphism import Action, child_arch
-from conftest import REPO, with_overrides
-
-
-@pytest.fixture(scope="module")
-def base_ckpt(prepared, smoke_params, tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("base")
-    train_base(with_overrides(smoke_params, {"train_base": {"iters": 2}}), prepared, out)
-    return out / "model.pt"
+from conftest import REPO
 
 
 def _train(args, prepared):

@@ -10,7 +10,7 @@ import torch
 from jdnas.config import load_params
 from jdnas.data.dataset import CocoDetection
 from jdnas.errors import ConfigError, JdnasError
-from jdnas.models.arch import Arch, preset
+from jdnas.models.arch import Arch, Stage, preset
 from jdnas.models.detector import build_detector, head_config, load_detector, save_detector
 from jdnas.models.elastic import DynamicBatchNorm2d, PoolSpace, Supernet, channel_groups, sort_channels
 from jdnas.teacher_pool import (TeacherPool, eval_teacher_pool, load_supernet, phase_at, phase_starts,
@@ -87,6 +87,51 @@ def test_supernet_weights_are_those_of_a_static_largest_member(smoke_params):
     for (k, a), b in zip(sn.state_dict().items(), static.state_dict().values()):
         assert torch.equal(a, b), k  # same init as a standalone largest member with the same seed
     static.load_state_dict(sn.state_dict())  # strict: same keys, same shapes
+
+
+@pytest.mark.parametrize("base, pool", [("r18", "r34"), ("r50", "r101")])
+def test_inherit_makes_the_largest_member_compute_the_base(base, pool, smoke_params):
+    space = PoolSpace(preset(pool, 0.25), (1, 1, 1, 1), (0.5, 1.0))
+    arch = preset(base, 0.25)
+    spec = arch.stages[1]
+    arch = arch.with_stage(1, Stage(spec.out, (spec.mids[0] // 2,) + spec.mids[1:]))  # a narrower block too
+    torch.manual_seed(0)
+    detector = build_detector(arch, head_config(smoke_params["model"], 3))
+    for m in detector.modules():  # non-trivial BN statistics and gains, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
+    detector.eval()
+    sn = Supernet(space, head_config(smoke_params["model"], 3))
+    sn.inherit(arch, detector.state_dict())
+    sn.model.eval()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    for member in (space.largest(), space.member(arch.depths)):  # any member that contains the base
+        sn.set_active(member)
+        with torch.no_grad():
+            fa, fb = sn.model.backbone(x), detector.backbone(x)
+            da, db = sn.model(IMAGES), detector(IMAGES)
+        for k in fb:
+            torch.testing.assert_close(fa[k], fb[k], atol=1e-5, rtol=1e-5)
+        for a, b in zip(da, db):
+            torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-4, rtol=0)
+    # the silent channels and identity blocks still learn: they get gradients
+    sn.set_active(space.largest())
+    sn.model.train()
+    sum(sn.model(IMAGES, TARGETS).values()).backward()
+    extra = sn.body.stages[2][arch.depths[2]]
+    assert extra.last_bn.weight.grad.abs().sum() > 0
+    assert sn.body.stages[1][0].conv2.weight.grad[:, arch.stages[1].mids[0]:].abs().sum() > 0
+
+
+def test_inherit_rejects_a_detector_outside_the_pool(smoke_params):
+    space = PoolSpace(preset("r18", 0.25), (1, 1, 1, 1))
+    sn = Supernet(space, head_config(smoke_params["model"], 3))
+    with pytest.raises(ValueError, match="not a sub-network"):
+        sn.inherit(preset("r34", 0.25), build_detector(preset("r34", 0.25), head_config(smoke_params["model"], 3))
+                   .state_dict())
+    narrow = preset("r18", 0.125)
+    with pytest.raises(ValueError, match="not a sub-network|output widths"):
+        sn.inherit(narrow, {})
 
 
 def test_dynamic_bn_updates_only_the_active_channels():
@@ -241,8 +286,8 @@ def test_recalibrate_bn_uses_plain_batch_statistics(prepared, smoke_params):
     torch.testing.assert_close(bn.running_var, y.var((0, 2, 3), unbiased=True), atol=1e-4, rtol=1e-4)
 
 
-def test_stages_on_smoke_config(prepared, smoke_params, tmp_path):
-    summary = train_teacher_pool(smoke_params, prepared, tmp_path / "pool")
+def test_stages_on_smoke_config(prepared, smoke_params, base_ckpt, tmp_path):
+    summary = train_teacher_pool(smoke_params, prepared, tmp_path / "pool", base_ckpt)
     assert summary["iters"] == smoke_params["teacher_pool"]["train"]["iters"] and summary["channels_sorted"]
     assert (tmp_path / "pool" / "supernet.pt").is_file() and not (tmp_path / "pool" / "train_state.pt").exists()
     sn = load_supernet(tmp_path / "pool" / "supernet.pt")
@@ -288,11 +333,12 @@ def test_bad_pool_params_are_clear_errors(tmp_path, override, message):
 
 
 @pytest.mark.slow
-def test_ddp_code_path_with_two_cpu_processes(prepared, tmp_path, capfd):
+def test_ddp_code_path_with_two_cpu_processes(prepared, base_ckpt, tmp_path, capfd):
     """The torchrun relaunch with 2 gloo processes: sharded batches, averaged gradients (the ranks'
     weights are checked to be equal at the end), only rank 0 writes. (No multi-GPU machine here.)"""
     from jdnas.dist import relaunch_with_torchrun
     rc = relaunch_with_torchrun(2, ["train-teacher-pool", "--data", str(prepared), "--out", str(tmp_path / "ddp"),
+                                    "--base", str(base_ckpt),
                                     "--threads", "1", "--params", str(REPO / "params.yaml"),
                                     "--params", str(REPO / "config" / "smoke.yaml")])
     out, err = capfd.readouterr()
@@ -304,7 +350,7 @@ def test_ddp_code_path_with_two_cpu_processes(prepared, tmp_path, capfd):
 
 
 @pytest.mark.slow
-def test_stage_resumes_after_kill(prepared, tmp_path):
+def test_stage_resumes_after_kill(prepared, base_ckpt, tmp_path):
     """SIGKILL the CLI mid-run; the rerun resumes from the state and ends where an uninterrupted run ends."""
     import os
     import signal
@@ -316,8 +362,8 @@ def test_stage_resumes_after_kill(prepared, tmp_path):
              "--params", str(tmp_path / "long.yaml")]
 
     def cmd(out: str) -> list[str]:
-        return ["jdnas", "train-teacher-pool", "--data", str(prepared), "--out", str(tmp_path / out),
-                "--threads", "1", *files]
+        return ["jdnas", "train-teacher-pool", "--data", str(prepared), "--base", str(base_ckpt),
+                "--out", str(tmp_path / out), "--threads", "1", *files]
 
     from jdnas.config import load_params
     from jdnas.teacher_pool import phase_starts

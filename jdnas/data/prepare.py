@@ -7,7 +7,6 @@ renamed at the end, so a failure leaves no output behind.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 from jdnas.data.coco import load_coco
 from jdnas.data.synthetic import generate_split
 from jdnas.errors import DataError
-from jdnas.io import atomic_dir
+from jdnas.io import atomic_dir, file_sha256
 
 SPLITS = ("train", "minival", "val")
 DEFAULT_OUT = Path("data/prepared")
@@ -42,8 +41,6 @@ def split_minival(data: dict, fraction: float, seed: int) -> tuple[dict, dict]:
     return _subset(data, set(ids) - mini), _subset(data, mini)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _counts(data: dict) -> dict[str, Any]:
@@ -82,7 +79,7 @@ def prepare_data(params: dict, out_dir: str | Path = DEFAULT_OUT) -> dict[str, A
         for name, (data, root) in splits.items():
             path = tmp / f"{name}.json"
             path.write_text(json.dumps({**data, "jdnas": {"image_root": root}}))
-            manifest["splits"][name] = {**_counts(data), "sha256": _sha256(path)}
+            manifest["splits"][name] = {**_counts(data), "sha256": file_sha256(path)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if clipped:
         print(f"prepare_data: clipped {clipped} boxes that extended outside their image (data.out_of_image=clip)")

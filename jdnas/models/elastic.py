@@ -291,6 +291,40 @@ class Supernet:
         static.load_state_dict(sliced)
         return static.train(self.model.training)
 
+    def inherit(self, arch: Arch, state: dict[str, torch.Tensor]) -> None:
+        """Start from a trained detector of `arch` (a sub-network of the pool): the largest member
+        then computes exactly what that detector computes, and so does every member containing it.
+
+        Its tensors go into the leading slice of the supernet's; blocks it lacks get a zero
+        last-BN gain (an identity residual, as `deepen` does); mid channels it lacks keep their
+        random weights but the convs reading them get zero input weights, so they start silent
+        yet still receive gradients.
+        """
+        if not self.space.contains(arch):
+            raise ValueError(f"cannot inherit {arch}: not a sub-network of the pool around {self.space.max_arch}")
+        if arch.widths != self.space.max_arch.widths:
+            raise ValueError(f"cannot inherit {arch}: its stage output widths {arch.widths} differ from the pool's "
+                             f"{self.space.max_arch.widths}")
+        own = self.model.state_dict()
+        missing = [k for k in state if k not in own]
+        if missing:
+            raise ValueError(f"cannot inherit {arch}: the supernet has no tensor {missing[0]!r}")
+        with torch.no_grad():
+            for k, v in state.items():
+                if v.dim() != own[k].dim() or any(a > b for a, b in zip(v.shape, own[k].shape)):
+                    raise ValueError(f"cannot inherit {arch}: {k} has shape {tuple(v.shape)}, "
+                                     f"larger than the supernet's {tuple(own[k].shape)}")
+                slice_prefix(own[k], v.shape).copy_(v)
+            for s, (spec, blocks) in enumerate(zip(arch.stages, self.body.stages)):
+                for i, block in enumerate(blocks):
+                    if i >= spec.depth:
+                        block.last_bn.weight.zero_()
+                        block.last_bn.bias.zero_()
+                        continue
+                    readers = [block.conv2] if not isinstance(block, Bottleneck) else [block.conv2, block.conv3]
+                    for conv in readers:
+                        conv.weight[:, spec.mids[i]:].zero_()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
