@@ -9,6 +9,7 @@ include: "workflow/rules/base.smk"
 include: "workflow/rules/latency.smk"
 include: "workflow/rules/teacher_pool.smk"
 include: "workflow/rules/search.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -18,4 +19,5 @@ rule all:
         stage_outputs("eval_teacher_pool"),
         stage_outputs("evaluate_final"),
         f"{SEARCH}/history.csv",
+        stage_outputs("report"),
     default_target: True

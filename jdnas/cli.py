@@ -86,7 +86,7 @@ def cmd_search_step(args: argparse.Namespace) -> None:
     params = _params(args)
     _runtime(args, params)
     if args.step == "history":
-        search.write_history(Path(args.root), params["search"]["rounds"])
+        search.write_history(Path(args.root), params)
         return
     if args.step in ("propose", "candidate", "select") and args.round is None:
         raise JdnasError(f"search-step {args.step}: --round is required")
@@ -114,6 +114,20 @@ def cmd_evaluate_final(args: argparse.Namespace) -> None:
     params = _params(args)
     _runtime(args, params)
     print(json.dumps(evaluate_final(params, args.data, args.state, args.base, args.out)))
+
+
+def cmd_baseline(args: argparse.Namespace) -> None:
+    from jdnas.baseline import run_baseline
+    params = _params(args)
+    _runtime(args, params)
+    print(json.dumps(run_baseline(params, args.data, args.latency_table, args.base, args.supernet,
+                                  args.search_summary, args.out)["final"]))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from jdnas.report import write_report
+    rows = write_report(args.runs, args.out, _params(args))
+    print(json.dumps(rows))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -234,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", required=True, help="the last round's state.json")
     p.add_argument("--base", default="runs/base/model.pt", help="base detector (default: %(default)s)")
     p.add_argument("--out", default="runs/final", help="output folder (default: %(default)s)")
+
+    p = add("baseline", cmd_baseline, "stage baseline_naive: NAS -> retrain -> prune -> KD on the search's "
+            "latency target, with the compute the search spent", threads=True)
+    p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
+    p.add_argument("--latency-table", default="runs/latency/cpu/table.csv", help="(default: %(default)s)")
+    p.add_argument("--base", default="runs/base/model.pt", help="base detector (default: %(default)s)")
+    p.add_argument("--supernet", default="runs/teacher_pool/supernet.pt", help="(default: %(default)s)")
+    p.add_argument("--search-summary", default="runs/search/summary.json",
+                   help="the search's latency target and measured compute (default: %(default)s)")
+    p.add_argument("--out", default="runs/baseline", help="output folder (default: %(default)s)")
+
+    p = add("report", cmd_report, "stage report: reports/report.md, summary.csv and plots from runs/")
+    p.add_argument("--runs", default="runs", help="runs folder (default: %(default)s)")
+    p.add_argument("--out", default="reports", help="output folder (default: %(default)s)")
 
     p = add("evaluate", cmd_evaluate, "COCO AP of a detector checkpoint on a prepared split", threads=True)
     p.add_argument("checkpoint", help="a model.pt written by jdnas")

@@ -228,6 +228,11 @@ SCHEMA: dict = {
         "teacher_mutate": number(0.4, 0.0, 1.0),
         "teacher_resample": number(0.2, 0.0, 1.0),
     },
+    "baseline": {
+        "nas_candidates": integer(3, 1),
+        "shares": numbers([0.4, 0.3, 0.15, 0.15], 0.0, 1.0, min_len=4),
+        "min_iters": integer(10, 1),
+    },
     "teacher_pool": {
         "init": choice("base", ("base", "scratch")),
         "space": {
@@ -308,6 +313,9 @@ def check_consistency(p: dict, source: str) -> None:
     sc = p["search"]
     if sc["teacher_keep"] + sc["teacher_mutate"] + sc["teacher_resample"] <= 0:
         raise ConfigError(f"{source}: search.teacher_keep/mutate/resample: at least one must be > 0")
+    shares = p["baseline"]["shares"]
+    if len(shares) != 4 or sum(shares) <= 0:
+        raise ConfigError(f"{source}: baseline.shares needs 4 fractions (nas, retrain, prune, kd) with a sum > 0")
     lat = p["latency"]
     if lat["device"] == "cpu" and lat["clock"] == "cpu_time" and lat["threads"] != 1:
         raise ConfigError(f"{source}: latency.clock = 'cpu_time' times one thread: set latency.threads to 1 "

@@ -31,8 +31,9 @@ from jdnas.models.elastic import PoolSpace
 from jdnas.morphism import legal_actions
 
 SEARCH = Path("runs/search")
-HISTORY_COLUMNS = ["round", "index", "action", "teacher", "student_arch", "ap", "ap50", "latency_ms", "score",
-                   "accepted", "seconds"]
+HISTORY_COLUMNS = ["round", "index", "action", "teacher", "teacher_arch", "student_arch", "ap", "ap50", "latency_ms",
+                   "score", "accepted", "seconds", "cpu_seconds", "student_params", "student_flops", "teacher_params",
+                   "teacher_flops"]
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -201,6 +202,7 @@ def write_proposals(ctx: Context, r: int) -> list[Candidate]:
 
 def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     """Train candidate k of round r (inherit weights, KD from its teacher), score it on minival."""
+    from jdnas.models.complexity import count_flops, count_params
     from jdnas.models.detector import save_detector
     from jdnas.student import train_student
     from jdnas.teacher_pool import TeacherPool
@@ -211,10 +213,11 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
         write_json(out / "result.json", result)
         return result
     c = Candidate(**cands[k])
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     teacher_arch = Teacher.parse(c.teacher).arch(ctx.space)
     pool = TeacherPool.load(ctx.supernet, ctx.data_dir, ctx.params)
-    save_detector(out / "teacher.pt", pool.teacher(teacher_arch).cpu(), stage="search", teacher=c.teacher)
+    teacher = pool.teacher(teacher_arch).cpu()
+    save_detector(out / "teacher.pt", teacher, stage="search", teacher=c.teacher)
     metrics = train_student(ctx.params, ctx.data_dir, out, round_dir(r - 1, ctx.root) / "student.pt",
                             c.action, out / "teacher.pt", eval_split="minival", seed=c.seed)
     arch = Arch.parse(metrics["arch"])
@@ -222,7 +225,10 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     result = {"round": r, "index": k, "skipped": False, "action": c.action, "teacher": c.teacher,
               "teacher_arch": str(teacher_arch), "student_arch": str(arch), "ap": metrics["AP"],
               "ap50": metrics["AP50"], "latency_ms": round(lat, 4), "score": round(ctx.score(metrics["AP"], lat), 4),
-              "seconds": round(time.time() - t0, 2), "started": t0, "finished": time.time()}
+              "student_params": metrics["params"], "student_flops": metrics["flops"],
+              "teacher_params": count_params(teacher), "teacher_flops": count_flops(teacher),
+              "seconds": round(time.time() - t0, 2), "cpu_seconds": round(time.process_time() - cpu0, 2),
+              "started": t0, "finished": time.time()}
     (out / "teacher.pt").unlink()  # rebuilt from the pool on demand; not worth the disk
     write_json(out / "result.json", result)
     return result
@@ -246,8 +252,16 @@ def select(ctx: Context, r: int) -> State:
     return state
 
 
-def write_history(root: Path, rounds: int, out: Path | None = None) -> pd.DataFrame:
-    """history.csv: one row per trained candidate, with whether its round accepted it."""
+def compute_spent(cpu_seconds: float, seconds: float, device: str) -> tuple[float, str]:
+    """The compute a job spent, in the unit pipelines are matched on: CPU-seconds on CPU (robust
+    to other jobs sharing the cores), GPU-seconds (wall time of its one GPU) on CUDA."""
+    return (cpu_seconds, "cpu_seconds") if device == "cpu" else (seconds, "gpu_seconds")
+
+
+def write_history(root: Path, params: dict, out: Path | None = None) -> pd.DataFrame:
+    """history.csv: one row per trained candidate, with whether its round accepted it; and
+    summary.json: the latency target and the compute all candidate jobs spent."""
+    rounds = params["search"]["rounds"]
     rows = []
     for r in range(1, rounds + 1):
         accepted = read_state(r, root).accepted
@@ -259,6 +273,13 @@ def write_history(root: Path, rounds: int, out: Path | None = None) -> pd.DataFr
     df = pd.DataFrame(rows, columns=HISTORY_COLUMNS).sort_values(["round", "index"])
     with atomic_path(out or root / "history.csv") as tmp:
         df.to_csv(tmp, index=False)
+    cpu, wall = float(df["cpu_seconds"].fillna(0).sum()), float(df["seconds"].fillna(0).sum())
+    compute, unit = compute_spent(cpu, wall, params["device"])
+    write_json(root / "summary.json", {
+        "rounds": rounds, "candidates_trained": len(df), "accepted": int(df["accepted"].sum()),
+        "target_ms": params["search"]["latency_target"] * read_state(0, root).latency_ms,
+        "penalty": params["search"]["penalty"], "cpu_seconds": round(cpu, 2), "seconds": round(wall, 2),
+        "compute": round(compute, 2), "compute_unit": unit})
     return df
 
 
@@ -276,7 +297,7 @@ def run_search(ctx: Context) -> State:
             if not (round_dir(r, ctx.root) / f"cand_{i}" / "result.json").is_file():
                 run_candidate(ctx, r, i)
         select(ctx, r)
-    write_history(ctx.root, rounds)
+    write_history(ctx.root, ctx.params)
     return read_state(rounds, ctx.root)
 
 

@@ -68,7 +68,7 @@ def _write_round(root, r, state, results):
 def _result(r, k, s, skipped=False):
     return {"round": r, "index": k, "skipped": skipped, "action": "prune(1,0.25)", "teacher": "d2,2,2,2/w1,1,1,1",
             "student_arch": "S16:2x16m16-2x32m24-2x64m64-2x128m128", "ap": s, "ap50": s, "latency_ms": 9.0,
-            "score": s, "seconds": 1.0}
+            "score": s, "seconds": 1.0, "cpu_seconds": 0.5}
 
 
 def test_select_accepts_best_improvement_then_stops_on_patience(tmp_path):
@@ -84,6 +84,10 @@ def test_select_accepts_best_improvement_then_stops_on_patience(tmp_path):
     _write_round(tmp_path, 3, None, [{"round": 3, "index": 0, "skipped": True}])
     s3 = select(_Ctx(tmp_path, patience=1), 3)
     assert s3.stopped and s3.stale == 1 and s3.score == 12.0  # a stopped search passes its state through
-    df = write_history(tmp_path, 3)
+    df = write_history(tmp_path, {"device": "cpu", "search": {"rounds": 3, "latency_target": 0.8, "penalty": 50.0}})
     assert list(df["accepted"]) == [False, True, False, False]
     assert (tmp_path / "history.csv").is_file()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["compute_unit"] == "cpu_seconds" and summary["compute"] == summary["cpu_seconds"] == 4 * 0.5
+    assert summary["seconds"] == 4.0 and summary["candidates_trained"] == 4 and summary["accepted"] == 1
+    assert summary["target_ms"] == pytest.approx(0.8 * 10.0)

@@ -98,6 +98,7 @@ rule search_history:
         [f"{SEARCH}/round_{r}/state.json" for r in range(1, ROUNDS + 1)],
     output:
         f"{SEARCH}/history.csv",
+        f"{SEARCH}/summary.json",
     conda:
         "../../envs/jdnas.yaml"
     log:

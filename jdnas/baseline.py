@@ -1,0 +1,270 @@
+"""The naive pipeline (DESIGN §10): NAS, then retrain, then prune, then KD, one step after another.
+
+It runs on the joint search's prepared data, latency table and latency target, with a compute
+budget equal to what the joint search's candidate jobs measurably spent
+(`runs/search/summary.json`: CPU-seconds on CPU, GPU-seconds on CUDA). Each step gets its
+share of the budget still left; its iteration count is that share divided by a measured cost
+per iteration, so the total spent lands near the budget (both are reported).
+
+1. nas: random archs of the search's space (random walks of legal actions from the base arch),
+   each trained from scratch on a proxy schedule and scored on minival like the search scores;
+2. retrain: the best one from scratch on the rest of the schedule;
+3. prune: L1 channel pruning (the morphism's prune/slim) until the predicted latency meets the
+   target, then a fine-tune;
+4. kd: distillation from the teacher pool's largest member.
+
+Every step writes `runs/baseline/steps/<step>/` (model.pt, metrics.json), so a killed run resumes
+from the last finished step; `runs/baseline/metrics.json` sums them up.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from jdnas.base_detector import fingerprint
+from jdnas.data.dataset import CocoDetection, IterationSampler, collate
+from jdnas.engine import detection_loss, evaluate, make_optimizer, resolve_device, to_device, train_detector
+from jdnas.errors import JdnasError
+from jdnas.io import write_json
+from jdnas.latency import LatencyTable
+from jdnas.models.arch import Arch
+from jdnas.models.complexity import count_flops, count_params
+from jdnas.models.detector import Detector, build_detector, head_config, load_detector, read_checkpoint, save_detector
+from jdnas.morphism import Action, child_arch, legal_actions, morph_detector
+from jdnas.search import compute_spent, score
+
+STEPS = ("nas", "retrain", "prune", "kd")
+
+
+# --- the pieces ------------------------------------------------------------------------------
+def random_arch(base: Arch, bounds: dict[str, Any], rng: random.Random, max_steps: int) -> Arch:
+    """A random walk of 1..max_steps legal actions from `base`: an arch the search could reach."""
+    arch = base
+    for _ in range(rng.randint(1, max(1, max_steps))):
+        actions = legal_actions(arch, bounds)
+        if not actions:
+            break
+        arch = child_arch(rng.choice(actions), arch)
+    return arch
+
+
+def nas_archs(base: Arch, bounds: dict[str, Any], table: LatencyTable, target_ms: float, n: int, seed: int,
+              max_steps: int, tries: int = 500) -> list[Arch]:
+    """`n` distinct random archs, those meeting the latency target first (then the fastest others)."""
+    rng = random.Random(seed)
+    seen: dict[Arch, float] = {}
+    for _ in range(tries):
+        arch = random_arch(base, bounds, rng, max_steps)
+        if arch not in seen and table.covers(arch):
+            seen[arch] = table.predict(arch)
+        if sum(ms <= target_ms for ms in seen.values()) >= n:
+            break
+    ranked = sorted(seen, key=lambda a: (seen[a] > target_ms, seen[a] if seen[a] > target_ms else 0.0))
+    return ranked[:n]
+
+
+def prune_actions(model: Detector, bounds: dict[str, Any], table: LatencyTable, target_ms: float) -> list[Action]:
+    """Greedy L1 channel pruning plan: the prune/slim action saving the most latency, until the
+    predicted latency meets the target or no prune/slim action is legal."""
+    arch, plan = model.arch, []
+    bounds = {**bounds, "actions": [a for a in ("prune", "slim") if a in bounds["actions"]] or ["prune"]}
+    while table.predict(arch) > target_ms:
+        options = [a for a in legal_actions(arch, bounds) if table.covers(child_arch(a, arch))]
+        if not options:
+            break
+        best = min(options, key=lambda a: (table.predict(child_arch(a, arch)), str(a)))
+        if table.predict(child_arch(best, arch)) >= table.predict(arch):
+            break
+        plan.append(best)
+        arch = child_arch(best, arch)
+    return plan
+
+
+def iteration_cost(model: Detector, dataset: CocoDetection, cfg: dict[str, Any], device: torch.device,
+                   clock: Callable[[], float], iters: int = 3) -> float:
+    """Measured compute of one training iteration of `model` (on a copy: the model is untouched)."""
+    probe = copy.deepcopy(model).to(device).train()
+    opt = make_optimizer(probe, cfg)
+    batches = IterationSampler(len(dataset), cfg["batch_size"], iters + 1, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
+    with torch.random.fork_rng(devices=[]):
+        t0 = None
+        for i, (images, targets) in enumerate(loader):
+            if i == 1:  # the first iteration warms up allocators and caches
+                t0 = clock()
+            images, targets = to_device(images, targets, device)
+            loss = sum(detection_loss(probe, images, targets).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return (clock() - t0) / iters
+
+
+class Budget:
+    """The compute budget, spent step by step in the unit the joint search was measured in."""
+
+    def __init__(self, total: float, unit: str, shares: list[float]) -> None:
+        self.total, self.unit, self.spent = total, unit, 0.0
+        self.shares = dict(zip(STEPS, shares))
+
+    def clock(self) -> float:
+        return time.process_time() if self.unit == "cpu_seconds" else time.time()
+
+    def share(self, step: str) -> float:
+        """This step's part of what is left, by the shares of the steps not yet run."""
+        left = STEPS[STEPS.index(step):]
+        return max(0.0, self.total - self.spent) * self.shares[step] / sum(self.shares[s] for s in left)
+
+
+# --- the pipeline ----------------------------------------------------------------------------
+class Naive:
+    """Runs the four steps; each step's result is kept in `<out>/<step>/` and reused on a rerun."""
+
+    def __init__(self, params: dict, data_dir: str | Path, table: str | Path, base: str | Path,
+                 supernet: str | Path, search_summary: str | Path, out_dir: str | Path) -> None:
+        self.params, self.cfg = params, params["baseline"]
+        self.data_dir, self.out = Path(data_dir), Path(out_dir)
+        self.steps = self.out / "steps"  # one folder per step: a DVC output that survives reruns
+        self.supernet = Path(supernet)
+        self.device = resolve_device(params["device"])
+        self.table = LatencyTable.load(table)
+        self.base_arch = Arch.from_json(read_checkpoint(base)["arch"])
+        summary = json.loads(Path(search_summary).read_text())
+        self.target_ms = float(summary["target_ms"])
+        self.budget = Budget(float(summary["compute"]), summary["compute_unit"], self.cfg["shares"])
+        self.train_set = CocoDetection(self.data_dir / "train.json", max_size=params["model"]["max_size"])
+        self.head = head_config(params["model"], self.train_set.labels.num_classes)
+
+    def score(self, ap: float, latency_ms: float) -> float:
+        return score(ap, latency_ms, self.target_ms, self.params["search"]["penalty"])
+
+    def iters_for(self, model: Detector, share: float, cfg: dict[str, Any]) -> tuple[int, float]:
+        """Iterations that fit in `share` (at least min_iters), and the measured cost per iteration."""
+        cost = iteration_cost(model, self.train_set, cfg, self.device, self.budget.clock)
+        return max(self.cfg["min_iters"], int(share / cost)), cost
+
+    def _schedule(self, cfg: dict[str, Any], iters: int) -> dict[str, Any]:
+        return {**cfg, "iters": iters, "warmup_iters": min(cfg["warmup_iters"], iters // 5),
+                "checkpoint_every": max(1, min(cfg["checkpoint_every"], iters))}
+
+    def train_scratch(self, arch: Arch, share: float, out: Path, seed: int) -> tuple[Detector, dict[str, Any]]:
+        """A fresh detector of `arch` trained with the base's recipe for what `share` buys."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_detector(arch, self.head)
+        iters, cost = self.iters_for(model, share, self.params["train_base"])
+        cfg = self._schedule(self.params["train_base"], iters)
+        fp = fingerprint(str(arch), self.head, cfg, seed, "baseline")
+        train_detector(model, self.train_set, cfg, out / "train_state.pt", seed, self.device, fp,
+                       desc=f"baseline {out.name}")
+        (out / "train_state.pt").unlink(missing_ok=True)
+        return model, {"iters": iters, "cost_per_iter": round(cost, 4)}
+
+    def fine_tune(self, init: Path, share: float, out: Path, teacher: Path | None) -> dict[str, Any]:
+        """`jdnas train` from `init` (with KD when a teacher is given) for what `share` buys."""
+        from jdnas.student import train_student
+        iters, cost = self.iters_for(load_detector(init), share, self.params["train_student"])
+        params = {**self.params, "train_student": self._schedule(self.params["train_student"], iters)}
+        metrics = train_student(params, self.data_dir, out, init, None, teacher, eval_split="val",
+                                seed=self.params["seed"])
+        return {**metrics, "iters": iters, "cost_per_iter": round(cost, 4)}
+
+    def describe(self, model: Detector, metrics: dict[str, Any]) -> dict[str, Any]:
+        from jdnas.teacher_pool import measure_latency
+        lat = self.table.predict(model.arch)
+        ev = self.params["teacher_pool"]["eval"]
+        return {"arch": str(model.arch), **{k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
+                "latency_ms": round(lat, 4), "meets_target": lat <= self.target_ms,
+                "measured_latency_ms": measure_latency(model, ev["latency_runs"] * 4, ev["latency_threads"],
+                                                       self.device),
+                "params": count_params(model), "flops": count_flops(model)}
+
+    def step(self, name: str, run: Callable[[Path, float], dict[str, Any]]) -> dict[str, Any]:
+        """Run step `name` unless its metrics.json exists; charge its measured compute to the budget."""
+        out = self.steps / name
+        done = out / "metrics.json"
+        if not done.is_file():
+            share = self.budget.share(name)
+            t0, c0 = time.time(), self.budget.clock()
+            result = run(out, share)
+            spent = self.budget.clock() - c0
+            write_json(done, {"step": name, **result, "share": round(share, 2), "compute": round(spent, 2),
+                              "seconds": round(time.time() - t0, 2)})
+        result = json.loads(done.read_text())
+        self.budget.spent += result["compute"]
+        return result
+
+    # the four steps
+    def nas(self, out: Path, share: float) -> dict[str, Any]:
+        n = self.cfg["nas_candidates"]
+        archs = nas_archs(self.base_arch, self.params["search_space"], self.table, self.target_ms, n,
+                          self.params["seed"], max_steps=2 * self.params["search"]["rounds"])
+        if not archs:
+            raise JdnasError("baseline: no arch of the search space is covered by the latency table")
+        candidates: list[dict[str, Any]] = []
+        for i, arch in enumerate(archs):
+            done = out / f"cand_{i}" / "result.json"
+            if not done.is_file():  # each candidate: an equal part of the NAS share still left
+                part = max(0.0, share - sum(c["compute"] for c in candidates)) / (len(archs) - i)
+                c0 = self.budget.clock()
+                model, info = self.train_scratch(arch, part, out / f"cand_{i}", self.params["seed"] + i)
+                m = evaluate(model, self.data_dir / "minival.json", self.params["eval"]["batch_size"], self.device)
+                save_detector(out / f"cand_{i}" / "model.pt", model.cpu(), stage="baseline_nas", metrics=m)
+                lat = self.table.predict(arch)
+                write_json(done, {"arch": str(arch), "ap": m["AP"], "latency_ms": round(lat, 4),
+                                  "score": round(self.score(m["AP"], lat), 4), **info,
+                                  "compute": round(self.budget.clock() - c0, 2)})
+            candidates.append(json.loads(done.read_text()))
+        best = max(range(len(candidates)), key=lambda i: (candidates[i]["score"], -i))
+        model = load_detector(out / f"cand_{best}" / "model.pt", self.device)
+        metrics = evaluate(model, self.data_dir / "val.json", self.params["eval"]["batch_size"], self.device)
+        save_detector(out / "model.pt", model.cpu(), stage="baseline_nas")
+        return {**self.describe(model, metrics), "chosen": best, "candidates": candidates}
+
+    def retrain(self, out: Path, share: float) -> dict[str, Any]:
+        arch = Arch.parse(json.loads((self.steps / "nas" / "metrics.json").read_text())["arch"])
+        model, info = self.train_scratch(arch, share, out, self.params["seed"])
+        metrics = evaluate(model, self.data_dir / "val.json", self.params["eval"]["batch_size"], self.device)
+        save_detector(out / "model.pt", model.cpu(), stage="baseline_retrain", metrics=metrics)
+        return {**self.describe(model, metrics), **info}
+
+    def prune(self, out: Path, share: float) -> dict[str, Any]:
+        init = self.steps / "retrain" / "model.pt"
+        model = load_detector(init)
+        plan = prune_actions(model, self.params["search_space"], self.table, self.target_ms)
+        for action in plan:
+            model = morph_detector(model, action)
+        out.mkdir(parents=True, exist_ok=True)
+        save_detector(out / "pruned.pt", model, stage="baseline_prune", actions=[str(a) for a in plan])
+        metrics = self.fine_tune(out / "pruned.pt", share, out, None)
+        return {**self.describe(load_detector(out / "model.pt"), metrics), "actions": [str(a) for a in plan],
+                "iters": metrics["iters"], "cost_per_iter": metrics["cost_per_iter"]}
+
+    def kd(self, out: Path, share: float) -> dict[str, Any]:
+        from jdnas.teacher_pool import TeacherPool
+        pool = TeacherPool.load(self.supernet, self.data_dir, self.params)
+        out.mkdir(parents=True, exist_ok=True)
+        save_detector(out / "teacher.pt", pool.teacher(pool.space.largest()).cpu(), stage="baseline_kd")
+        metrics = self.fine_tune(self.steps / "prune" / "model.pt", share, out, out / "teacher.pt")
+        return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": str(pool.space.largest()),
+                "iters": metrics["iters"], "cost_per_iter": metrics["cost_per_iter"]}
+
+    def run(self) -> dict[str, Any]:
+        steps = [self.step(name, getattr(self, name)) for name in STEPS]
+        summary = {"compute_unit": self.budget.unit, "budget": round(self.budget.total, 2),
+                   "spent": round(self.budget.spent, 2), "latency_target_ms": round(self.target_ms, 4),
+                   "nas_candidates": steps[0]["candidates"], "steps": steps, "final": steps[-1]}
+        write_json(self.out / "metrics.json", summary)
+        return summary
+
+
+def run_baseline(params: dict, data_dir: str | Path, table: str | Path, base: str | Path, supernet: str | Path,
+                 search_summary: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Stage baseline_naive: the four steps -> `<out_dir>/metrics.json`."""
+    return Naive(params, data_dir, table, base, supernet, search_summary, out_dir).run()

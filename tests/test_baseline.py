@@ -1,0 +1,91 @@
+"""The naive pipeline's pieces: random archs of the search space, pruning to a latency target, the budget."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from jdnas.baseline import Budget, iteration_cost, nas_archs, prune_actions, random_arch
+from jdnas.config import load_params
+from jdnas.data.dataset import CocoDetection
+from jdnas.latency import spaces_from_params
+from jdnas.models.arch import resolve_arch
+from jdnas.models.detector import build_detector, head_config
+from jdnas.morphism import legal_actions
+from conftest import REPO
+from test_latency import synthetic_table
+
+
+@pytest.fixture(scope="module")
+def default():
+    params = load_params([REPO / "params.yaml"])
+    base = resolve_arch(params["model"]["base"], params["model"]["width"])
+    table = synthetic_table(spaces_from_params(params), head_config(params["model"], 5))
+    return params, base, table
+
+
+def _in_bounds(arch, bounds) -> bool:
+    return all(lo <= d <= hi for d, lo, hi in zip(arch.depths, bounds["min_depth"], bounds["max_depth"]))
+
+
+def test_random_archs_are_seeded_walks_inside_the_search_space(default):
+    params, base, _ = default
+    bounds = params["search_space"]
+    walks = [random_arch(base, bounds, random.Random(s), 6) for s in range(20)]
+    assert walks == [random_arch(base, bounds, random.Random(s), 6) for s in range(20)]
+    assert len(set(walks)) > 10 and base not in walks[:1]
+    assert all(_in_bounds(a, bounds) and min(min(s.mids) for s in a.stages) >= bounds["min_width"] for a in walks)
+
+
+def test_nas_archs_put_those_meeting_the_target_first(default):
+    params, base, table = default
+    target = 0.97 * table.predict(base)
+    archs = nas_archs(base, params["search_space"], table, target, 4, seed=0, max_steps=6)
+    assert len(archs) == len(set(archs)) == 4
+    meets = [table.predict(a) <= target for a in archs]
+    assert meets == sorted(meets, reverse=True) and meets[0]
+    assert archs == nas_archs(base, params["search_space"], table, target, 4, seed=0, max_steps=6)
+
+
+def test_prune_plan_reaches_the_target_one_latency_cut_at_a_time(default):
+    params, base, table = default
+    model = build_detector(base, head_config(params["model"], 5))
+    target = 0.9 * table.predict(base)
+    plan = prune_actions(model, params["search_space"], table, target)
+    assert plan and {a.kind for a in plan} <= {"prune", "slim"}
+    from jdnas.morphism import child_arch
+    arch, last = base, table.predict(base)
+    for action in plan:
+        assert action in legal_actions(arch, params["search_space"])
+        arch = child_arch(action, arch)
+        assert table.predict(arch) < last
+        last = table.predict(arch)
+    assert last <= target
+    assert prune_actions(model, params["search_space"], table, 2 * table.predict(base)) == []
+    # an unreachable target: prune as far as the bounds allow, then stop
+    deepest = prune_actions(model, params["search_space"], table, 0.01)
+    assert len(deepest) > len(plan)
+
+
+def test_budget_shares_what_is_left():
+    b = Budget(100.0, "cpu_seconds", [0.4, 0.3, 0.15, 0.15])
+    assert b.share("nas") == pytest.approx(40.0)
+    b.spent = 50.0  # the NAS overspent: the later steps share what is left, in proportion
+    assert b.share("retrain") == pytest.approx(50.0 * 0.3 / 0.6)
+    b.spent = 120.0
+    assert b.share("kd") == 0.0
+    assert Budget(1.0, "gpu_seconds", [1, 1, 1, 1]).clock() > 1e9  # GPU-seconds: wall clock
+
+
+def test_iteration_cost_is_measured_on_a_copy(prepared, smoke_params):
+    torch.set_num_threads(1)
+    data = CocoDetection(prepared / "train.json", max_size=smoke_params["model"]["max_size"])
+    model = build_detector(resolve_arch("tiny", 0.5), head_config(smoke_params["model"], data.labels.num_classes))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    import time
+    cost = iteration_cost(model, data, smoke_params["train_student"], torch.device("cpu"), time.process_time, iters=2)
+    assert cost > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())

@@ -1,0 +1,42 @@
+# The naive NAS -> retrain -> prune -> KD pipeline (its budget is what the search spent), then
+# the report that puts it beside the joint search.
+from jdnas.stages import REPORT, REPORT_PLOTS
+
+
+rule baseline_naive:
+    input:
+        stage_inputs("baseline_naive"),
+    output:
+        # only the metrics: Snakemake would delete a declared steps/ folder before a rerun, and the
+        # finished steps in it are what a killed run resumes from
+        STAGES["baseline_naive"].metrics,
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/baseline_naive.log",
+    threads: 1
+    resources:
+        gpu=GPUS_PER_JOB,
+    params:
+        trigger=STAGES["baseline_naive"].params_hash(PARAMS),
+    shell:
+        stage_shell("baseline_naive")
+
+
+rule report:
+    input:
+        stage_inputs("report"),
+        [f"{SEARCH}/round_{r}/state.json" for r in range(PARAMS["search"]["rounds"] + 1)],
+    output:
+        report(f"{REPORT}/report.md", category="Report"),
+        report(f"{REPORT}/summary.csv", category="Report"),
+        [report(f"{REPORT}/{p}", category="Plots") for p in REPORT_PLOTS],
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/report.log",
+    threads: 1
+    params:
+        trigger=STAGES["report"].params_hash(PARAMS),
+    shell:
+        stage_shell("report")
