@@ -1,0 +1,312 @@
+"""The report: the joint search beside the naive NAS -> prune -> KD pipeline (DESIGN §10, §11).
+
+`write_report(runs, out, params)` reads the finished stages' artifacts under `runs/` and writes
+`out/summary.csv` (one row per model), `out/report.md` and the plots named in `PLOTS`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from jdnas.errors import JdnasError  # noqa: E402
+from jdnas.io import atomic_path  # noqa: E402
+
+PLOTS: tuple[str, ...] = ("search_trajectory.png", "ap_vs_latency.png", "teacher_pool.png",
+                          "student_vs_teacher.png")
+COLUMNS = ["model", "AP", "AP50", "latency_ms", "latency_source", "predicted_latency_ms", "params", "flops",
+           "compute", "compute_unit", "cumulative_compute", "meets_target"]
+STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 9, "figure.dpi": 110}
+
+
+# --- inputs ------------------------------------------------------------------------------------
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise JdnasError(f"report: missing input {path} (run the stage that writes it first)")
+    return path
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(_need(path).read_text())
+    except json.JSONDecodeError as e:
+        raise JdnasError(f"report: {path} is not valid JSON: {e}") from None
+
+
+def _csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(_need(path))
+
+
+def _num(x: Any) -> float:
+    """A metric as a float; None or missing (undefined COCO metric, unknown time) becomes NaN."""
+    return float("nan") if x is None else float(x)
+
+
+def _history(path: Path) -> pd.DataFrame:
+    """history.csv with numeric columns as floats (empty cells NaN) and `accepted` as bool."""
+    h = _csv(path)
+    for c in ("round", "ap", "latency_ms", "score", "student_flops", "teacher_flops"):
+        h[c] = pd.to_numeric(h[c], errors="coerce")
+    h["accepted"] = h["accepted"].astype(str).str.lower().eq("true")
+    return h
+
+
+@dataclass
+class Runs:
+    """Every artifact the report reads, loaded once."""
+
+    base: dict            # runs/base/metrics.json
+    final: dict           # runs/final/metrics.json: {"final": ..., "base": ...}
+    states: list[dict]    # runs/search/round_<r>/state.json, r = 0..R
+    history: pd.DataFrame  # runs/search/history.csv (numbers as floats, accepted as bool)
+    search: dict          # runs/search/summary.json
+    pool: pd.DataFrame    # runs/teacher_pool/pool.csv
+    baseline: dict        # runs/baseline/metrics.json
+
+    @classmethod
+    def load(cls, root: str | Path, rounds: int) -> "Runs":
+        root = Path(root)
+        s = root / "search"
+        return cls(_json(root / "base" / "metrics.json"), _json(root / "final" / "metrics.json"),
+                   [_json(s / f"round_{r}" / "state.json") for r in range(rounds + 1)],
+                   _history(s / "history.csv"), _json(s / "summary.json"),
+                   _csv(root / "teacher_pool" / "pool.csv"), _json(root / "baseline" / "metrics.json"))
+
+    @property
+    def target_ms(self) -> float:
+        return float(self.search["target_ms"])
+
+    @property
+    def unit(self) -> str:
+        return self.baseline["compute_unit"]
+
+
+# --- the summary table ---------------------------------------------------------------------------
+def _row(model: str, m: dict, predicted: Any, measured: Any, compute: Any, unit: str, cumulative: Any,
+         target_ms: float) -> dict:
+    predicted, measured = _num(predicted), _num(measured)
+    return {"model": model, "AP": _num(m.get("AP")), "AP50": _num(m.get("AP50")),
+            "latency_ms": predicted if math.isnan(measured) else measured,
+            "latency_source": "predicted" if math.isnan(measured) else "measured",
+            "predicted_latency_ms": predicted, "params": m.get("params"), "flops": m.get("flops"),
+            "compute": _num(compute), "compute_unit": unit, "cumulative_compute": _num(cumulative),
+            "meets_target": bool(predicted <= target_ms)}
+
+
+def summary_rows(r: Runs) -> dict[str, dict]:
+    """One row per model (base, naive/<step>..., joint/final), keyed by model name.
+
+    Compute is what produced the model: the base's training CPU-seconds, each naive step's own
+    compute (cumulative_compute adds up the pipeline so far), the search's candidate jobs.
+    """
+    rows = [_row("base", r.base, r.states[0]["latency_ms"], r.final["base"].get("latency_ms"),
+                 r.base.get("train_cpu_seconds"), "cpu_seconds", r.base.get("train_cpu_seconds"), r.target_ms)]
+    total = 0.0
+    for step in r.baseline["steps"]:
+        total += step["compute"]
+        rows.append(_row(f"naive/{step['step']}", step, step["latency_ms"], step.get("measured_latency_ms"),
+                         step["compute"], r.unit, total, r.target_ms))
+    joint_unit = r.unit if r.unit in r.search else "cpu_seconds"
+    rows.append(_row("joint/final", r.final["final"], r.states[-1]["latency_ms"], r.final["final"].get("latency_ms"),
+                     r.search[joint_unit], joint_unit, r.search[joint_unit], r.target_ms))
+    return {row["model"]: row for row in rows}
+
+
+# --- Pareto front and correlation ------------------------------------------------------------------
+def pareto_front(ap: Sequence[float], latency_ms: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats (AP >= and latency <=, one strictly), by latency.
+
+    NaN points are never on the front; of exact duplicates only the first is kept.
+    """
+    ap, lat = np.asarray(ap, dtype=float), np.asarray(latency_ms, dtype=float)
+    order = sorted((i for i in range(len(ap)) if np.isfinite(ap[i]) and np.isfinite(lat[i])),
+                   key=lambda i: (lat[i], -ap[i], i))
+    front, best = [], -math.inf
+    for i in order:
+        if ap[i] > best:
+            front.append(i)
+            best = ap[i]
+    return front
+
+
+def _pearson(x: pd.Series, y: pd.Series) -> float:
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def correlations(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """(Spearman, Pearson) over the pairs where both are finite; NaN with fewer than 3 or no spread."""
+    df = pd.DataFrame({"x": x, "y": y}, dtype=float).replace([np.inf, -np.inf], np.nan).dropna()
+    return _pearson(df.x.rank(), df.y.rank()), _pearson(df.x, df.y)
+
+
+# --- plots -----------------------------------------------------------------------------------------
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _scatter(ax: plt.Axes, x: Any, y: Any, **kw: Any) -> Any:
+    """ax.scatter, leaving a series with no finite point out of the legend."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if not (np.isfinite(x) & np.isfinite(y)).any():
+        kw["label"] = "_nolegend_"
+    return ax.scatter(x, y, **kw)
+
+
+def plot_trajectory(r: Runs, path: Path) -> None:
+    """Score and AP of the current state per round, every candidate's score, accepted ones starred."""
+    h = r.history
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rounds = [s["round"] for s in r.states]
+    ax.plot(rounds, [_num(s["score"]) for s in r.states], "o-", color="C0", label="state score")
+    ax.plot(rounds, [_num(s["ap"]) for s in r.states], "s--", color="C1", label="state AP (minival)")
+    _scatter(ax, h["round"], h["score"], color="grey", alpha=0.6, label="candidate score")
+    acc = h[h["accepted"]]
+    _scatter(ax, acc["round"], acc["score"], marker="*", s=220, color="C3", zorder=3, label="accepted candidate")
+    ax.set(title=f"Joint search trajectory (target {r.target_ms:.2f} ms, penalty {r.search['penalty']:g})",
+           xlabel="round", ylabel="score / AP (%)", xticks=rounds)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    _save(fig, path)
+
+
+def plot_ap_vs_latency(r: Runs, path: Path) -> None:
+    """Candidates' minival AP vs predicted latency with their Pareto front; base and finals on val."""
+    h, naive_final = r.history, r.baseline["final"]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    nas = pd.DataFrame(r.baseline.get("nas_candidates") or [], columns=["ap", "latency_ms"])
+    _scatter(ax, nas["latency_ms"], nas["ap"], marker="x", color="silver", label="naive NAS candidates")
+    _scatter(ax, h["latency_ms"], h["ap"], color="C0", alpha=0.7, label="joint candidates (minival AP)")
+    front = h.iloc[pareto_front(h["ap"], h["latency_ms"])]
+    ax.step(front["latency_ms"], front["ap"], where="post", color="C0", lw=1.5,
+            label="Pareto front (candidates)" if len(front) > 1 else "_nolegend_")
+    ax.axvline(r.target_ms, color="k", ls=":", label=f"latency target {r.target_ms:.2f} ms")
+    marks = [("base (val AP)", r.base.get("AP"), r.states[0]["latency_ms"], "D", "C2"),
+             ("naive final (val AP)", naive_final.get("AP"), naive_final["latency_ms"], "s", "C1"),
+             ("joint final (val AP)", r.final["final"].get("AP"), r.states[-1]["latency_ms"], "*", "C3")]
+    for label, ap, lat, marker, color in marks:
+        _scatter(ax, [_num(lat)], [_num(ap)], marker=marker, s=160, color=color, edgecolor="k", zorder=3, label=label)
+    ax.set(title="AP vs predicted latency", xlabel="predicted latency (ms)", ylabel="AP (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    _save(fig, path)
+
+
+def plot_teacher_pool(r: Runs, path: Path) -> None:
+    """The sampled teacher-pool members: AP vs latency, one colour per role."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (role, g) in enumerate(r.pool.groupby("role", sort=False)):
+        _scatter(ax, pd.to_numeric(g["latency_ms"], errors="coerce"), pd.to_numeric(g["AP"], errors="coerce"),
+                   s=70, color=f"C{i}", label=role)
+    ax.set(title="Elastic teacher pool: sampled members", xlabel="latency (ms)", ylabel="AP (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="role", loc="best")
+    _save(fig, path)
+
+
+def plot_student_vs_teacher(r: Runs, path: Path) -> None:
+    """Student FLOPs vs its teacher's FLOPs per candidate, coloured by score, with correlations."""
+    h = r.history
+    x, y = h["teacher_flops"] / 1e9, h["student_flops"] / 1e9
+    rho, pr = correlations(x, y)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    known = h["score"].notna()
+    pts = _scatter(ax, x[known], y[known], c=h["score"][known], cmap="viridis", s=60, label="candidate")
+    _scatter(ax, x[~known], y[~known], s=60, facecolor="none", edgecolor="grey", label="candidate, score unknown")
+    acc = h["accepted"]
+    _scatter(ax, x[acc], y[acc], s=200, facecolor="none", edgecolor="C3", lw=2, label="accepted")
+    if known.any():
+        fig.colorbar(pts, ax=ax, label="candidate score")
+    ax.set(title=f"Student vs teacher capacity (n={len(h)})\nSpearman ρ = {_fmt(rho)}, Pearson r = {_fmt(pr)}",
+           xlabel="teacher FLOPs (G)", ylabel="student FLOPs (G)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    _save(fig, path)
+
+
+# --- report.md -------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:,.2f}"
+    return "–" if v is None else str(v)
+
+
+def _md_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _verdict(joint: dict, naive: dict) -> str:
+    diff = joint["AP"] - naive["AP"]
+    if math.isnan(diff):
+        return "AP joint − naive: unknown (an AP is undefined)."
+    who = "the joint search is better" if diff > 0 else "the naive pipeline is better" if diff < 0 else "a tie"
+    return (f"AP joint − naive = {joint['AP']:.2f} − {naive['AP']:.2f} = **{diff:+.2f} AP**: {who} "
+            f"(joint {'meets' if joint['meets_target'] else 'misses'} the target, "
+            f"naive {'meets' if naive['meets_target'] else 'misses'} it).")
+
+
+def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
+    joint, naive = rows["joint/final"], rows[f"naive/{r.baseline['steps'][-1]['step']}"]
+    b = r.baseline
+    intro = [
+        "# Joint-DetNAS report", "",
+        "Compared on the same data, latency target and compute budget: the base detector, the naive pipeline "
+        "(NAS → retrain → L1 prune → KD from the pool's largest teacher) step by step, and the joint search "
+        "(hill climbing over student–teacher pairs, weight inheritance + KD). AP is COCO AP (%) on val; "
+        "search-time AP is on minival.", "",
+        f"- Latency target: **{r.target_ms:.2f} ms** predicted on {device} (naive pipeline: "
+        f"{_num(b.get('latency_target_ms')):.2f} ms).",
+        f"- Compute: naive budget {_fmt(_num(b['budget']))} {b['compute_unit']}, spent {_fmt(_num(b['spent']))}; "
+        f"joint search spent {_fmt(joint['compute'])} {joint['compute_unit']} (its candidate jobs).",
+        f"- {_verdict(joint, naive)}", "",
+        "## Models", "",
+        "latency_ms is measured where available (latency_source), else predicted; meets_target uses the "
+        "predicted latency; compute is what produced the model, cumulative_compute adds up its pipeline.", "",
+        _md_table(list(rows.values()), COLUMNS), "",
+        "## Teacher per round", "",
+        _md_table([{**s, "accepted": s.get("accepted") or "–"} for s in r.states],
+                  ["round", "teacher", "student_arch", "ap", "latency_ms", "score", "accepted"]), "",
+        "ap on minival, latency predicted; round 0 is the base detector.", "",
+        "## Plots", ""]
+    captions = ["Search trajectory", "AP vs latency", "Teacher pool", "Student vs teacher capacity"]
+    return "\n".join(intro + [f"![{c}]({p})\n" for c, p in zip(captions, PLOTS)])
+
+
+def write_report(runs: str | Path, out: str | Path, params: dict) -> dict:
+    """Write out/summary.csv, the plots in PLOTS and out/report.md (last); return the summary rows by model.
+
+    Reads params["search"]["rounds"] (which round states exist) and params["latency"]["device"] (a label).
+    """
+    out = Path(out)
+    r = Runs.load(runs, int(params["search"]["rounds"]))
+    rows = summary_rows(r)
+    with atomic_path(out / "summary.csv") as tmp:
+        pd.DataFrame(list(rows.values()), columns=COLUMNS).to_csv(tmp, index=False)
+    with plt.rc_context(STYLE):
+        plot_trajectory(r, out / PLOTS[0])
+        plot_ap_vs_latency(r, out / PLOTS[1])
+        plot_teacher_pool(r, out / PLOTS[2])
+        plot_student_vs_teacher(r, out / PLOTS[3])
+    device = params.get("latency", {}).get("device", "the target device")
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(_markdown(r, rows, device) + "\n")
+    return rows

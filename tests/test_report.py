@@ -1,0 +1,158 @@
+"""Report: summary rows from hand-written artifacts, Pareto front, missing inputs, plots that open."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from jdnas.errors import JdnasError
+from jdnas.report import PLOTS, correlations, pareto_front, write_report
+
+BASE = "S16:2x16m16-2x32m32-2x64m64-2x128m128"
+TEACHER = "d3,4,6,3/w1,1,1,1"
+TARGET = 8.0
+HISTORY_COLUMNS = ["round", "index", "action", "teacher", "teacher_arch", "student_arch", "ap", "ap50", "latency_ms",
+                   "score", "accepted", "seconds", "cpu_seconds", "student_params", "student_flops",
+                   "teacher_params", "teacher_flops"]
+
+
+def _metrics(ap: float, **extra) -> dict:
+    return {"AP": ap, "AP50": ap + 20, "AP75": ap - 2, "APs": None, "APm": ap - 5, "APl": ap + 3, **extra}
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([columns, *rows])
+
+
+def make_runs(root: Path, candidates: list[tuple] | None = None, train_cpu_seconds: float | None = 120.0) -> Path:
+    """Artifacts of a finished 3-round run. candidates: (round, ap, latency_ms, score, accepted, flops_s, flops_t)."""
+    if candidates is None:
+        candidates = [(1, 20.0, 9.0, 13.75, True, 2.0e9, 4.0e9), (1, 18.0, 9.5, 8.6, False, 2.2e9, 3.0e9),
+                      (2, 21.0, 7.9, 21.0, True, 1.8e9, 4.5e9), (2, math.nan, 7.0, math.nan, False, 1.5e9, 2.0e9),
+                      (3, 19.0, 7.5, 19.0, False, 1.6e9, 3.5e9), (3, 17.0, 6.0, 17.0, False, 1.2e9, 2.5e9)]
+    base_extra = {"params": 5_000_000, "flops": 2_500_000_000, "train_seconds": 130.0}
+    if train_cpu_seconds is not None:
+        base_extra["train_cpu_seconds"] = train_cpu_seconds
+    _write(root / "base" / "metrics.json", _metrics(25.0, **base_extra))
+    _write(root / "final" / "metrics.json", {
+        "final": _metrics(23.5, arch="S16:1x16m16-2x32m24-2x64m64-1x128m128", params=3_000_000,
+                          flops=1_800_000_000, latency_ms=8.4),
+        "base": _metrics(25.0, arch=BASE, params=5_000_000, flops=2_500_000_000, latency_ms=10.3)})
+    states = [(0, 22.0, 10.0, 10.0, None), (1, 20.0, 9.0, 13.75, "cand_0"), (2, 21.0, 7.9, 21.0, "cand_0"),
+              (3, 21.0, 7.9, 21.0, None)]
+    for r, ap, lat, sc, acc in states:
+        _write(root / "search" / f"round_{r}" / "state.json",
+               {"round": r, "student_arch": BASE, "teacher": TEACHER, "ap": ap, "ap50": ap + 20, "latency_ms": lat,
+                "score": sc, "stale": int(acc is None and r > 0), "stopped": r == 3, "accepted": acc})
+    rows, seen = [], {}
+    for r, ap, lat, sc, acc, fs, ft in candidates:
+        k = seen[r] = seen.get(r, -1) + 1
+        rows.append([r, k, "prune(2,0.25)", TEACHER, BASE, BASE, "" if math.isnan(ap) else ap, ap + 20, lat,
+                     "" if math.isnan(sc) else sc, acc, 40.0, 38.0, 3e6, fs, 8e6, ft])
+    _write_csv(root / "search" / "history.csv", HISTORY_COLUMNS, rows)
+    _write(root / "search" / "summary.json", {"target_ms": TARGET, "penalty": 50.0, "cpu_seconds": 480.0,
+                                              "seconds": 500.0})
+    _write_csv(root / "teacher_pool" / "pool.csv", ["arch", "role", "AP", "AP50", "params", "flops", "latency_ms"],
+               [[BASE, "largest", 24.0, 44.0, 8e6, 4e9, 14.0], [BASE, "smallest", 15.0, 33.0, 3e6, 1e9, 6.0],
+                [BASE, "middle", 20.0, 40.0, 5e6, 2.5e9, 10.0], [BASE, "random", 19.0, 38.0, 4e6, 2e9, 9.0],
+                [BASE, "random", 21.0, 41.0, 6e6, 3e9, 11.5]])
+
+    def step(name: str, ap: float, lat: float, measured: float | None, compute: float) -> dict:
+        return {"step": name, "arch": BASE, **_metrics(ap), "latency_ms": lat, "measured_latency_ms": measured,
+                "params": 3_500_000, "flops": 2_000_000_000, "compute": compute}
+    steps = [step("nas", 12.0, 7.8, 9.0, 300.0), step("retrain", 19.0, 7.8, 9.1, 100.0),
+             step("prune", 17.5, 8.5, None, 50.0), step("kd", 22.0, 8.5, 9.6, 25.5)]
+    _write(root / "baseline" / "metrics.json", {
+        "compute_unit": "cpu_seconds", "budget": 500.0, "spent": 475.5, "latency_target_ms": TARGET,
+        "nas_candidates": [{"arch": BASE, "ap": 10.0 + i, "latency_ms": 7.0 + i / 2, "compute": 50.0}
+                           for i in range(4)],
+        "steps": steps, "final": steps[-1]})
+    return root
+
+
+PARAMS = {"search": {"rounds": 3}, "latency": {"device": "cpu"}}
+
+
+@pytest.fixture
+def report(tmp_path):
+    runs = make_runs(tmp_path / "runs")
+    return tmp_path / "reports", write_report(runs, tmp_path / "reports", PARAMS)
+
+
+def test_summary_rows_follow_inputs(report):
+    out, rows = report
+    assert list(rows) == ["base", "naive/nas", "naive/retrain", "naive/prune", "naive/kd", "joint/final"]
+    assert [rows[m]["AP"] for m in rows] == [25.0, 12.0, 19.0, 17.5, 22.0, 23.5]
+    base, prune, joint = rows["base"], rows["naive/prune"], rows["joint/final"]
+    # measured latency where there is one, predicted (round 0 / last round / the step's) otherwise
+    assert (base["latency_ms"], base["latency_source"], base["predicted_latency_ms"]) == (10.3, "measured", 10.0)
+    assert (prune["latency_ms"], prune["latency_source"]) == (8.5, "predicted")
+    assert (joint["latency_ms"], joint["predicted_latency_ms"]) == (8.4, 7.9)
+    assert [rows[m]["meets_target"] for m in rows] == [False, True, True, False, False, True]
+    assert [rows[m]["cumulative_compute"] for m in rows if m.startswith("naive")] == [300.0, 400.0, 450.0, 475.5]
+    assert (base["compute"], joint["compute"], joint["compute_unit"]) == (120.0, 480.0, "cpu_seconds")
+    with (out / "summary.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [t["model"] for t in table] == list(rows) and float(table[-1]["AP"]) == 23.5
+    assert table[0]["meets_target"] == "False" and table[-1]["latency_source"] == "measured"
+
+
+def test_report_md_states_the_comparison(report):
+    out, _ = report
+    md = (out / "report.md").read_text()
+    assert "8.00 ms" in md
+    assert "23.50 − 22.00 = **+1.50 AP**: the joint search is better" in md
+    assert "| naive/kd |" in md and "| joint/final |" in md
+    assert f"| 2 | {TEACHER} |" in md  # teacher per round
+    for p in PLOTS:
+        assert f"]({p})" in md
+
+
+def test_plots_are_images(report):
+    out, _ = report
+    for p in PLOTS:
+        with Image.open(out / p) as im:
+            assert im.format == "PNG" and im.width >= 500 and im.height >= 400
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_tiny_inputs_still_report(tmp_path):
+    """One candidate, not accepted, with a NaN score; base compute unknown."""
+    runs = make_runs(tmp_path / "runs", [(1, 18.0, 9.5, float("nan"), False, 2e9, 3e9)], train_cpu_seconds=None)
+    rows = write_report(runs, tmp_path / "out", PARAMS)
+    assert math.isnan(rows["base"]["compute"])
+    assert all((tmp_path / "out" / p).stat().st_size > 0 for p in PLOTS)
+
+
+def test_missing_input_names_the_file(tmp_path):
+    runs = make_runs(tmp_path / "runs")
+    (runs / "search" / "round_2" / "state.json").unlink()
+    with pytest.raises(JdnasError, match=r"round_2/state\.json") as e:
+        write_report(runs, tmp_path / "out", PARAMS)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_pareto_front():
+    #         0     1     2     3     4     5     6           7
+    ap = [30.0, 35.0, 28.0, 35.0, 20.0, 40.0, 50.0, 30.0]
+    lat = [10.0, 12.0, 11.0, 15.0, 8.0, 20.0, float("nan"), 10.0]
+    # 2 is beaten by 0, 3 by 1 (same AP, slower), 6 is NaN, 7 duplicates 0
+    assert pareto_front(ap, lat) == [4, 0, 1, 5]
+    assert pareto_front([], []) == [] and pareto_front([1.0], [2.0]) == [0]
+
+
+def test_correlations():
+    rho, r = correlations([1, 2, 3, 4], [1, 4, 9, 100])
+    assert rho == pytest.approx(1.0) and 0 < r < 1
+    assert all(math.isnan(v) for v in correlations([1, 2], [2, 1]))
+    assert all(math.isnan(v) for v in correlations([1, 1, 1], [1, 2, 3]))
