@@ -31,13 +31,13 @@ from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection, IterationSampler, collate
 from jdnas.engine import detection_loss, evaluate, make_optimizer, resolve_device, to_device, train_detector
 from jdnas.errors import JdnasError
-from jdnas.io import write_json
+from jdnas.io import resume_dir, write_json
 from jdnas.latency import LatencyTable
 from jdnas.models.arch import Arch
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, build_detector, head_config, load_detector, read_checkpoint, save_detector
 from jdnas.morphism import Action, child_arch, legal_actions, morph_detector
-from jdnas.search import compute_spent, score
+from jdnas.search import inputs_fingerprint, score
 
 STEPS = ("nas", "retrain", "prune", "kd")
 
@@ -135,6 +135,7 @@ class Naive:
         self.device = resolve_device(params["device"])
         self.table = LatencyTable.load(table)
         self.base_arch = Arch.from_json(read_checkpoint(base)["arch"])
+        self.inputs = [self.data_dir / "manifest.json", Path(table), Path(base), self.supernet, Path(search_summary)]
         summary = json.loads(Path(search_summary).read_text())
         self.target_ms = float(summary["target_ms"])
         self.budget = Budget(float(summary["compute"]), summary["compute_unit"], self.cfg["shares"])
@@ -256,6 +257,7 @@ class Naive:
                 "iters": metrics["iters"], "cost_per_iter": metrics["cost_per_iter"]}
 
     def run(self) -> dict[str, Any]:
+        resume_dir(self.steps, inputs_fingerprint("baseline_naive", self.params, self.inputs))
         steps = [self.step(name, getattr(self, name)) for name in STEPS]
         summary = {"compute_unit": self.budget.unit, "budget": round(self.budget.total, 2),
                    "spent": round(self.budget.spent, 2), "latency_target_ms": round(self.target_ms, 4),

@@ -67,3 +67,21 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def resume_dir(folder: str | Path, fingerprint: str) -> bool:
+    """Make `folder` hold results for `fingerprint` (a hash of what produced them): if it holds
+    another run's results, empty it. Returns True when earlier results of this run were kept.
+
+    For stages that resume from the files they already wrote (DVC `persist` outputs): a changed
+    param or input must not resume from stale files.
+    """
+    folder = Path(folder)
+    stamp = folder / "fingerprint.txt"
+    if stamp.is_file() and stamp.read_text().strip() == fingerprint:
+        return True
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    stamp.write_text(fingerprint + "\n")
+    return False

@@ -115,9 +115,8 @@ def summary_rows(r: Runs) -> dict[str, dict]:
         total += step["compute"]
         rows.append(_row(f"naive/{step['step']}", step, step["latency_ms"], step.get("measured_latency_ms"),
                          step["compute"], r.unit, total, r.target_ms))
-    joint_unit = r.unit if r.unit in r.search else "cpu_seconds"
     rows.append(_row("joint/final", r.final["final"], r.states[-1]["latency_ms"], r.final["final"].get("latency_ms"),
-                     r.search[joint_unit], joint_unit, r.search[joint_unit], r.target_ms))
+                     r.search["compute"], r.search["compute_unit"], r.search["compute"], r.target_ms))
     return {row["model"]: row for row in rows}
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from jdnas.io import atomic_path, write_json
+from jdnas.io import atomic_path, resume_dir, write_json
 from jdnas.latency import LatencyTable
 from jdnas.models.arch import Arch
 from jdnas.models.elastic import PoolSpace
@@ -137,6 +137,7 @@ class Context:
         self.params, self.cfg = params, params["search"]
         self.data_dir, self.root = Path(data_dir), Path(root)
         self.base = Path(base)
+        self.inputs = [self.data_dir / "manifest.json", Path(supernet), Path(latency_table), self.base]
         self.supernet = load_supernet(supernet)
         self.space: PoolSpace = self.supernet.space
         self.table = LatencyTable.load(latency_table)
@@ -283,8 +284,25 @@ def write_history(root: Path, params: dict, out: Path | None = None) -> pd.DataF
     return df
 
 
+def inputs_fingerprint(stage: str, params: dict, inputs: list[Path]) -> str:
+    """A hash of what a stage's resumable files belong to: the params it reads, its input files
+    and its code (as DVC sees them: a change to any of them reruns the stage)."""
+    import jdnas
+    from jdnas.base_detector import fingerprint
+    from jdnas.config import section
+    from jdnas.io import file_sha256
+    from jdnas.stages import STAGES
+    s = STAGES[stage]
+    root = Path(jdnas.__file__).parent.parent
+    code = sorted(p for c in s.code for p in ([root / c] if (root / c).is_file() else (root / c).rglob("*.py")))
+    return fingerprint({k: section(params, k) for k in s.params}, [file_sha256(p) for p in inputs],
+                       [file_sha256(p) for p in code])
+
+
 def run_search(ctx: Context) -> State:
-    """Every round in one process (the DVC stage), resuming from the files already written."""
+    """Every round in one process (the DVC stage), resuming from the files already written by the
+    same params and inputs (other files are cleared first)."""
+    resume_dir(ctx.root, inputs_fingerprint("search", ctx.params, ctx.inputs))
     if not (round_dir(0, ctx.root) / "state.json").is_file():
         init_search(ctx)
     rounds, k = ctx.cfg["rounds"], ctx.cfg["candidates"]

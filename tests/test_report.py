@@ -60,7 +60,7 @@ def make_runs(root: Path, candidates: list[tuple] | None = None, train_cpu_secon
                      "" if math.isnan(sc) else sc, acc, 40.0, 38.0, 3e6, fs, 8e6, ft])
     _write_csv(root / "search" / "history.csv", HISTORY_COLUMNS, rows)
     _write(root / "search" / "summary.json", {"target_ms": TARGET, "penalty": 50.0, "cpu_seconds": 480.0,
-                                              "seconds": 500.0})
+                                              "seconds": 500.0, "compute": 480.0, "compute_unit": "cpu_seconds"})
     _write_csv(root / "teacher_pool" / "pool.csv", ["arch", "role", "AP", "AP50", "params", "flops", "latency_ms"],
                [[BASE, "largest", 24.0, 44.0, 8e6, 4e9, 14.0], [BASE, "smallest", 15.0, 33.0, 3e6, 1e9, 6.0],
                 [BASE, "middle", 20.0, 40.0, 5e6, 2.5e9, 10.0], [BASE, "random", 19.0, 38.0, 4e6, 2e9, 9.0],

@@ -86,7 +86,7 @@ def smoke_run(tmp_path_factory) -> Path:
 def decisions(ws: Path) -> list[dict]:
     """history.csv without the timing column: what the search decided and measured."""
     import pandas as pd
-    return pd.read_csv(ws / "runs/search/history.csv").drop(columns=["seconds"]).to_dict("records")
+    return pd.read_csv(ws / "runs/search/history.csv").drop(columns=["seconds", "cpu_seconds"]).to_dict("records")
 
 
 @pytest.mark.slow
@@ -105,6 +105,24 @@ def test_smoke_workflow_runs_the_whole_dag(smoke_run):
     from jdnas.models.detector import load_detector
     assert str(load_detector(ws / "runs/final/model.pt").arch) == final["final"]["arch"]
     assert len(decisions(ws)) >= 1
+    # the naive pipeline: four steps on the search's target, with the compute the search spent
+    search = json.loads((ws / "runs/search/summary.json").read_text())
+    naive = json.loads((ws / "runs/baseline/metrics.json").read_text())
+    assert [s["step"] for s in naive["steps"]] == ["nas", "retrain", "prune", "kd"]
+    assert naive["budget"] == search["compute"] > 0 and naive["compute_unit"] == search["compute_unit"]
+    assert naive["spent"] == pytest.approx(sum(s["compute"] for s in naive["steps"]))
+    assert naive["latency_target_ms"] == pytest.approx(search["target_ms"])
+    assert load_detector(ws / "runs/baseline/steps/kd/model.pt").arch == load_detector(
+        ws / "runs/baseline/steps/prune/model.pt").arch
+    # the report puts them side by side
+    import pandas as pd
+    rows = pd.read_csv(ws / "reports/summary.csv")
+    assert list(rows["model"]) == ["base", "naive/nas", "naive/retrain", "naive/prune", "naive/kd", "joint/final"]
+    assert rows.set_index("model").loc["joint/final", "AP"] == pytest.approx(final["final"]["AP"])
+    from PIL import Image
+    from jdnas.stages import REPORT_PLOTS
+    for name in REPORT_PLOTS:
+        assert Image.open(ws / "reports" / name).size[0] > 300
     again = run(["snakemake", "--cores", "2", "--configfile", "config/smoke.yaml"], ws)
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -131,7 +149,7 @@ def _upstream_copy(src: Path, tmp: Path) -> Path:
     """A workspace holding src's finished upstream stages (same latency table), without the search."""
     ws = tmp / "ws2"
     shutil.copytree(src, ws, symlinks=True, ignore=shutil.ignore_patterns("gpu-locks"))
-    for d in ["runs/search", "runs/final", "logs/search"]:
+    for d in ["runs/search", "runs/final", "runs/baseline", "reports", "logs/search"]:
         shutil.rmtree(ws / d, ignore_errors=True)
     return ws
 
@@ -175,6 +193,31 @@ def test_dvc_search_stage_makes_the_same_decisions(smoke_run, tmp_path):
     out = run(["dvc", "repro", "--dry"], dvc_workspace(ws)).stdout
     for name in STAGES:
         assert f"Running stage '{name}'" in out
+
+
+def ran(dvc_output: str) -> set[str]:
+    import re
+    return set(re.findall(r"Running stage '(\w+)'", dvc_output))
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_once_then_reruns_only_what_a_param_touches(tmp_path):
+    ws = dvc_workspace(workspace(tmp_path))
+    from jdnas.config import load_params
+    params = load_params([ws / "params.yaml", ws / "config/smoke.yaml"])
+    write_yaml(ws / "params.yaml", params)  # DVC reads params.yaml only: make it the smoke params
+    assert ran(run(["dvc", "repro"], ws).stdout) == set(STAGES)
+    assert ran(run(["dvc", "repro"], ws).stdout) == set()  # the second run is a no-op
+    params["search"]["penalty"] += 10.0
+    write_yaml(ws / "params.yaml", params)
+    again = ran(run(["dvc", "repro"], ws).stdout)
+    upstream = {"prepare_data", "train_base", "profile_latency", "train_teacher_pool", "eval_teacher_pool"}
+    assert {"search", "baseline_naive", "report"} <= again <= set(STAGES) - upstream
+    metrics = run(["dvc", "metrics", "show"], ws).stdout
+    assert "runs/final/metrics.json" in metrics and "runs/baseline/metrics.json" in metrics
+    run(["dvc", "plots", "show", "-o", "dvc_plots"], ws)
+    html = (ws / "dvc_plots" / "index.html").read_text()
+    assert "history.csv" in html or "search_score_per_round" in html
 
 
 @pytest.mark.slow
