@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the search's latency target and measured compute (default: %(default)s)")
     p.add_argument("--out", default="runs/baseline", help="output folder (default: %(default)s)")
 
-    p = add("report", cmd_report, "stage report: reports/report.md, summary.csv and plots from runs/")
+    p = add("report", cmd_report, "stage report: reports/report.md, summary.csv and plots from runs/",
+            threads=True)
     p.add_argument("--runs", default="runs", help="runs folder (default: %(default)s)")
     p.add_argument("--out", default="reports", help="output folder (default: %(default)s)")
 

@@ -7,7 +7,8 @@ rule profile_latency:
         "../../envs/jdnas.yaml"
     log:
         "logs/profile_latency.log",
-    # every core: no other job of this run competes with the timings (they use latency.threads)
+    # every core by default (no other job disturbs the timings); the local profile sets 1, as the
+    # CPU-time clock is robust to a neighbour
     threads: workflow.cores
     resources:
         gpu=1 if PARAMS["latency"]["device"].startswith("cuda") else 0,
