@@ -15,6 +15,7 @@ from jdnas.io import write_json
 from jdnas.models.arch import resolve_arch
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import build_detector, head_config, save_detector
+from jdnas.tblog import TrainLog
 
 
 def fingerprint(*parts: Any) -> str:
@@ -23,7 +24,8 @@ def fingerprint(*parts: Any) -> str:
 
 
 def train_base(params: dict, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Build the base detector from params, train it, write model.pt and metrics.json."""
+    """Build the base detector from params, train it, write model.pt and metrics.json (and TensorBoard
+    events of the training and the val AP in out_dir/tb)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = resolve_device(params["device"])
     cfg = params["train_base"]
@@ -35,8 +37,11 @@ def train_base(params: dict, data_dir: str | Path, out_dir: str | Path) -> dict[
     fp = fingerprint(str(arch), model.head_cfg, cfg, params["seed"], manifest["splits"]["train"]["sha256"])
     state_path = out_dir / "train_state.pt"
     cpu0 = time.process_time()  # this process's CPU time: the compute unit pipelines are compared in
-    summary = train_detector(model, train_set, cfg, state_path, params["seed"], device, fp, desc="train_base")
-    metrics = evaluate(model, data_dir / "val.json", params["eval"]["batch_size"], device)
+    with TrainLog(out_dir) as log:
+        summary = train_detector(model, train_set, cfg, state_path, params["seed"], device, fp, desc="train_base",
+                                 log=log)
+        metrics = evaluate(model, data_dir / "val.json", params["eval"]["batch_size"], device)
+        log.metrics(metrics, summary["iters"], prefix="val/")
     metrics.update({"arch": str(arch), "params": count_params(model), "flops": count_flops(model),
                     "train_iters": summary["iters"], "train_seconds": summary["seconds"],
                     "train_cpu_seconds": round(time.process_time() - cpu0, 2)})

@@ -38,6 +38,7 @@ from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, build_detector, head_config, load_detector, read_checkpoint, save_detector
 from jdnas.morphism import Action, child_arch, legal_actions, morph_detector
 from jdnas.search import inputs_fingerprint, score
+from jdnas.tblog import TrainLog
 
 STEPS = ("nas", "retrain", "prune", "kd")
 
@@ -154,18 +155,23 @@ class Naive:
         return {**cfg, "iters": iters, "warmup_iters": min(cfg["warmup_iters"], iters // 5),
                 "checkpoint_every": max(1, min(cfg["checkpoint_every"], iters))}
 
-    def train_scratch(self, arch: Arch, share: float, out: Path, seed: int) -> tuple[Detector, dict[str, Any]]:
-        """A fresh detector of `arch` trained with the base's recipe for what `share` buys."""
+    def train_scratch(self, arch: Arch, share: float, out: Path, seed: int,
+                      split: str) -> tuple[Detector, dict[str, Any], dict[str, Any]]:
+        """A fresh detector of `arch` trained with the base's recipe for what `share` buys, and its
+        metrics on `split` (TensorBoard events in out/tb)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_detector(arch, self.head)
         iters, cost = self.iters_for(model, share, self.params["train_base"])
         cfg = self._schedule(self.params["train_base"], iters)
         fp = fingerprint(str(arch), self.head, cfg, seed, "baseline")
-        train_detector(model, self.train_set, cfg, out / "train_state.pt", seed, self.device, fp,
-                       desc=f"baseline {out.name}")
+        with TrainLog(out) as log:
+            train_detector(model, self.train_set, cfg, out / "train_state.pt", seed, self.device, fp,
+                           desc=f"baseline {out.name}", log=log)
+            metrics = evaluate(model, self.data_dir / f"{split}.json", self.params["eval"]["batch_size"], self.device)
+            log.metrics(metrics, iters, prefix=f"{split}/")
         (out / "train_state.pt").unlink(missing_ok=True)
-        return model, {"iters": iters, "cost_per_iter": round(cost, 4)}
+        return model, {"iters": iters, "cost_per_iter": round(cost, 4)}, metrics
 
     def fine_tune(self, init: Path, share: float, out: Path, teacher: Path | None) -> dict[str, Any]:
         """`jdnas train` from `init` (with KD when a teacher is given) for what `share` buys."""
@@ -214,8 +220,8 @@ class Naive:
             if not done.is_file():  # each candidate: an equal part of the NAS share still left
                 part = max(0.0, share - sum(c["compute"] for c in candidates)) / (len(archs) - i)
                 c0 = self.budget.clock()
-                model, info = self.train_scratch(arch, part, out / f"cand_{i}", self.params["seed"] + i)
-                m = evaluate(model, self.data_dir / "minival.json", self.params["eval"]["batch_size"], self.device)
+                model, info, m = self.train_scratch(arch, part, out / f"cand_{i}", self.params["seed"] + i,
+                                                    "minival")
                 save_detector(out / f"cand_{i}" / "model.pt", model.cpu(), stage="baseline_nas", metrics=m)
                 lat = self.table.predict(arch)
                 write_json(done, {"arch": str(arch), "ap": m["AP"], "latency_ms": round(lat, 4),
@@ -230,8 +236,7 @@ class Naive:
 
     def retrain(self, out: Path, share: float) -> dict[str, Any]:
         arch = Arch.parse(json.loads((self.steps / "nas" / "metrics.json").read_text())["arch"])
-        model, info = self.train_scratch(arch, share, out, self.params["seed"])
-        metrics = evaluate(model, self.data_dir / "val.json", self.params["eval"]["batch_size"], self.device)
+        model, info, metrics = self.train_scratch(arch, share, out, self.params["seed"], "val")
         save_detector(out / "model.pt", model.cpu(), stage="baseline_retrain", metrics=metrics)
         return {**self.describe(model, metrics), **info}
 

@@ -2,7 +2,8 @@
 
 - `train_detector`: SGD with warm-up and a step/cosine/constant schedule, gradient clipping,
   bf16 autocast + channels_last on CUDA, a progress bar (losses, images/s), periodic training
-  state checkpoints and exact resume after a kill (same batches, same optimizer state).
+  state checkpoints and exact resume after a kill (same batches, same optimizer state), and
+  TensorBoard scalars (each loss term, total loss, lr, images/s) through a `TrainLog`.
 - `evaluate`: COCO bbox AP with pycocotools' COCOeval.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jdnas.data.dataset import CocoDetection, batches_for, eval_loader
 from jdnas.errors import JdnasError
 from jdnas.io import save_torch
 from jdnas.models.detector import Detector
+from jdnas.tblog import TrainLog
 
 STATE_FORMAT = "jdnas-train-state/1"
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -85,15 +87,16 @@ def progress_bar(total: int, initial: int, desc: str) -> tqdm:
 def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any], state_path: str | Path,
                    seed: int, device: torch.device, fingerprint: str = "", loss_fn: LossFn = detection_loss,
                    desc: str = "train", stop_after: int | None = None,
-                   extra: torch.nn.Module | None = None) -> dict[str, Any]:
+                   extra: torch.nn.Module | None = None, log: TrainLog | None = None) -> dict[str, Any]:
     """Train `model` for cfg['iters'] iterations, checkpointing to `state_path` and resuming from it.
 
     A saved state is resumed only if its `fingerprint` (arch, params, data) matches; otherwise
     training starts afresh. `stop_after` ends the run early after that many iterations of this
     call (used by tests and by callers that train in slices). `extra` holds trainable modules
     that live beside the model (e.g. KD adapters used by `loss_fn`): they are optimised and
-    checkpointed with it. Returns a summary with the iterations done and the training seconds
-    spent in total (resumed runs included).
+    checkpointed with it. `log` receives each iteration's loss terms, total loss, lr and
+    images/s (TensorBoard; it never changes training). Returns a summary with the iterations
+    done and the training seconds spent in total (resumed runs included).
     """
     state_path = Path(state_path)
     model.to(device)
@@ -121,6 +124,8 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
                                 "seconds": seconds, "rng": torch.get_rng_state(), "model": model.state_dict(),
                                 "optimizer": optimizer.state_dict(),
                                 **({"extra": extra.state_dict()} if extra is not None else {})})
+        if log is not None:
+            log.flush()
 
     total = cfg["iters"] if stop_after is None else min(cfg["iters"], start + stop_after)
     loader = batches_for(dataset, cfg["batch_size"], total, seed, start, cfg["workers"])
@@ -128,12 +133,15 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     trained.train()
     bar = progress_bar(cfg["iters"], start, desc)
+    if log is not None:
+        log.start(start, cfg["iters"])
     it, last = start, {}
     for images, targets in loader:
         t0 = time.perf_counter()
         images, targets = to_device(images, targets, device)
+        lr = cfg["lr"] * lr_factor(it, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = cfg["lr"] * lr_factor(it, cfg)
+            g["lr"] = lr
         with amp:
             losses = loss_fn(model, images, targets)
         loss = sum(losses.values())
@@ -148,8 +156,11 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         seconds += dt
+        values = {k: v.item() for k, v in losses.items()}
+        if log is not None:
+            log.add(it, {**values, "loss": loss.item(), "lr": lr, "img_per_s": len(images) / dt})
         it += 1
-        last = {k: round(v.item(), 4) for k, v in losses.items()}
+        last = {k: round(v, 4) for k, v in values.items()}
         bar.set_postfix({**{k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items()},
                          "img/s": f"{len(images) / dt:.1f}"}, refresh=False)
         bar.update(1)

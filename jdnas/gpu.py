@@ -3,7 +3,8 @@
 Snakemake counts GPUs (`--resources gpu=N`) but never says which device a job may use. A job
 therefore takes a device itself: it holds an exclusive `flock` on `<lock_dir>/gpu<i>.lock` for
 the first free i and exports CUDA_VISIBLE_DEVICES=i before CUDA initialises. The kernel drops
-the lock when the process ends, crashed or not, so a slot is never leaked.
+the lock when the process ends, crashed or not, so a slot is never leaked. Inside a SLURM job,
+which SLURM has already given its devices, the locks live in a folder of that job.
 
 The device ids come from JDNAS_GPUS (e.g. "0,1", also how tests fake devices on CPU), else
 from CUDA_VISIBLE_DEVICES, else from torch.cuda.device_count().
@@ -32,11 +33,24 @@ def visible_devices() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def lease_gpu(lock_dir: Path = DEFAULT_LOCK_DIR, timeout_s: float = 3600.0, poll_s: float = 0.5) -> str:
+def default_lock_dir() -> Path:
+    """The lock folder: one per SLURM job inside a SLURM job, else the machine-wide one.
+
+    SLURM has already given a job its devices, and with device cgroups every job on a node sees
+    them as 0..n-1: jobs sharing a node must not compete for lock files named by those ids. The
+    jobs Snakemake runs inside one allocation (salloc + local executor) still share a folder.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    return DEFAULT_LOCK_DIR / f"slurm-{job}" if job else DEFAULT_LOCK_DIR
+
+
+def lease_gpu(lock_dir: Path | None = None, timeout_s: float = 3600.0, poll_s: float = 0.5) -> str:
     """Take the first free device id, hold it for the life of this process, and export it.
 
     Waits up to `timeout_s` when every device is taken (another workflow may share the machine).
+    `lock_dir` defaults to `default_lock_dir()`.
     """
+    lock_dir = default_lock_dir() if lock_dir is None else lock_dir
     devices = visible_devices()
     if not devices:
         raise JdnasError("gpu: a GPU job was started but no device is visible (set JDNAS_GPUS or CUDA_VISIBLE_DEVICES)")

@@ -21,6 +21,7 @@ from jdnas.io import write_json
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import load_detector, save_detector
 from jdnas.morphism import Action, morph_detector
+from jdnas.tblog import TrainLog
 
 
 def file_digest(path: str | Path) -> str:
@@ -44,7 +45,8 @@ def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init:
                   action: str | Action | None = None, teacher: str | Path | None = None,
                   eval_split: str = "minival", seed: int | None = None) -> dict[str, Any]:
     """Load `init`, apply `action` with weight inheritance, train with KD from `teacher` (if given),
-    evaluate on `eval_split`; write model.pt and metrics.json to `out_dir`; return the metrics."""
+    evaluate on `eval_split`; write model.pt and metrics.json to `out_dir` (TensorBoard events in
+    out_dir/tb); return the metrics."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     cfg = params["train_student"]
     seed = params["seed"] if seed is None else seed
@@ -75,12 +77,14 @@ def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init:
     fp = fingerprint(file_digest(init), str(act), teacher and file_digest(teacher), cfg, seed,
                      manifest["splits"]["train"]["sha256"])
     state_path = out_dir / "train_state.pt"
-    summary = train_detector(model, train_set, cfg, state_path, seed, device, fp, loss_fn=loss_fn,
-                             desc="train_student", extra=distiller)
     split = data_dir / f"{eval_split}.json"
     if not split.is_file():
         raise JdnasError(f"{split}: split not found (expected train/minival/val in {data_dir})")
-    metrics = evaluate(model, split, params["eval"]["batch_size"], device)
+    with TrainLog(out_dir) as log:
+        summary = train_detector(model, train_set, cfg, state_path, seed, device, fp, loss_fn=loss_fn,
+                                 desc="train_student", extra=distiller, log=log)
+        metrics = evaluate(model, split, params["eval"]["batch_size"], device)
+        log.metrics(metrics, summary["iters"], prefix=f"{eval_split}/")
     metrics.update({"split": eval_split, "arch": str(model.arch), "parent_arch": str(parent_arch),
                     "action": None if act is None else str(act), "teacher_arch": teacher_arch,
                     "kd_loss": cfg["kd_loss"] if distiller else None,

@@ -7,7 +7,8 @@
   the smaller members also match the largest member's FPN features (in-place distillation).
 - `TeacherPool.teacher(arch)`: a static detector with sliced weights and batch-norm
   statistics recalibrated on a few training batches.
-- Stages `train_teacher_pool` (-> supernet.pt) and `eval_teacher_pool` (-> pool.csv).
+- Stages `train_teacher_pool` (-> supernet.pt) and `eval_teacher_pool` (-> pool.csv); both log
+  to TensorBoard in the pool's folder (`tb/`: losses per sandwich role, lr, phase; members' AP).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import random
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +38,12 @@ from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, head_config, read_checkpoint
 from jdnas.models.elastic import PoolSpace, Supernet, sort_channels
+from jdnas.tblog import TrainLog
 
 STATE_FORMAT = "jdnas-pool-train-state/1"
 SUPERNET_FORMAT = "jdnas-supernet/1"
 CSV_COLUMNS = ("arch", "role", "AP", "AP50", "params", "flops", "latency_ms")
+PHASES = ("full", "depth", "width")
 
 
 # --- schedule -------------------------------------------------------------------------------
@@ -113,12 +117,15 @@ def _loader(dataset: CocoDetection, batch_size: int, total: int, seed: int, star
 
 def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, Any], state_path: str | Path,
                    seed: int, device: torch.device, fingerprint: str = "", ctx: DistContext = DistContext(),
-                   desc: str = "train_teacher_pool", stop_after: int | None = None) -> dict[str, Any]:
+                   desc: str = "train_teacher_pool", stop_after: int | None = None,
+                   log: TrainLog | None = None) -> dict[str, Any]:
     """Progressive shrinking with sandwich sampling and in-place distillation, resumable.
 
     State (weights, optimizer, iteration, RNG, whether channels were sorted) is written to
     `state_path` every `checkpoint_every` iterations (rank 0 only) and resumed when its
-    `fingerprint` matches. Returns iterations done, wall and CPU seconds (resumed runs included).
+    `fingerprint` matches. `log` (rank 0's) receives each iteration's loss per sandwich role (mean
+    over the random members), distillation loss, lr and phase (0 full, 1 depth, 2 width). Returns
+    iterations done, wall and CPU seconds (resumed runs included).
     """
     state_path = Path(state_path)
     if ctx.active and cfg["batch_size"] < ctx.world:
@@ -149,6 +156,8 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
                                     "seconds": seconds, "cpu_seconds": cpu_seconds, "rng": torch.get_rng_state(),
                                     "channels_sorted": channels_sorted, "model": model.state_dict(),
                                     "optimizer": optimizer.state_dict()})
+            if log is not None:
+                log.flush()
         barrier(ctx)
 
     total = cfg["iters"] if stop_after is None else min(cfg["iters"], start + stop_after)
@@ -158,6 +167,8 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
     recorder = _Recorder(model.backbone)
     model.train()
     bar = progress_bar(cfg["iters"], start, desc) if ctx.is_main else None
+    if log is not None:
+        log.start(start, cfg["iters"])
     it, last = start, {}
     try:
         for images, targets in loader:
@@ -169,10 +180,12 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
                 if ctx.is_main:
                     print(f"{desc}: width phase at iteration {it}: sorted {moved} channel groups by importance",
                           file=sys.stderr)
+            lr = cfg["lr"] * lr_factor(it, cfg)
             for g in optimizer.param_groups:
-                g["lr"] = cfg["lr"] * lr_factor(it, cfg)
+                g["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             teacher_feats, last = None, {}
+            scalars: dict[str, list[float]] = defaultdict(list)  # for the log: loss per role, distill loss
             for role, arch in sandwich(supernet.space, it, cfg, seed):
                 supernet.set_active(arch)
                 with amp:
@@ -187,7 +200,11 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
                     raise JdnasError(f"{desc}: loss of the {role} member became {loss.item()} at iteration {it} "
                                      "(lower teacher_pool.train.lr)")
                 loss.backward()
-                last[role] = round(loss.item(), 4)
+                value = loss.item()
+                last[role] = round(value, 4)
+                scalars[f"loss_{role}"].append(value)
+                if "loss_distill" in losses:
+                    scalars["loss_distill"].append(losses["loss_distill"].item())
             supernet.set_active(supernet.space.largest())
             average_gradients(params, ctx)
             if cfg["clip_grad"] > 0:
@@ -197,6 +214,9 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - t0
             cpu_seconds += time.process_time() - c0
+            if log is not None:
+                log.add(it, {**{k: statistics.fmean(v) for k, v in scalars.items()}, "lr": lr,
+                             "phase": PHASES.index(phase_at(it, cfg))})
             it += 1
             if bar is not None:
                 bar.set_postfix({"phase": phase_at(it - 1, cfg), **{k: f"{v:.3f}" for k, v in last.items()}},
@@ -366,7 +386,8 @@ def train_teacher_pool(params: dict, data_dir: str | Path, out_dir: str | Path,
         fp = fingerprint(space.to_json(), supernet.head_cfg, {k: v for k, v in cfg.items() if k != "gpus"},
                          params["seed"], _manifest(data_dir)["splits"]["train"]["sha256"], ctx.world, base_sha)
         state_path = out_dir / "train_state.pt"
-        summary = train_supernet(supernet, train_set, cfg, state_path, params["seed"], device, fp, ctx)
+        with TrainLog(out_dir) if ctx.is_main else contextlib.nullcontext() as log:
+            summary = train_supernet(supernet, train_set, cfg, state_path, params["seed"], device, fp, ctx, log=log)
         summary.update({"largest": str(space.largest()), "smallest": str(space.smallest()), "world_size": ctx.world})
         if ctx.is_main:
             save_supernet(out_dir / "supernet.pt", supernet, stage="train_teacher_pool", **summary)
@@ -379,7 +400,11 @@ def train_teacher_pool(params: dict, data_dir: str | Path, out_dir: str | Path,
 
 def eval_teacher_pool(params: dict, data_dir: str | Path, supernet_path: str | Path,
                       out_csv: str | Path) -> list[dict[str, Any]]:
-    """Stage eval_teacher_pool: AP, AP50, size, FLOPs and latency of a sample of members -> pool.csv."""
+    """Stage eval_teacher_pool: AP, AP50, size, FLOPs and latency of a sample of members -> pool.csv.
+
+    Each member's AP, AP50 and latency also go to TensorBoard (`pool/<i>_<role>/...`, i = its row in
+    pool.csv) beside the supernet's training curves, at the supernet's last iteration.
+    """
     data_dir = Path(data_dir)
     pool = TeacherPool.load(supernet_path, data_dir, params)
     ev = params["teacher_pool"]["eval"]
@@ -396,4 +421,8 @@ def eval_teacher_pool(params: dict, data_dir: str | Path, supernet_path: str | P
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
+    with TrainLog(Path(out_csv).parent) as log:
+        for i, row in enumerate(rows):
+            log.metrics({k: row[k] for k in ("AP", "AP50", "latency_ms")}, int(pool.supernet.meta.get("iters", 0)),
+                        prefix=f"pool/{i}_{row['role']}/")
     return rows

@@ -63,3 +63,19 @@ def test_no_device_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("JDNAS_GPUS", "")
     with pytest.raises(JdnasError, match="no device is visible"):
         gpu.lease_gpu(tmp_path)
+
+
+def test_slurm_jobs_do_not_share_lock_files(tmp_path):
+    """Two SLURM jobs on one node both see their own GPU as device 0: neither waits for the other."""
+    script = "from jdnas.gpu import lease_gpu; print(lease_gpu(timeout_s=0.2, poll_s=0.05), flush=True); " \
+             "import time; time.sleep(3)"
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**cli_env(), "JDNAS_GPUS": "0", "JDNAS_GPU_LOCK_DIR": str(tmp_path),
+                                   "SLURM_JOB_ID": job}) for job in ("101", "102")]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["0", "0"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["slurm-101", "slurm-102"]

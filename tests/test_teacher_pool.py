@@ -344,7 +344,8 @@ def test_ddp_code_path_with_two_cpu_processes(prepared, base_ckpt, tmp_path, cap
     out, err = capfd.readouterr()
     assert rc == 0, out[-2000:] + err[-3000:]
     assert out.count('"world_size": 2') == 1  # one summary: rank 0's
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["supernet.pt"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["supernet.pt", "tb"]
+    assert len(list((tmp_path / "ddp" / "tb").iterdir())) == 1  # rank 0's event file
     sn = load_supernet(tmp_path / "ddp" / "supernet.pt")
     assert sn.meta["world_size"] == 2 and sn.meta["iters"] == 6
 
