@@ -33,6 +33,7 @@ from jdnas.engine import detection_loss, evaluate, make_optimizer, resolve_devic
 from jdnas.errors import JdnasError
 from jdnas.io import resume_dir, write_json
 from jdnas.latency import LatencyTable
+from jdnas.latency.measure import latency_images, measure_latency
 from jdnas.models.arch import Arch
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, build_detector, head_config, load_detector, read_checkpoint, save_detector
@@ -183,13 +184,14 @@ class Naive:
         return {**metrics, "iters": iters, "cost_per_iter": round(cost, 4)}
 
     def describe(self, model: Detector, metrics: dict[str, Any]) -> dict[str, Any]:
-        from jdnas.teacher_pool import measure_latency
         lat = self.table.predict(model.arch)
         ev = self.params["teacher_pool"]["eval"]
+        images = latency_images(self.data_dir / "val.json", self.head["max_size"])
         return {"arch": str(model.arch), **{k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
                 "latency_ms": round(lat, 4), "meets_target": lat <= self.target_ms,
-                "measured_latency_ms": measure_latency(model, ev["latency_runs"] * 4, ev["latency_threads"],
-                                                       self.device),
+                "measured_latency_ms": measure_latency({"m": model}, images, ev["latency_runs"],
+                                                       ev["latency_threads"], self.device,
+                                                       self.params["latency"]["clock"])["m"],
                 "params": count_params(model), "flops": count_flops(model)}
 
     def step(self, name: str, run: Callable[[Path, float], dict[str, Any]]) -> dict[str, Any]:

@@ -325,19 +325,23 @@ def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, b
     from jdnas.engine import evaluate, resolve_device
     from jdnas.models.complexity import count_flops, count_params
     from jdnas.models.detector import load_detector, save_detector
-    from jdnas.teacher_pool import measure_latency
+    from jdnas.latency.measure import latency_images, measure_latency
     device = resolve_device(params["device"])
     state = json.loads(Path(state_path).read_text())
     ev = params["teacher_pool"]["eval"]
+    models = {"final": load_detector(Path(state_path).parent / "student.pt", device),
+              "base": load_detector(base, device)}
+    images = latency_images(Path(data_dir) / "val.json", models["base"].head_cfg["max_size"])
+    # both timed in the same interleaved rounds: what differs between them is the models
+    latency = measure_latency(models, images, ev["latency_runs"] * 4, ev["latency_threads"], device,
+                              params["latency"]["clock"])
     summary: dict[str, Any] = {}
-    for name, path in (("final", Path(state_path).parent / "student.pt"), ("base", Path(base))):
-        model = load_detector(path, device)
+    for name, model in models.items():
         m = evaluate(model, Path(data_dir) / "val.json", params["eval"]["batch_size"], device)
         m.update({"arch": str(model.arch), "params": count_params(model), "flops": count_flops(model),
-                  "latency_ms": round(measure_latency(model, ev["latency_runs"] * 4, ev["latency_threads"], device), 3)})
+                  "latency_ms": latency[name]})
         summary[name] = m
-        if name == "final":
-            save_detector(Path(out_dir) / "model.pt", model.cpu(), stage="evaluate_final", metrics=m,
-                          teacher=state["teacher"], search_round=state["round"])
+    save_detector(Path(out_dir) / "model.pt", models["final"].cpu(), stage="evaluate_final", metrics=summary["final"],
+                  teacher=state["teacher"], search_round=state["round"])
     write_json(Path(out_dir) / "metrics.json", summary)
     return summary

@@ -6,30 +6,20 @@ the naive pipeline. Training resumes after a kill, like every training stage.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
-
 
 from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection
 from jdnas.distill import Distiller, Teacher
 from jdnas.engine import detection_loss, evaluate, resolve_device, train_detector
 from jdnas.errors import JdnasError
-from jdnas.io import write_json
+from jdnas.io import file_sha256, write_json
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import load_detector, save_detector
 from jdnas.morphism import Action, morph_detector
 from jdnas.tblog import TrainLog
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def parse_action(text: str | None) -> Action | None:
@@ -74,7 +64,7 @@ def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init:
                               cfg["kd_fg_weight"], cfg["kd_bg_weight"], cfg["kd_temperature"], seed)
         loss_fn = distiller.loss_fn
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    fp = fingerprint(file_digest(init), str(act), teacher and file_digest(teacher), cfg, seed,
+    fp = fingerprint(file_sha256(init)[:16], str(act), teacher and file_sha256(teacher)[:16], cfg, seed,
                      manifest["splits"]["train"]["sha256"])
     state_path = out_dir / "train_state.pt"
     split = data_dir / f"{eval_split}.json"

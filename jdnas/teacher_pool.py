@@ -34,6 +34,7 @@ from jdnas.dist import (DistContext, ShardedBatchSampler, average_gradients, bar
 from jdnas.engine import progress_bar, to_device, evaluate, lr_factor, make_optimizer, resolve_device
 from jdnas.errors import JdnasError
 from jdnas.io import atomic_path, file_sha256, save_torch
+from jdnas.latency.measure import latency_images, measure_latency
 from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, head_config, read_checkpoint
@@ -309,34 +310,6 @@ class TeacherPool:
 
 
 # --- measurements ---------------------------------------------------------------------------
-@torch.no_grad()
-def measure_latency(model: Detector, runs: int, threads: int, device: torch.device) -> float:
-    """Median wall time (ms) of `runs` eval forwards on one max_size x max_size image, after a warm-up.
-
-    On CPU with `threads` torch threads (restored afterwards); on CUDA synchronised per run.
-    """
-    size = model.head_cfg["max_size"]
-    model.to(device).eval()
-    x = [torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)).to(device)]
-    old_threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(threads)
-    try:
-        model(x)
-        times = []
-        for _ in range(runs):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(1000 * (time.perf_counter() - t0))
-    finally:
-        torch.set_num_threads(old_threads)
-    return round(statistics.median(times), 3)
-
-
 def sample_members(space: PoolSpace, n: int, seed: int) -> list[tuple[str, Arch]]:
     """`n` distinct members: the largest, the smallest, the middle one, then random ones."""
     chosen: dict[Arch, str] = {}
@@ -409,12 +382,14 @@ def eval_teacher_pool(params: dict, data_dir: str | Path, supernet_path: str | P
     pool = TeacherPool.load(supernet_path, data_dir, params)
     ev = params["teacher_pool"]["eval"]
     rows = []
+    images = latency_images(data_dir / "val.json", pool.supernet.head_cfg["max_size"])
     for role, arch in sample_members(pool.space, ev["sample_size"], params["seed"]):
         model = pool.teacher(arch)
         metrics = evaluate(model, data_dir / "val.json", params["eval"]["batch_size"], pool.device)
         rows.append({"arch": str(arch), "role": role, "AP": metrics["AP"], "AP50": metrics["AP50"],
                      "params": count_params(model), "flops": count_flops(model),
-                     "latency_ms": measure_latency(model, ev["latency_runs"], ev["latency_threads"], pool.device)})
+                     "latency_ms": measure_latency({"m": model}, images, ev["latency_runs"], ev["latency_threads"],
+                                                   pool.device, params["latency"]["clock"])["m"]})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     with atomic_path(out_csv) as tmp:
         with tmp.open("w", newline="") as f:

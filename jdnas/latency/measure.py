@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Callable, Hashable
+from pathlib import Path
+from typing import Callable, Hashable, Mapping
 
 import torch
 
@@ -128,3 +129,36 @@ def measure_all(builders: dict[Hashable, Builder], timer: Timer, warmup: int, ru
             if progress:
                 progress(done, total)
     return {k: median(v) for k, v in samples.items()}
+
+
+def latency_images(split: str | Path, max_size: int, n: int = 8) -> list[torch.Tensor]:
+    """The first `n` images of a prepared split, loaded as for evaluation: what end-to-end latency
+    is measured on (a trained detector's RoI-head cost depends on the proposals real images give)."""
+    from jdnas.data.dataset import CocoDetection
+    data = CocoDetection(split, max_size=max_size)
+    return [data[i][0] for i in range(min(n, len(data)))]
+
+
+@torch.inference_mode()
+def measure_latency(models: Mapping[str, torch.nn.Module], images: list[torch.Tensor], runs: int,
+                    threads: int, device: torch.device, clock: str = "cpu_time") -> dict[str, float]:
+    """Median milliseconds per image of each model's eval forward over `images`.
+
+    The models' timed calls are interleaved in shuffled rounds, so load from other jobs falls
+    on all of them alike; on CPU with `threads` torch threads and, with one thread, `clock`
+    (its CPU time by default; wall time with more threads, whose work the calling thread's
+    CPU time would miss).
+    """
+    images = [x.to(device) for x in images]
+    for m in models.values():
+        m.to(device).eval()
+    builders = {name: (lambda m=m: (lambda: [m([x]) for x in images])) for name, m in models.items()}
+    old_threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        timer = Timer(device, clock if device.type == "cpu" and threads == 1 else "wall")
+        ms = measure_all(builders, timer, warmup=1, runs=runs, rounds=min(runs, 5))
+    finally:
+        torch.set_num_threads(old_threads)
+    return {name: round(v / len(images), 3) for name, v in ms.items()}
