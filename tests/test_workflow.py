@@ -125,6 +125,11 @@ def test_smoke_workflow_runs_the_whole_dag(smoke_run):
         assert Image.open(ws / "reports" / name).size[0] > 300
     again = run(["snakemake", "--cores", "2", "--configfile", "config/smoke.yaml"], ws)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # `snakemake --report` bundles the report's table and plots
+    run(["snakemake", "--report", "report.html", "--configfile", "config/smoke.yaml"], ws)
+    html = (ws / "report.html").read_text()
+    for name in ("report.md", "summary.csv") + REPORT_PLOTS:
+        assert name in html, name
 
 
 @pytest.mark.slow

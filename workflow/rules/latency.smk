@@ -7,9 +7,9 @@ rule profile_latency:
         "../../envs/jdnas.yaml"
     log:
         "logs/profile_latency.log",
-    # every core by default (no other job disturbs the timings); the local profile sets 1, as the
-    # CPU-time clock is robust to a neighbour
-    threads: workflow.cores
+    # every core by default (no other job disturbs the timings): Snakemake lowers a rule's threads
+    # to --cores; the local profile sets 1, as the CPU-time clock is robust to a neighbour
+    threads: 1024
     resources:
         gpu=1 if PARAMS["latency"]["device"].startswith("cuda") else 0,
     params:
