@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test dryrun clean
+.PHONY: venv demo test dryrun repro clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+repro: $(STAMP)    # the same DAG under DVC (dvc.yaml), with the venv's jdnas on PATH
+	$(BIN)/dvc repro
 
 dryrun: $(STAMP)
 	$(BIN)/snakemake -n --profile workflow/profiles/local
