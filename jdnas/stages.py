@@ -53,6 +53,10 @@ class StageDef:
     dir_outs: tuple[str, ...] = ()    # outputs that are folders (Snakemake `directory()`)
     dvc_only: bool = False            # Snakemake runs it as several finer rules instead
     persist: bool = False             # DVC keeps its outputs before a rerun (the stage resumes from them)
+    # torch threads of its job (--threads), in dvc.yaml and the Snakemake rule alike: results on CPU
+    # depend on it, so both runners train the same models (1: on a shared 2-core machine, two
+    # threads per job ran 3-7x slower). None: the job holds every core.
+    threads: int | None = 1
 
     def shell(self, param_files: Iterable[str], threads: str | None = None) -> str:
         """The command line with its params files (later ones override earlier ones)."""
@@ -87,6 +91,7 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         deps=(DATA,), outs=(f"{LATENCY}/table.csv", f"{LATENCY}/validation.png"),
         metrics=(f"{LATENCY}/validation.json",),
         params=("seed", "model", "latency"), code=("jdnas/latency", "jdnas/models"),
+        threads=None,  # timings use latency.threads; the job holds every core
     ),
     StageDef(
         "train_teacher_pool", f"jdnas train-teacher-pool --data {DATA} --base {BASE}/model.pt --out {POOL}",
@@ -148,7 +153,7 @@ def dvc_yaml(param_file: str = "params.yaml") -> str:
     """dvc.yaml rendered from STAGES."""
     stages = {}
     for s in STAGES.values():
-        entry: dict = {"cmd": s.shell([param_file])}
+        entry: dict = {"cmd": s.shell([param_file], s.threads and str(s.threads))}
         deps = list(s.deps) + list(s.code)
         if deps:
             entry["deps"] = deps

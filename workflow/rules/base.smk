@@ -7,8 +7,7 @@ rule train_base:
         "../../envs/jdnas.yaml"
     log:
         "logs/train_base.log",
-    # one thread: torch's intra-op threads stall badly when another job shares the cores
-    threads: 1
+    threads: STAGES["train_base"].threads
     resources:
         gpu=GPUS_PER_JOB,
     params:

@@ -5,6 +5,7 @@ rule prepare_data:
         "../../envs/jdnas.yaml"
     log:
         "logs/prepare_data.log",
+    threads: STAGES["prepare_data"].threads
     params:
         trigger=STAGES["prepare_data"].params_hash(PARAMS),
     shell:

@@ -14,7 +14,7 @@ rule baseline_naive:
         "../../envs/jdnas.yaml"
     log:
         "logs/baseline_naive.log",
-    threads: 1
+    threads: STAGES["baseline_naive"].threads
     resources:
         gpu=GPUS_PER_JOB,
     params:
@@ -35,7 +35,7 @@ rule report:
         "../../envs/jdnas.yaml"
     log:
         "logs/report.log",
-    threads: 1
+    threads: STAGES["report"].threads
     params:
         trigger=STAGES["report"].params_hash(PARAMS),
     shell:

@@ -28,7 +28,7 @@ rule search_init:
         "../../envs/jdnas.yaml"
     log:
         "logs/search/init.log",
-    threads: 1
+    threads: STAGES["search"].threads  # the DVC search stage runs these jobs at the same count
     resources:
         gpu=GPUS_PER_JOB,
     params:
@@ -47,7 +47,7 @@ rule search_propose:
         "../../envs/jdnas.yaml"
     log:
         "logs/search/round_{r}/propose.log",
-    threads: 1
+    threads: STAGES["search"].threads  # the DVC search stage runs these jobs at the same count
     params:
         trigger=STAGES["search"].params_hash(PARAMS),
     shell:
@@ -65,7 +65,7 @@ rule search_candidate:
         "../../envs/jdnas.yaml"
     log:
         "logs/search/round_{r}/cand_{k}.log",
-    threads: 1
+    threads: STAGES["search"].threads  # the DVC search stage runs these jobs at the same count
     resources:
         gpu=GPUS_PER_JOB,
     params:
@@ -86,7 +86,7 @@ rule search_select:
         "../../envs/jdnas.yaml"
     log:
         "logs/search/round_{r}/select.log",
-    threads: 1
+    threads: STAGES["search"].threads  # the DVC search stage runs these jobs at the same count
     params:
         trigger=STAGES["search"].params_hash(PARAMS),
     shell:
@@ -103,7 +103,7 @@ rule search_history:
         "../../envs/jdnas.yaml"
     log:
         "logs/search/history.log",
-    threads: 1
+    threads: STAGES["search"].threads  # the DVC search stage runs these jobs at the same count
     shell:
         search_shell("history")
 
@@ -117,7 +117,7 @@ rule evaluate_final:
         "../../envs/jdnas.yaml"
     log:
         "logs/evaluate_final.log",
-    threads: 2
+    threads: STAGES["evaluate_final"].threads
     resources:
         gpu=GPUS_PER_JOB,
     params:

@@ -9,7 +9,7 @@ rule train_teacher_pool:
         "../../envs/jdnas.yaml"
     log:
         "logs/train_teacher_pool.log",
-    threads: 1
+    threads: STAGES["train_teacher_pool"].threads
     resources:
         gpu=PARAMS["teacher_pool"]["train"]["gpus"] if PARAMS["device"].startswith("cuda") else 0,
     params:
@@ -27,7 +27,7 @@ rule eval_teacher_pool:
         "../../envs/jdnas.yaml"
     log:
         "logs/eval_teacher_pool.log",
-    threads: 1
+    threads: STAGES["eval_teacher_pool"].threads
     resources:
         gpu=1 if PARAMS["device"].startswith("cuda") else 0,
     params:
