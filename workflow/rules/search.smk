@@ -6,6 +6,7 @@ from jdnas.stages import SEARCH, SEARCH_INPUTS, fill, search_step
 ROUNDS = PARAMS["search"]["rounds"]
 CANDIDATES = PARAMS["search"]["candidates"]
 SEARCH_DEPS = [fill(x, PARAMS) for x in SEARCH_INPUTS]
+SEARCH_THREADS = STAGES["search"].threads  # the DVC search stage runs these jobs at the same count
 
 
 def search_shell(step, r="", k=""):
@@ -28,7 +29,7 @@ rule search_init:
         "../../envs/jdnas.yaml"
     log:
         "logs/search/init.log",
-    threads: STAGES["search"].threads  # the DVC search stage runs these jobs at the same count
+    threads: SEARCH_THREADS
     resources:
         gpu=GPUS_PER_JOB,
     params:
@@ -47,7 +48,7 @@ rule search_propose:
         "../../envs/jdnas.yaml"
     log:
         "logs/search/round_{r}/propose.log",
-    threads: STAGES["search"].threads  # the DVC search stage runs these jobs at the same count
+    threads: SEARCH_THREADS
     params:
         trigger=STAGES["search"].params_hash(PARAMS),
     shell:
@@ -65,7 +66,7 @@ rule search_candidate:
         "../../envs/jdnas.yaml"
     log:
         "logs/search/round_{r}/cand_{k}.log",
-    threads: STAGES["search"].threads  # the DVC search stage runs these jobs at the same count
+    threads: SEARCH_THREADS
     resources:
         gpu=GPUS_PER_JOB,
     params:
@@ -86,7 +87,7 @@ rule search_select:
         "../../envs/jdnas.yaml"
     log:
         "logs/search/round_{r}/select.log",
-    threads: STAGES["search"].threads  # the DVC search stage runs these jobs at the same count
+    threads: SEARCH_THREADS
     params:
         trigger=STAGES["search"].params_hash(PARAMS),
     shell:
@@ -103,7 +104,7 @@ rule search_history:
         "../../envs/jdnas.yaml"
     log:
         "logs/search/history.log",
-    threads: STAGES["search"].threads  # the DVC search stage runs these jobs at the same count
+    threads: SEARCH_THREADS
     shell:
         search_shell("history")
 
