@@ -95,16 +95,19 @@ def iteration_cost(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     opt = make_optimizer(probe, cfg)
     batches = IterationSampler(len(dataset), cfg["batch_size"], iters + 1, seed=0)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.random.fork_rng(devices=[]):
         t0 = None
         for i, (images, targets) in enumerate(loader):
             if i == 1:  # the first iteration warms up allocators and caches
+                sync()
                 t0 = clock()
             images, targets = to_device(images, targets, device)
             loss = sum(detection_loss(probe, images, targets).values())
             opt.zero_grad()
             loss.backward()
             opt.step()
+        sync()
     return (clock() - t0) / iters
 
 

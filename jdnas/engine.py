@@ -158,7 +158,7 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
         seconds += dt
         values = {k: v.item() for k, v in losses.items()}
         if log is not None:
-            log.add(it, {**values, "loss": loss.item(), "lr": lr, "img_per_s": len(images) / dt})
+            log.add(it, {**values, "loss": sum(values.values()), "lr": lr, "img_per_s": len(images) / dt})
         it += 1
         last = {k: round(v, 4) for k, v in values.items()}
         bar.set_postfix({**{k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items()},

@@ -20,9 +20,9 @@ import pandas as pd  # noqa: E402
 
 from jdnas.errors import JdnasError  # noqa: E402
 from jdnas.io import atomic_path  # noqa: E402
+from jdnas.stages import REPORT_PLOTS  # noqa: E402
 
-PLOTS: tuple[str, ...] = ("search_trajectory.png", "ap_vs_latency.png", "teacher_pool.png",
-                          "student_vs_teacher.png")
+PLOTS = REPORT_PLOTS  # the stage's declared outputs
 COLUMNS = ["model", "AP", "AP50", "latency_ms", "latency_source", "predicted_latency_ms", "params", "flops",
            "compute", "compute_unit", "cumulative_compute", "meets_target"]
 STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 9, "figure.dpi": 110}

@@ -203,9 +203,10 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
                 loss.backward()
                 value = loss.item()
                 last[role] = round(value, 4)
-                scalars[f"loss_{role}"].append(value)
-                if "loss_distill" in losses:
-                    scalars["loss_distill"].append(losses["loss_distill"].item())
+                if log is not None:
+                    scalars[f"loss_{role}"].append(value)
+                    if "loss_distill" in losses:
+                        scalars["loss_distill"].append(losses["loss_distill"].item())
             supernet.set_active(supernet.space.largest())
             average_gradients(params, ctx)
             if cfg["clip_grad"] > 0:

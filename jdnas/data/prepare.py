@@ -41,8 +41,6 @@ def split_minival(data: dict, fraction: float, seed: int) -> tuple[dict, dict]:
     return _subset(data, set(ids) - mini), _subset(data, mini)
 
 
-
-
 def _counts(data: dict) -> dict[str, Any]:
     per_cat = Counter(a["category_id"] for a in data["annotations"])
     names = {c["id"]: c["name"] for c in data["categories"]}
