@@ -164,13 +164,16 @@ def cmd_profile_latency(args: argparse.Namespace) -> None:
 
 def cmd_predict_latency(args: argparse.Namespace) -> None:
     from jdnas.latency.table import LatencyTable
-    from jdnas.models.arch import resolve_arch
+    from jdnas.models.arch import Head, resolve_arch
     try:
         arch = resolve_arch(args.base, args.width)
+        head = Head.parse(args.head) if args.head else None
     except ValueError as e:
         raise JdnasError(f"arch: {e}") from None
-    parts = LatencyTable.load(args.table).breakdown(arch)
-    print(json.dumps({"arch": str(arch), **{k: round(v, 4) for k, v in parts.items()}}))
+    table = LatencyTable.load(args.table)
+    head = head or table.base_head
+    parts = table.breakdown(arch, head)
+    print(json.dumps({"arch": str(arch), "head": str(head), **{k: round(v, 4) for k, v in parts.items()}}))
 
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> None:
@@ -282,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("predict-latency", cmd_predict_latency, "predicted latency (ms, per part) of an Arch from a table")
     p.add_argument("base", help="preset (tiny, r18, r34, r50, r101) or Arch string")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier for presets")
+    p.add_argument("--head", default=None, help="Head string, e.g. F64-R256-I128/128-P100 (default: the table's base)")
     p.add_argument("--table", default="runs/latency/cpu/table.csv", help="latency table (default: %(default)s)")
 
     add("dvc-yaml", cmd_dvc_yaml, "print dvc.yaml, generated from the stage definitions")

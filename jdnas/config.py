@@ -102,15 +102,11 @@ def _is_device(v: str) -> bool:
     return v.startswith("cuda:") and v[5:].isdigit()
 
 
-MORPH_ACTIONS = ("deepen", "shallow", "shift", "prune", "slim", "widen")
+MORPH_ACTIONS = ("deepen", "shallow", "shift", "prune", "slim", "widen", "fpn_prune", "head_prune", "resize",
+                 "proposals")
 def _is_hw(v: Any) -> bool:
     return v is None or (isinstance(v, list) and len(v) == 2
                          and all(isinstance(x, int) and not isinstance(x, bool) and x >= 16 for x in v))
-
-
-def _is_depths(v: Any) -> bool:
-    return (isinstance(v, list) and len(v) == 4
-            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v))
 
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
@@ -191,7 +187,8 @@ SCHEMA: dict = {
     },
     # the student action space (jdnas.morphism.legal_actions); stages 0..3 = C2..C5
     "search_space": {
-        "actions": strings(["deepen", "shallow", "shift", "prune", "slim"], MORPH_ACTIONS),
+        "actions": strings(["deepen", "shallow", "shift", "prune", "slim", "fpn_prune", "head_prune", "resize",
+                            "proposals"], MORPH_ACTIONS),
         "min_depth": numbers([1, 1, 1, 1], 1, ints=True, min_len=4),
         "max_depth": numbers([4, 6, 12, 4], 1, ints=True, min_len=4),
         "min_width": integer(8, 1),
@@ -199,6 +196,12 @@ SCHEMA: dict = {
         "prune_ratios": numbers([0.25, 0.5], 0.0, 1.0),
         "slim_ratios": numbers([0.25], 0.0, 1.0),
         "widen_ratios": numbers([0.5], 0.0),
+        "fpn_prune_ratios": numbers([0.25, 0.5], 0.0, 1.0),
+        "head_prune_ratios": numbers([0.25, 0.5], 0.0, 1.0),
+        "resize_ratios": numbers([0.75], 0.0, 1.0),
+        "proposals_ratios": numbers([0.5], 0.0, 1.0),
+        "min_head_ratio": number(0.25, 0.0, 1.0, lo_open=True),
+        "min_input_ratio": number(0.5, 0.0, 1.0, lo_open=True),
     },
     "latency": {
         "device": text("cpu", pattern=_is_device, words="cpu, cuda or cuda:N"),
@@ -214,7 +217,7 @@ SCHEMA: dict = {
             "extra_blocks": strings([], ("basic", "bottleneck"), min_len=0),
             "width_ratios": numbers([0.25, 0.5, 0.75, 1.0, 1.5], 0.0, 16.0),
             "width_divisor": integer(4, 1),
-            "max_depth": Opt([3, 4, 6, 3], _is_depths, "a list of 4 integers >= 1"),
+            "head_ratios": numbers([0.5], 0.0, 1.0, min_len=0),
         },
     },
     # hill climbing over (student, teacher) pairs (jdnas.search)
@@ -224,6 +227,7 @@ SCHEMA: dict = {
         "patience": integer(2, 1),
         "latency_target": number(0.8, 0.0, 10.0, lo_open=True),
         "penalty": number(50.0, 0.0),
+        "latency_tolerance": number(0.03, 0.0, 1.0),
         "teacher_keep": number(0.4, 0.0, 1.0),
         "teacher_mutate": number(0.4, 0.0, 1.0),
         "teacher_resample": number(0.2, 0.0, 1.0),
@@ -306,7 +310,8 @@ def check_consistency(p: dict, source: str) -> None:
             raise ConfigError(f"{source}: search_space.{key} needs one depth per stage (4 values)")
     if any(lo > hi for lo, hi in zip(space["min_depth"], space["max_depth"])):
         raise ConfigError(f"{source}: search_space.min_depth must be <= max_depth in every stage")
-    for key in ("prune_ratios", "slim_ratios", "widen_ratios"):
+    for key in ("prune_ratios", "slim_ratios", "widen_ratios", "fpn_prune_ratios", "head_prune_ratios",
+                "resize_ratios", "proposals_ratios"):
         if any(r <= 0 or (r >= 1 and key != "widen_ratios") for r in space[key]):
             raise ConfigError(f"{source}: search_space.{key} must hold ratios in (0, 1)"
                               + (" (widen: > 0)" if key == "widen_ratios" else ""))
@@ -322,11 +327,19 @@ def check_consistency(p: dict, source: str) -> None:
                           "or latency.clock to wall")
     if any(r <= 0 for r in lat["space"]["width_ratios"]):
         raise ConfigError(f"{source}: latency.space.width_ratios must all be > 0")
+    if space["min_width"] > space["max_width"]:
+        raise ConfigError(f"{source}: search_space.min_width must be <= search_space.max_width")
     from jdnas.models.arch import resolve_arch  # late import: models depend on nothing here
     try:
-        resolve_arch(p["model"]["base"], p["model"]["width"])
+        base = resolve_arch(p["model"]["base"], p["model"]["width"])
     except ValueError as e:
         raise ConfigError(f"{source}: model.base = {p['model']['base']!r} is not allowed: {e}") from None
+    if any(hi < d for hi, d in zip(space["max_depth"], base.depths)):
+        raise ConfigError(f"{source}: search_space.max_depth = {space['max_depth']} is below model.base's depths "
+                          f"{list(base.depths)}: the search could not hold the base")
+    if any(lo > d for lo, d in zip(space["min_depth"], base.depths)):
+        raise ConfigError(f"{source}: search_space.min_depth = {space['min_depth']} is above model.base's depths "
+                          f"{list(base.depths)}")
 
 
 def check_teacher_pool(p: dict, source: str) -> None:

@@ -12,64 +12,85 @@ stage's output width changes). Stages are numbered 0..3 (outputs C2..C5), blocks
 | prune(s, r)       | `prune(2,0.25)` | remove fraction r of each block's mid channels in stage s   |
 | slim(s, r)        | `slim(3,0.25)`  | remove fraction r of stage s's output channels              |
 | widen(s, r)       | `widen(1,0.5)`  | Net2Wider: add fraction r mid channels (same function)      |
+| fpn_prune(r)      | `fpn_prune(0.5)`| remove fraction r of the FPN's channels (all levels; RPN head and box head follow) |
+| head_prune(r)     | `head_prune(0.5)`| remove fraction r of the box head's hidden units (fc6, fc7) |
+| resize(r)         | `resize(0.75)`  | scale the input size by r (snapped to the padding multiple, 32) |
+| proposals(r)      | `proposals(0.5)`| remove fraction r of the test-time proposals                |
 
-Channels are ranked by importance = L1 norm of the filter x |BN gamma|; the most important
-are kept.
+The last four act on the `Head` (`jdnas.models.arch.Head`), the first six on the backbone `Arch`.
+Channels are ranked by importance = L1 norm of the filter x |BN gamma| (L1 norm of the filter
+alone where no BN follows: FPN, RPN head, box head); the most important are kept.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from jdnas.models.arch import Arch, Stage
+from jdnas.models.arch import Arch, Head, Stage
 from jdnas.models.backbone import BLOCKS, _init_weights
 
 StateDict = dict[str, Tensor]
 BODY = "backbone.body."
 FPN_INNER = "backbone.fpn.inner_blocks.{s}.0.weight"
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
-KINDS = ("deepen", "shallow", "shift", "prune", "slim", "widen")
-# the argument each kind takes after the stage, in its string form
-_ARG = {"deepen": None, "shallow": "index", "shift": "step", "prune": "ratio", "slim": "ratio", "widen": "ratio"}
+BACKBONE_KINDS = ("deepen", "shallow", "shift", "prune", "slim", "widen")
+HEAD_KINDS = ("fpn_prune", "head_prune", "resize", "proposals")  # no stage: they act on the Head
+KINDS = BACKBONE_KINDS + HEAD_KINDS
+# the argument each kind takes after the stage (or alone, for head kinds), in its string form
+_ARG = {"deepen": None, "shallow": "index", "shift": "step", "prune": "ratio", "slim": "ratio", "widen": "ratio",
+        "fpn_prune": "ratio", "head_prune": "ratio", "resize": "ratio", "proposals": "ratio"}
 # (producer conv, its BN, consumer conv) for each mid-channel link of a block
 _MID_LINKS = {"basic": (("conv1", "bn1", "conv2"),),
               "bottleneck": (("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3"))}
 _LAST = {"basic": ("conv2", "bn2"), "bottleneck": ("conv3", "bn3")}
+SIZE_DIVISIBLE = 32  # torchvision's GeneralizedRCNNTransform pads the batch to a multiple of this
 
 
 # --- the action value --------------------------------------------------------------------
 @dataclass(frozen=True)
 class Action:
-    """One student action: a small hashable value with a string form (`prune(2,0.25)`) that parses back."""
+    """One student action: a small hashable value with a string form (`prune(2,0.25)`,
+    `fpn_prune(0.5)`) that parses back."""
 
     kind: str
-    stage: int
+    stage: int | None = None    # backbone kinds: 0..3; head kinds: None
     index: int | None = None    # shallow: the block removed
     step: int | None = None     # shift: +1 (stage s gains a block from s+1) or -1 (s gives one to s+1)
-    ratio: float | None = None  # prune / slim: fraction removed; widen: fraction added
+    ratio: float | None = None  # prune / slim / *_prune / proposals: fraction removed; widen: added; resize: scale
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown action {self.kind!r}; actions: {', '.join(KINDS)}")
-        if not 0 <= self.stage < 4:
+        if self.on_head:
+            if self.stage is not None:
+                raise ValueError(f"{self.kind} takes a ratio only (no stage)")
+        elif self.stage is None or not 0 <= self.stage < 4:
             raise ValueError(f"{self.kind}: stage must be 0..3, got {self.stage}")
         arg = _ARG[self.kind]
         given = {k for k in ("index", "step", "ratio") if getattr(self, k) is not None}
         if given != ({arg} if arg else set()):
-            raise ValueError(f"{self.kind} takes {'stage, ' + arg if arg else 'a stage only'}")
+            raise ValueError(f"{self.kind} takes {self._takes()}")
         if self.kind == "shallow" and self.index < 1:
             raise ValueError("shallow: the first block of a stage (index 0) carries stride and projection; "
                              "remove an index >= 1")
         if self.kind == "shift" and (self.step not in (1, -1) or self.stage > 2):
             raise ValueError("shift takes a stage 0..2 and a step of +1 or -1")
-        if self.kind in ("prune", "slim") and not 0 < self.ratio < 1:
+        if self.kind in ("prune", "slim", "fpn_prune", "head_prune", "proposals", "resize") and not 0 < self.ratio < 1:
             raise ValueError(f"{self.kind}: ratio must be in (0, 1), got {self.ratio}")
         if self.kind == "widen" and not self.ratio > 0:
             raise ValueError(f"widen: ratio must be > 0, got {self.ratio}")
+
+    @property
+    def on_head(self) -> bool:
+        return self.kind in HEAD_KINDS
+
+    def _takes(self) -> str:
+        arg = _ARG[self.kind]
+        return "a ratio only" if self.kind in HEAD_KINDS else ("stage, " + arg if arg else "a stage only")
 
     def __str__(self) -> str:
         arg = _ARG[self.kind]
@@ -77,19 +98,26 @@ class Action:
             return f"{self.kind}({self.stage})"
         value = getattr(self, arg)
         text = f"{value:+d}" if arg == "step" else repr(value)
-        return f"{self.kind}({self.stage},{text})"
+        return f"{self.kind}({text})" if self.on_head else f"{self.kind}({self.stage},{text})"
 
     @classmethod
     def parse(cls, text: str) -> "Action":
         """Inverse of `str(action)`; ValueError with the reason on a malformed string."""
-        m = re.fullmatch(r"\s*(\w+)\(\s*(\d+)\s*(?:,\s*([+-]?[\d.eE+-]+)\s*)?\)\s*", text)
+        m = re.fullmatch(r"\s*(\w+)\(\s*([+-]?[\d.eE+-]+)\s*(?:,\s*([+-]?[\d.eE+-]+)\s*)?\)\s*", text)
         if not m or m.group(1) not in KINDS:
             raise ValueError(f"not an action (expected e.g. deepen(2), shallow(2,1), shift(1,+1), prune(2,0.25), "
-                             f"slim(3,0.25), widen(1,0.5)): {text!r}")
-        kind, stage, raw = m.group(1), int(m.group(2)), m.group(3)
+                             f"slim(3,0.25), widen(1,0.5), fpn_prune(0.5), head_prune(0.5), resize(0.75), "
+                             f"proposals(0.5)): {text!r}")
+        kind, first, second = m.group(1), m.group(2), m.group(3)
         arg = _ARG[kind]
-        if (arg is None) != (raw is None):
-            raise ValueError(f"{kind} takes {'stage, ' + arg if arg else 'a stage only'}: {text!r}")
+        if kind in HEAD_KINDS:
+            if second is not None:
+                raise ValueError(f"{kind} takes a ratio only: {text!r}")
+            stage, raw = None, first
+        else:
+            if (arg is None) != (second is None) or not first.isdigit():
+                raise ValueError(f"{kind} takes {'stage, ' + arg if arg else 'a stage only'}: {text!r}")
+            stage, raw = int(first), second
         if arg is None:
             return cls(kind, stage)
         try:
@@ -302,6 +330,96 @@ def widen(arch: Arch, sd: Mapping[str, Tensor], stage: int, ratio: float, seed: 
     return arch.with_stage(stage, Stage(spec.out, tuple(mids))), _own(out, sd)
 
 
+# --- head actions ------------------------------------------------------------------------------
+FPN = "backbone.fpn."
+RPN_CONV = "rpn.head.conv.0.0"
+BOX = "roi_heads.box_head."
+PREDICTOR = ("roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.bbox_pred.weight")
+
+
+def _l1_rows(w: Tensor) -> Tensor:
+    return w.detach().abs().flatten(1).sum(1)
+
+
+def _fpn_levels(sd: Mapping[str, Tensor]) -> list[int]:
+    return sorted({int(k.split(".")[3]) for k in sd if k.startswith(f"{FPN}inner_blocks.")})
+
+
+def fpn_prune(head: Head, sd: Mapping[str, Tensor], ratio: float) -> tuple[Head, StateDict]:
+    """Remove `ratio` of the FPN's channels: the same channels at every level (their top-down sums
+    line up), ranked by the L1 norms of the lateral and output filters; the RPN head's conv (whose
+    width is the FPN's) and the box head's fc6 input follow."""
+    keep = kept_count(head.fpn, ratio)
+    levels = _fpn_levels(sd)
+    imp = sum(_l1_rows(sd[f"{FPN}inner_blocks.{i}.0.weight"]) + _l1_rows(sd[f"{FPN}layer_blocks.{i}.0.weight"])
+              for i in levels)
+    idx = top_channels(imp, keep)
+    out = dict(sd)
+    for i in levels:
+        for block in ("inner_blocks", "layer_blocks"):
+            p = f"{FPN}{block}.{i}.0."
+            w = out[p + "weight"][idx]
+            out[p + "weight"] = w[:, idx] if block == "layer_blocks" else w
+            out[p + "bias"] = out[p + "bias"][idx]
+    rpn = out[f"{RPN_CONV}.weight"][:, idx]
+    ridx = top_channels(_l1_rows(rpn), keep)
+    out[f"{RPN_CONV}.weight"], out[f"{RPN_CONV}.bias"] = rpn[ridx], out[f"{RPN_CONV}.bias"][ridx]
+    for k in ("rpn.head.cls_logits.weight", "rpn.head.bbox_pred.weight"):
+        out[k] = out[k][:, ridx]
+    fc6 = out[f"{BOX}fc6.weight"]
+    out[f"{BOX}fc6.weight"] = fc6.view(fc6.shape[0], head.fpn, -1)[:, idx].reshape(fc6.shape[0], -1)
+    return replace(head, fpn=keep), _own(out, sd)
+
+
+def head_prune(head: Head, sd: Mapping[str, Tensor], ratio: float) -> tuple[Head, StateDict]:
+    """Remove `ratio` of the box head's hidden units in fc6 and fc7, each unit ranked by the L1
+    norm of its incoming weights x that of its outgoing weights."""
+    keep = kept_count(head.rep, ratio)
+    out = dict(sd)
+    w6, w7 = out[f"{BOX}fc6.weight"], out[f"{BOX}fc7.weight"]
+    idx6 = top_channels(_l1_rows(w6) * _l1_rows(w7.t()), keep)
+    out[f"{BOX}fc6.weight"], out[f"{BOX}fc6.bias"] = w6[idx6], out[f"{BOX}fc6.bias"][idx6]
+    w7 = w7[:, idx6]
+    idx7 = top_channels(_l1_rows(w7) * sum(_l1_rows(out[k].t()) for k in PREDICTOR), keep)
+    out[f"{BOX}fc7.weight"], out[f"{BOX}fc7.bias"] = w7[idx7], out[f"{BOX}fc7.bias"][idx7]
+    for k in PREDICTOR:
+        out[k] = out[k][:, idx7]
+    return replace(head, rep=keep), _own(out, sd)
+
+
+def snap_size(size: float) -> int:
+    """An input size rounded to the padding multiple (a size in between would be padded up anyway)."""
+    return max(SIZE_DIVISIBLE, int(round(size / SIZE_DIVISIBLE)) * SIZE_DIVISIBLE)
+
+
+def child_head(action: Action, head: Head) -> Head:
+    """The Head after a head action (weights aside)."""
+    if action.kind == "fpn_prune":
+        return replace(head, fpn=kept_count(head.fpn, action.ratio))
+    if action.kind == "head_prune":
+        return replace(head, rep=kept_count(head.rep, action.ratio))
+    if action.kind == "proposals":
+        return replace(head, proposals=kept_count(head.proposals, action.ratio))
+    if action.kind == "resize":
+        small = snap_size(head.min_size * action.ratio)
+        return replace(head, min_size=small, max_size=max(small, int(round(head.max_size * small / head.min_size))))
+    raise ValueError(f"{action} is not a head action")
+
+
+def apply_head_action(action: Action | str, head: Head, sd: Mapping[str, Tensor]) -> tuple[Head, StateDict]:
+    """Apply a head action to (Head, full-detector state_dict): FPN and box-head widths slice the
+    weights; resize and proposals change no weight (the fine-tune adapts)."""
+    a = Action.parse(action) if isinstance(action, str) else action
+    child = child_head(a, head)
+    if child == head:
+        raise ValueError(f"{a}: leaves {head} unchanged")
+    if a.kind == "fpn_prune":
+        return fpn_prune(head, sd, a.ratio)
+    if a.kind == "head_prune":
+        return head_prune(head, sd, a.ratio)
+    return child, dict(sd)
+
+
 def _own(out: StateDict, parent: Mapping[str, Tensor]) -> StateDict:
     """The child holds its own tensors: nothing it shares with the parent's state_dict can be mutated."""
     return {k: v.clone() if k in parent and v is parent[k] else v for k, v in out.items()}
@@ -310,6 +428,8 @@ def _own(out: StateDict, parent: Mapping[str, Tensor]) -> StateDict:
 def apply_action(action: Action | str, arch: Arch, sd: Mapping[str, Tensor], seed: int = 0) -> tuple[Arch, StateDict]:
     """Apply one action to (arch, full-detector state_dict) -> (child arch, child state_dict)."""
     a = Action.parse(action) if isinstance(action, str) else action
+    if a.on_head:
+        raise ValueError(f"{a} acts on the head: use apply_head_action")
     if a.kind == "deepen":
         return deepen(arch, sd, a.stage, seed)
     if a.kind == "shallow":
@@ -324,10 +444,15 @@ def apply_action(action: Action | str, arch: Arch, sd: Mapping[str, Tensor], see
 
 
 def morph_detector(model: Any, action: Action | str, seed: int = 0) -> Any:
-    """A new detector (same head config) built from `model` by `action`, with inherited weights."""
+    """A new detector built from `model` by `action`, with inherited weights."""
     from jdnas.models.detector import build_detector
-    arch, sd = apply_action(action, model.arch, model.state_dict(), seed)
-    child = build_detector(arch, model.head_cfg)
+    a = Action.parse(action) if isinstance(action, str) else action
+    if a.on_head:
+        head, sd = apply_head_action(a, Head.of(model.head_cfg), model.state_dict())
+        child = build_detector(model.arch, head.apply(model.head_cfg))
+    else:
+        arch, sd = apply_action(a, model.arch, model.state_dict(), seed)
+        child = build_detector(arch, model.head_cfg)
     child.load_state_dict(sd)
     return child
 
@@ -358,10 +483,15 @@ def child_arch(action: Action, arch: Arch) -> Arch:
     return child
 
 
-def is_legal(action: Action, arch: Arch, bounds: Mapping[str, Any]) -> bool:
-    """Whether `action` is enabled by `bounds` (the `search_space` params) and keeps `arch` within them."""
+def is_legal(action: Action, arch: Arch, bounds: Mapping[str, Any], head: Head | None = None,
+             base_head: Head | None = None) -> bool:
+    """Whether `action` is enabled by `bounds` (the `search_space` params) and keeps the student
+    within them; head actions need the student's `head` and the base's (their bounds are ratios
+    of the base's)."""
     if action.kind not in bounds["actions"]:
         return False
+    if action.on_head:
+        return head is not None and base_head is not None and _head_legal(action, head, base_head, bounds)
     depths, s = arch.depths, action.stage
     lo, hi = bounds["min_depth"], bounds["max_depth"]
     if action.kind in ("deepen", "shallow", "shift"):
@@ -385,8 +515,20 @@ def is_legal(action: Action, arch: Arch, bounds: Mapping[str, Any]) -> bool:
     return max(child.stages[s].mids) <= bounds["max_width"]
 
 
-def legal_actions(arch: Arch, bounds: Mapping[str, Any]) -> list[Action]:
-    """Every enabled action that keeps `arch` within the search-space bounds, in a stable order."""
+def _head_legal(action: Action, head: Head, base: Head, bounds: Mapping[str, Any]) -> bool:
+    if action.ratio not in bounds[f"{action.kind}_ratios"]:
+        return False
+    child = child_head(action, head)
+    lo = bounds["min_head_ratio"]
+    return child != head and (child.fpn >= lo * base.fpn and child.rep >= lo * base.rep
+                              and child.proposals >= lo * base.proposals
+                              and child.min_size >= bounds["min_input_ratio"] * base.min_size)
+
+
+def legal_actions(arch: Arch, bounds: Mapping[str, Any], head: Head | None = None,
+                  base_head: Head | None = None) -> list[Action]:
+    """Every enabled action that keeps the student within the search-space bounds, in a stable
+    order: backbone actions, then (given the student's and the base's Head) head actions."""
     candidates: list[Action] = []
     for s in range(4):
         candidates.append(Action("deepen", s))
@@ -395,4 +537,6 @@ def legal_actions(arch: Arch, bounds: Mapping[str, Any]) -> list[Action]:
             candidates += [Action("shift", s, step=1), Action("shift", s, step=-1)]
         for kind in ("prune", "slim", "widen"):
             candidates += [Action(kind, s, ratio=float(r)) for r in bounds[f"{kind}_ratios"]]
-    return [a for a in candidates if is_legal(a, arch, bounds)]
+    if head is not None:
+        candidates += [Action(kind, ratio=float(r)) for kind in HEAD_KINDS for r in bounds[f"{kind}_ratios"]]
+    return [a for a in candidates if is_legal(a, arch, bounds, head, base_head)]

@@ -2,7 +2,8 @@
 
 Files, under `runs/search/`:
   round_0/state.json, student.pt         the base detector, scored on minival
-  round_r/proposals.json                 K distinct (student action, teacher) candidates
+  round_r/proposals.json                 the control (cand_0: the current student, no action, same
+                                         fine-tune and teacher) + K distinct (action, teacher) candidates
   round_r/cand_k/result.json, model.pt   a candidate trained with weight inheritance + KD
   round_r/state.json, student.pt         after selection (the best candidate, or the old state)
   history.csv                            every candidate of every round
@@ -26,14 +27,15 @@ import pandas as pd
 
 from jdnas.io import atomic_path, resume_dir, write_json
 from jdnas.latency import LatencyTable
-from jdnas.models.arch import Arch
+from jdnas.models.arch import Arch, Head
 from jdnas.models.elastic import PoolSpace
-from jdnas.morphism import legal_actions
+from jdnas.morphism import child_arch, child_head, legal_actions
 
 SEARCH = Path("runs/search")
-HISTORY_COLUMNS = ["round", "index", "action", "teacher", "teacher_arch", "student_arch", "ap", "ap50", "latency_ms",
-                   "score", "accepted", "seconds", "cpu_seconds", "student_params", "student_flops", "teacher_params",
-                   "teacher_flops"]
+HISTORY_COLUMNS = ["round", "index", "control", "action", "teacher", "teacher_arch", "teacher_ap", "student_arch",
+                   "student_head", "ap", "ap50", "latency_ms", "meets_target", "score", "accepted", "seconds",
+                   "cpu_seconds", "student_params", "student_flops", "teacher_params", "teacher_flops"]
+CONTROL = "none"  # the control candidate's action
 
 
 # --- values ------------------------------------------------------------------------------------
@@ -95,14 +97,20 @@ class State:
 
     round: int
     student_arch: str
+    student_head: str
     teacher: str
     ap: float
     ap50: float
-    latency_ms: float
+    latency_ms: float       # predicted by the latency table
+    target_ms: float
     score: float
-    stale: int = 0          # rounds since the last improvement
+    stale: int = 0          # rounds since the architecture last changed
     stopped: bool = False
-    accepted: str | None = None   # "cand_k" when this round's best candidate was taken
+    accepted: str | None = None   # "cand_k" taken this round (cand_0: the control, no architecture change)
+
+    @property
+    def meets_target(self) -> bool:
+        return self.latency_ms <= self.target_ms
 
 
 def score(ap: float, latency_ms: float, target_ms: float, penalty: float) -> float:
@@ -115,7 +123,9 @@ def round_dir(r: int, root: Path = SEARCH) -> Path:
 
 
 def read_state(r: int, root: Path = SEARCH) -> State:
-    return State(**json.loads((round_dir(r, root) / "state.json").read_text()))
+    obj = json.loads((round_dir(r, root) / "state.json").read_text())
+    obj.pop("meets_target", None)
+    return State(**obj)
 
 
 def _write_state(state: State, student_src: Path, root: Path) -> None:
@@ -124,7 +134,8 @@ def _write_state(state: State, student_src: Path, root: Path) -> None:
     if student_src.resolve() != (d / "student.pt").resolve():
         with atomic_path(d / "student.pt") as tmp:
             shutil.copyfile(student_src, tmp)
-    write_json(d / "state.json", asdict(state))  # written last: its presence means the round is done
+    # written last: its presence means the round is done
+    write_json(d / "state.json", {**asdict(state), "meets_target": state.meets_target})
 
 
 # --- steps -------------------------------------------------------------------------------------
@@ -142,14 +153,30 @@ class Context:
         self.space: PoolSpace = self.supernet.space
         self.table = LatencyTable.load(latency_table)
         from jdnas.models.detector import read_checkpoint
-        self.base_arch = Arch.from_json(read_checkpoint(base)["arch"])
-        self.target_ms = self.cfg["latency_target"] * self.table.predict(self.base_arch)
+        ckpt = read_checkpoint(base)
+        self.base_arch, self.base_head = Arch.from_json(ckpt["arch"]), Head.of(ckpt["head"])
+        self.target_ms = self.cfg["latency_target"] * self.latency(self.base_arch, self.base_head)
 
-    def latency(self, arch: Arch) -> float:
-        return self.table.predict(arch)
+    def latency(self, arch: Arch, head: Head) -> float:
+        return self.table.predict(arch, head)
 
     def score(self, ap: float, latency_ms: float) -> float:
         return score(ap, latency_ms, self.target_ms, self.cfg["penalty"])
+
+    def actions(self, state: State) -> list[str]:
+        """The legal actions of the state's student whose child the table predicts. Above the
+        target: those that bring the predicted latency down by more than the tolerance (all, if
+        none does); under it: those whose child stays under it."""
+        arch, head = Arch.parse(state.student_arch), Head.parse(state.student_head)
+        lat = {}
+        for a in legal_actions(arch, self.params["search_space"], head, self.base_head):
+            child = (arch, child_head(a, head)) if a.on_head else (child_arch(a, arch), head)
+            if self.table.covers(*child):
+                lat[str(a)] = self.latency(*child)
+        if state.latency_ms > self.target_ms:
+            faster = [a for a, ms in lat.items() if ms < state.latency_ms * (1 - self.cfg["latency_tolerance"])]
+            return faster or list(lat)
+        return [a for a, ms in lat.items() if ms <= self.target_ms]
 
 
 def init_search(ctx: Context) -> State:
@@ -159,30 +186,29 @@ def init_search(ctx: Context) -> State:
     device = resolve_device(ctx.params["device"])
     metrics = evaluate(load_detector(ctx.base, device), ctx.data_dir / "minival.json",
                        ctx.params["eval"]["batch_size"], device)
-    lat = ctx.latency(ctx.base_arch)
-    state = State(0, str(ctx.base_arch), str(largest_teacher(ctx.space)), metrics["AP"], metrics["AP50"], lat,
-                  ctx.score(metrics["AP"], lat))
+    lat = ctx.latency(ctx.base_arch, ctx.base_head)
+    state = State(0, str(ctx.base_arch), str(ctx.base_head), str(largest_teacher(ctx.space)), metrics["AP"],
+                  metrics["AP50"], lat, ctx.target_ms, ctx.score(metrics["AP"], lat))
     _write_state(state, ctx.base, ctx.root)
     return state
 
 
-def propose(state: State, r: int, params: dict, space: PoolSpace) -> list[Candidate]:
-    """Up to K distinct (action, teacher) pairs for round r, seeded by (seed, r); none once stopped."""
+def propose(state: State, r: int, params: dict, space: PoolSpace, actions: list[str]) -> list[Candidate]:
+    """The control (index 0: no action, the current teacher) and up to K distinct (action, teacher)
+    pairs drawn from `actions` for round r, seeded by (seed, r); none once stopped."""
     cfg = params["search"]
     if state.stopped:
         return []
     rng = random.Random(params["seed"] * 1_000_003 + r)
-    arch = Arch.parse(state.student_arch)
-    actions = legal_actions(arch, params["search_space"])
-    if not actions:
-        return []
     current = Teacher.parse(state.teacher)
+    out = [Candidate(r, 0, CONTROL, str(current), params["seed"] * 1_000_003 + r * 101)]
+    if not actions:
+        return out
     moves = ("keep", "mutate", "resample")
     weights = [cfg["teacher_keep"], cfg["teacher_mutate"], cfg["teacher_resample"]]
     seen: set[tuple[str, str]] = set()
-    out: list[Candidate] = []
     for _ in range(50 * cfg["candidates"]):
-        if len(out) == cfg["candidates"]:
+        if len(out) == cfg["candidates"] + 1:
             break
         action = rng.choice(actions)
         move = rng.choices(moves, weights)[0]
@@ -196,13 +222,15 @@ def propose(state: State, r: int, params: dict, space: PoolSpace) -> list[Candid
 
 
 def write_proposals(ctx: Context, r: int) -> list[Candidate]:
-    cands = propose(read_state(r - 1, ctx.root), r, ctx.params, ctx.space)
+    state = read_state(r - 1, ctx.root)
+    cands = propose(state, r, ctx.params, ctx.space, ctx.actions(state))
     write_json(round_dir(r, ctx.root) / "proposals.json", [asdict(c) for c in cands])
     return cands
 
 
 def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     """Train candidate k of round r (inherit weights, KD from its teacher), score it on minival."""
+    from jdnas.engine import evaluate, resolve_device
     from jdnas.models.complexity import count_flops, count_params
     from jdnas.models.detector import save_detector
     from jdnas.student import train_student
@@ -218,14 +246,18 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     teacher_arch = Teacher.parse(c.teacher).arch(ctx.space)
     pool = TeacherPool.load(ctx.supernet, ctx.data_dir, ctx.params)
     teacher = pool.teacher(teacher_arch).cpu()
+    teacher_ap = evaluate(teacher, ctx.data_dir / "minival.json", ctx.params["eval"]["batch_size"],
+                          resolve_device(ctx.params["device"]))["AP"]
     save_detector(out / "teacher.pt", teacher, stage="search", teacher=c.teacher)
     metrics = train_student(ctx.params, ctx.data_dir, out, round_dir(r - 1, ctx.root) / "student.pt",
                             c.action, out / "teacher.pt", eval_split="minival", seed=c.seed)
-    arch = Arch.parse(metrics["arch"])
-    lat = ctx.latency(arch)
-    result = {"round": r, "index": k, "skipped": False, "action": c.action, "teacher": c.teacher,
-              "teacher_arch": str(teacher_arch), "student_arch": str(arch), "ap": metrics["AP"],
-              "ap50": metrics["AP50"], "latency_ms": round(lat, 4), "score": round(ctx.score(metrics["AP"], lat), 4),
+    arch, head = Arch.parse(metrics["arch"]), Head.parse(metrics["head"])
+    lat = ctx.latency(arch, head)
+    result = {"round": r, "index": k, "skipped": False, "control": c.action == CONTROL, "action": c.action,
+              "teacher": c.teacher, "teacher_arch": str(teacher_arch), "teacher_ap": teacher_ap,
+              "student_arch": str(arch), "student_head": str(head), "ap": metrics["AP"], "ap50": metrics["AP50"],
+              "latency_ms": round(lat, 4), "meets_target": lat <= ctx.target_ms,
+              "score": round(ctx.score(metrics["AP"], lat), 4),
               "student_params": metrics["params"], "student_flops": metrics["flops"],
               "teacher_params": count_params(teacher), "teacher_flops": count_flops(teacher),
               "seconds": round(time.time() - t0, 2), "cpu_seconds": round(time.process_time() - cpu0, 2),
@@ -235,15 +267,35 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     return result
 
 
+def pick(results: list[dict], target_ms: float, penalty: float, tolerance: float) -> dict:
+    """The round's winner among the trained candidates (the control included). Under the target
+    is a hard constraint: if any candidate is under it, the best minival AP among those wins.
+    Otherwise the best score (AP - penalty x overshoot) wins, where a latency within `tolerance`
+    (relative) of the control's counts as the control's: timing noise never buys a candidate a
+    lower penalty. Ties go to the lower index (the control first)."""
+    control = next((x for x in results if x.get("control")), None)
+
+    def latency(x: dict) -> float:
+        if control and abs(x["latency_ms"] - control["latency_ms"]) <= tolerance * control["latency_ms"]:
+            return control["latency_ms"]
+        return x["latency_ms"]
+    under = [x for x in results if x["latency_ms"] <= target_ms]
+    if under:
+        return max(under, key=lambda x: (x["ap"], -x["index"]))
+    return max(results, key=lambda x: (score(x["ap"], latency(x), target_ms, penalty), -x["index"]))
+
+
 def select(ctx: Context, r: int) -> State:
-    """Accept the best candidate of round r if it beats the current score; stop on R or patience."""
+    """Move to the round's winner (see `pick`; the control keeps the architecture, trained on);
+    stop after R rounds, or after `patience` rounds in which the architecture did not change."""
     prev = read_state(r - 1, ctx.root)
     results = [json.loads(p.read_text()) for p in sorted(round_dir(r, ctx.root).glob("cand_*/result.json"))]
     done = [x for x in results if not x.get("skipped")]
-    best = max(done, key=lambda x: (x["score"], -x["index"]), default=None)
-    if best is not None and best["score"] > prev.score:
-        state = State(r, best["student_arch"], best["teacher"], best["ap"], best["ap50"], best["latency_ms"],
-                      best["score"], 0, False, f"cand_{best['index']}")
+    if done:
+        best = pick(done, ctx.target_ms, ctx.cfg["penalty"], ctx.cfg["latency_tolerance"])
+        state = State(r, best["student_arch"], best["student_head"], best["teacher"], best["ap"], best["ap50"],
+                      best["latency_ms"], ctx.target_ms, best["score"], 0 if not best.get("control") else prev.stale + 1,
+                      False, f"cand_{best['index']}")
         src = round_dir(r, ctx.root) / f"cand_{best['index']}" / "model.pt"
     else:
         state = State(**{**asdict(prev), "round": r, "stale": prev.stale + (not prev.stopped), "accepted": None})
@@ -311,7 +363,7 @@ def run_search(ctx: Context) -> State:
             continue
         if not (round_dir(r, ctx.root) / "proposals.json").is_file():
             write_proposals(ctx, r)
-        for i in range(k):
+        for i in range(k + 1):  # the control and K candidates
             if not (round_dir(r, ctx.root) / f"cand_{i}" / "result.json").is_file():
                 run_candidate(ctx, r, i)
         select(ctx, r)
@@ -331,6 +383,7 @@ def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, b
     ev = params["teacher_pool"]["eval"]
     models = {"final": load_detector(Path(state_path).parent / "student.pt", device),
               "base": load_detector(base, device)}
+    round0 = json.loads((Path(state_path).parent.parent / "round_0" / "state.json").read_text())
     images = latency_images(Path(data_dir) / "val.json", models["base"].head_cfg["max_size"])
     # both timed in the same interleaved rounds: what differs between them is the models
     latency = measure_latency(models, images, ev["latency_runs"] * 4, ev["latency_threads"], device,
@@ -338,9 +391,13 @@ def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, b
     summary: dict[str, Any] = {}
     for name, model in models.items():
         m = evaluate(model, Path(data_dir) / "val.json", params["eval"]["batch_size"], device)
-        m.update({"arch": str(model.arch), "params": count_params(model), "flops": count_flops(model),
-                  "latency_ms": latency[name]})
+        m.update({"arch": str(model.arch), "head": str(Head.of(model.head_cfg)), "params": count_params(model),
+                  "flops": count_flops(model), "latency_ms": latency[name],
+                  "predicted_latency_ms": state["latency_ms"] if name == "final" else round0["latency_ms"]})
         summary[name] = m
+    summary["final"].update({"target_ms": state["target_ms"], "meets_target": state["meets_target"],
+                             "latency_ratio": round(latency["final"] / latency["base"], 4),
+                             "predicted_latency_ratio": round(state["latency_ms"] / round0["latency_ms"], 4)})
     save_detector(Path(out_dir) / "model.pt", models["final"].cpu(), stage="evaluate_final", metrics=summary["final"],
                   teacher=state["teacher"], search_round=state["round"])
     write_json(Path(out_dir) / "metrics.json", summary)

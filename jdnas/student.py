@@ -17,7 +17,8 @@ from jdnas.engine import detection_loss, evaluate, resolve_device, train_detecto
 from jdnas.errors import JdnasError
 from jdnas.io import file_sha256, write_json
 from jdnas.models.complexity import count_flops, count_params
-from jdnas.models.detector import load_detector, save_detector
+from jdnas.models.arch import Head
+from jdnas.models.detector import load_detector, save_detector, set_input_size
 from jdnas.morphism import Action, morph_detector
 from jdnas.tblog import TrainLog
 
@@ -58,7 +59,7 @@ def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init:
                          f"{train_set.labels.num_classes - 1}")
     distiller, loss_fn, teacher_arch = None, detection_loss, None
     if teacher is not None and cfg["kd_weight"] > 0:
-        t_model = load_detector(teacher)
+        t_model = set_input_size(load_detector(teacher), model.head_cfg)  # the teacher sees the student's input
         teacher_arch = str(t_model.arch)
         distiller = Distiller(model, Teacher(t_model, device), cfg["kd_loss"], cfg["kd_weight"],
                               cfg["kd_fg_weight"], cfg["kd_bg_weight"], cfg["kd_temperature"], seed)
@@ -75,7 +76,8 @@ def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init:
                                  desc="train_student", extra=distiller, log=log)
         metrics = evaluate(model, split, params["eval"]["batch_size"], device)
         log.metrics(metrics, summary["iters"], prefix=f"{eval_split}/")
-    metrics.update({"split": eval_split, "arch": str(model.arch), "parent_arch": str(parent_arch),
+    metrics.update({"split": eval_split, "arch": str(model.arch), "head": str(Head.of(model.head_cfg)),
+                    "parent_arch": str(parent_arch),
                     "action": None if act is None else str(act), "teacher_arch": teacher_arch,
                     "kd_loss": cfg["kd_loss"] if distiller else None,
                     "params": count_params(model), "flops": count_flops(model),

@@ -300,3 +300,58 @@ def test_every_legal_action_applies(head):
         arch, sd = apply_action(a, par.arch, par.state_dict())
         assert arch == child_arch(a, par.arch) and is_legal(a, par.arch, bounds(actions=[a.kind]))
         assert sd[f"{BODY}stem.conv.weight"].shape[0] == arch.stem
+
+
+# --- head actions ------------------------------------------------------------------------------
+HEAD_ACTIONS = ["fpn_prune(0.5)", "head_prune(0.25)", "resize(0.5)", "proposals(0.5)"]
+
+
+@pytest.mark.parametrize("text", HEAD_ACTIONS)
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_every_head_action_on_every_preset(name, text, head):
+    from jdnas.models.arch import Head
+    from jdnas.morphism import child_head, morph_detector
+    action = Action.parse(text)
+    assert str(action) == text and action.on_head
+    par = parent(name, head)
+    before = {k: v.clone() for k, v in par.state_dict().items()}
+    child = morph_detector(par, action).eval()
+    for k, v in par.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    h_par, h_child = Head.of(par.head_cfg), Head.of(child.head_cfg)
+    assert h_child == child_head(action, h_par) != h_par and child.arch == par.arch
+    assert child.backbone.out_channels == h_child.fpn
+    assert child.transform.min_size == (h_child.min_size,) and child.roi_heads.box_head.fc6.out_features == h_child.rep
+    with torch.no_grad():
+        out = child([torch.rand(3, SIZE, SIZE)])
+    assert out[0]["boxes"].shape[1] == 4
+
+
+def test_head_actions_keep_the_most_important_channels(head):
+    from jdnas.models.arch import Head
+    from jdnas.morphism import fpn_prune, head_prune
+    par = parent("tiny", head)
+    sd = par.state_dict()
+    h = Head.of(par.head_cfg)
+    _, out = fpn_prune(h, sd, 0.5)
+    imp = sum(sd[f"backbone.fpn.{b}.{i}.0.weight"].abs().flatten(1).sum(1) for b in ("inner_blocks", "layer_blocks")
+              for i in range(4))
+    kept = torch.topk(imp, h.fpn // 2).indices.sort().values
+    assert torch.equal(out["backbone.fpn.inner_blocks.2.0.weight"], sd["backbone.fpn.inner_blocks.2.0.weight"][kept])
+    _, out = head_prune(h, sd, 0.5)
+    assert out["roi_heads.box_head.fc6.weight"].shape == (h.rep // 2, h.fpn * 49)
+    assert out["roi_heads.box_predictor.cls_score.weight"].shape[1] == h.rep // 2
+
+
+def test_head_actions_follow_the_bounds():
+    from jdnas.models.arch import Head
+    base = Head(64, 256, 128, 128, 100)
+    acts = legal_actions(preset("tiny", 0.5), bounds(), base, base)
+    assert {str(a) for a in acts if a.on_head} == {"fpn_prune(0.25)", "fpn_prune(0.5)", "head_prune(0.25)",
+                                                    "head_prune(0.5)", "resize(0.75)", "proposals(0.5)"}
+    small = Head(16, 64, 64, 64, 25)       # every head setting at its bound
+    assert not [a for a in legal_actions(preset("tiny", 0.5), bounds(), small, base) if a.on_head]
+    assert legal_actions(preset("tiny", 0.5), bounds()) == [a for a in acts if not a.on_head]
+    with pytest.raises(ValueError):
+        Action("fpn_prune", 1, ratio=0.5)
+    assert Action.parse("resize(0.75)") == Action("resize", ratio=0.75)

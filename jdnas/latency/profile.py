@@ -32,14 +32,17 @@ from jdnas.io import write_json
 from jdnas.latency.measure import Timer, device_name, measure_all, target_device
 from jdnas.latency.parts import HeadParts, backbone_call, calibrated_detector, detector_call
 from jdnas.latency.space import (FIXED_PARTS, HEAD_PARTS, Entry, LatencySpace, arch_entries, e2e_entry,
-                                 head_entries, network_input_size, space_entries, spaces_from_params)
+                                 head_entries, head_space_from_params, network_input_size, space_entries,
+                                 spaces_from_params)
 from jdnas.latency.table import BREAKDOWN, LatencyTable
 from jdnas.latency.validate import fmt, plot_validation, summarize, validation_archs
-from jdnas.models.arch import Arch, resolve_arch
+from dataclasses import replace
+
+from jdnas.models.arch import Arch, Head, resolve_arch
 from jdnas.models.detector import head_config
 
 CACHE = "cache.csv"
-SLOTS = 5  # fixed parts are in every prediction, calibration archs set the factor: time them 5x as often
+SLOTS = 3  # fixed parts are in every prediction, calibration archs set the factor: time them 3x as often
 VALIDATION_SLOTS = 2  # the validation's measured side is its ground truth: time it 2x as often
 KEEP_BYTES = 1 << 30  # built modules kept between passes (the rest are rebuilt each pass)
 
@@ -69,10 +72,14 @@ class Profiler:
             torch.set_num_threads(cfg["threads"])
         self.timer = Timer(self.device, cfg["clock"])
         self.head_cfg = head_config(params["model"], classes)
+        self.classes = classes
         model = params["model"]
         self.image_hw = tuple(cfg["image_size"] or (model["min_size"], model["min_size"]))
-        self.input_hw = network_input_size(self.head_cfg, self.image_hw)
+        self.head_space = head_space_from_params(params)
+        self.base_head = self.head_space.base
+        self.input_hw = self.hw(self.base_head)
         self.base = resolve_arch(model["base"], model["width"])
+        self._parts: dict[Head, HeadParts] = {}
         g = torch.Generator().manual_seed(self.seed)
         self.image = torch.rand(3, *self.image_hw, generator=g).to(self.device)
         self.conditions = {
@@ -98,8 +105,29 @@ class Profiler:
         return measure_all(builders, self.timer, self.cfg["warmup"], self.cfg["runs"], self.cfg["rounds"],
                            self.seed, progress, slots, KEEP_BYTES)
 
-    def detector(self, arch: Arch) -> Any:
-        return calibrated_detector(arch, self.head_cfg, self.image, self.device)
+    def hw(self, head: Head) -> tuple[int, int]:
+        """The network input size of a head's min/max size for the profiling image."""
+        return network_input_size(head.apply(self.head_cfg), self.image_hw)
+
+    def rungs(self) -> list[Head]:
+        """The base head at every input size of the space, largest first."""
+        return [replace(self.base_head, min_size=a, max_size=b) for a, b in self.head_space.sizes]
+
+    def detector(self, arch: Arch, head: Head | None = None) -> Any:
+        return calibrated_detector(arch, (head or self.base_head).apply(self.head_cfg), self.image, self.device)
+
+    def parts(self, e: Entry) -> HeadParts:
+        """The reference detector's parts (the base arch) for the head an entry is timed at."""
+        head = self.base_head
+        if e.part == "transform":
+            head = replace(head, min_size=e.cin, max_size=e.cout)
+        elif e.part == "rpn":
+            head = next(replace(h, fpn=e.cin) for h in self.rungs() if self.hw(h) == (e.height, e.width))
+        elif e.part == "roi_heads":
+            head = replace(head, fpn=e.cin, proposals=e.mid, rep=e.hidden)
+        if head not in self._parts:
+            self._parts[head] = HeadParts(self.detector(self.base, head), self.image, head.proposals)
+        return self._parts[head]
 
 
 def calibration_archs(prof: Profiler, spaces: list[LatencySpace]) -> list[Arch]:
@@ -113,14 +141,25 @@ def calibration_archs(prof: Profiler, spaces: list[LatencySpace]) -> list[Arch]:
 
 
 def needed_entries(prof: Profiler, spaces: list[LatencySpace], calibration: list[Arch]) -> set[Entry]:
-    """Every timing the table needs: the spaces' backbone entries (and the calibration archs'),
-    the fixed parts, and the calibration archs end to end."""
-    fpn = prof.head_cfg["fpn_channels"]
-    needed = {e for e in head_entries(prof.input_hw, prof.head_cfg) if e.part in FIXED_PARTS}
+    """Every timing the table needs: at every input size, the spaces' backbone entries and the
+    parts outside the backbone over the head grid, and the base end to end (its glue); the
+    calibration archs' entries and end-to-end timings at the base's size."""
+    hs = prof.head_space
+    needed: set[Entry] = set()
+    for rung in prof.rungs():
+        hw = prof.hw(rung)
+        for fpn in hs.fpns:
+            for p in hs.proposals:
+                for rep in hs.reps:
+                    head = replace(rung, fpn=fpn, proposals=p, rep=rep)
+                    needed |= {e for e in head_entries(hw, head, prof.classes) if e.part in FIXED_PARTS}
+        for space in spaces:
+            needed |= space_entries(space, hw, hs.fpns)
+        if calibration:
+            needed |= set(arch_entries(prof.base, hw, rung.fpn)) | {e2e_entry(prof.base, rung, hw)}
     for arch in calibration:
-        needed |= set(arch_entries(arch, prof.input_hw, fpn)) | {e2e_entry(arch, prof.input_hw)}
-    for space in spaces:
-        needed |= space_entries(space, prof.input_hw, fpn)
+        needed |= set(arch_entries(arch, prof.input_hw, prof.base_head.fpn))
+        needed.add(e2e_entry(arch, prof.base_head, prof.input_hw))
     return needed
 
 
@@ -128,14 +167,13 @@ def entry_builders(prof: Profiler, entries: Iterable[Entry]) -> tuple[dict, dict
     """What to time for each entry (keyed ("entry", e)), and the slots of the shared ones."""
     entries = list(entries)
     builders: dict = {}
-    parts = None
     for e in entries:
         if e.part == "e2e":
-            builders[("entry", e)] = lambda e=e: detector_call(prof.detector(Arch.parse(e.block)), prof.image)
+            arch, head = e.block.split("|")
+            builders[("entry", e)] = lambda a=arch, h=head: detector_call(
+                prof.detector(Arch.parse(a), Head.parse(h)), prof.image)
         elif e.part in FIXED_PARTS:
-            if parts is None:
-                parts = HeadParts(prof.detector(prof.base), prof.image, prof.head_cfg["rpn_post_nms_top_n_test"])
-            builders[("entry", e)] = lambda e=e: parts.call(e)
+            builders[("entry", e)] = lambda e=e: prof.parts(e).call(e)
         else:
             builders[("entry", e)] = lambda e=e: backbone_call(e, prof.device)
     slots = {k: SLOTS for k in builders if k[1].part in FIXED_PARTS + ("e2e",)}
@@ -159,22 +197,33 @@ def fit_context(x: list[float], y: list[float]) -> tuple[float, float]:
 
 def finish_table(prof: Profiler, raw: dict[Entry, float], calibration: list[Arch]
                  ) -> tuple[LatencyTable, dict[str, Any]]:
-    """The calibrated table from raw timings (see the module doc), and the calibration's figures."""
-    heads = head_entries(prof.input_hw, prof.head_cfg)
-    glue = heads[-1]
+    """The calibrated table from raw timings (see the module doc), and the calibration's figures.
+    The in-context factor is fitted at the base's input size; the glue at every input size is
+    what the base's end-to-end timing there leaves over the sum of its parts."""
     isolated = {e: v for e, v in raw.items() if e.part != "e2e"}
-    plain = LatencyTable({**isolated, glue: 0.0})
-    fixed = sum(isolated[e] for e in heads if e.part in FIXED_PARTS)
-    fpn = prof.head_cfg["fpn_channels"]
-    sums = [sum(plain.lookup(e) for e in arch_entries(a, prof.input_hw, fpn)) for a in calibration]
-    measured = [raw[e2e_entry(a, prof.input_hw)] for a in calibration]
-    factor, g = fit_context(sums, [m - fixed for m in measured])
+    rungs = [(h, prof.hw(h)) for h in prof.rungs()]
+    glues = {h: head_entries(hw, h, prof.classes)[-1] for h, hw in rungs}
+    plain = LatencyTable({**isolated, **dict.fromkeys(glues.values(), 0.0)})
+
+    def split(arch: Arch, head: Head) -> tuple[float, float]:
+        """(backbone entries, fixed parts) of a detector, from the isolated timings."""
+        hw = plain.input_hw(head)
+        return (sum(plain.lookup(e) for e in arch_entries(arch, hw, head.fpn)),
+                sum(plain.lookup(e) for e in head_entries(hw, head, prof.classes) if e.part in FIXED_PARTS))
+
+    base = prof.base_head
+    sums, fixed = zip(*(split(a, base) for a in calibration))
+    measured = [raw[e2e_entry(a, base, prof.input_hw)] for a in calibration]
+    factor, g = fit_context(list(sums), [m - f for m, f in zip(measured, fixed)])
     ms = {e: v * factor if e.part in ("stem", "block", "fpn_lateral") else v for e, v in isolated.items()}
-    ms[glue] = g
+    for head, hw in rungs:
+        body, rest = split(prof.base, head)
+        ms[glues[head]] = g if head == base else raw[e2e_entry(prof.base, head, hw)] - factor * body - rest
     table = LatencyTable(ms, {e: prof.settings(e) for e in ms}, isolated=isolated)
-    info = {"in_context_factor": round(factor, 4), "glue_ms": round(g, 4),
+    info = {"in_context_factor": round(factor, 4), "glue_ms": {f"{h.min_size}/{h.max_size}": round(ms[glues[h]], 4)
+                                                               for h, _ in rungs},
             "archs": [{"arch": str(a), "measured_ms": round(m, 4),
-                       "predicted_ms": round(table.predict(a, prof.input_hw), 4)} for a, m in zip(calibration, measured)]}
+                       "predicted_ms": round(table.predict(a), 4)} for a, m in zip(calibration, measured)]}
     return table, info
 
 
@@ -236,19 +285,21 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
     # the validation archs are timed in the same shuffled passes as the table's entries, so both
     # see the same machine conditions (a busy spell does not bias one against the other)
     grid = LatencyTable(dict.fromkeys(needed_entries(prof, spaces, []), 0.0)
-                        | dict.fromkeys(head_entries(prof.input_hw, prof.head_cfg), 0.0))
-    archs = validation_archs(spaces, cfg["validation_archs"], prof.seed, params["model"]["width"], grid.covers)
-    extra = {("arch", i): (lambda a=a: detector_call(prof.detector(a), prof.image)) for i, (_, a) in enumerate(archs)}
+                        | {head_entries(prof.hw(h), h, prof.classes)[-1]: 0.0 for h in prof.rungs()})
+    archs = validation_archs(spaces, prof.head_space, cfg["validation_archs"], prof.seed, params["model"]["width"],
+                             grid.covers)
+    extra = {("arch", i): (lambda a=a, h=h: detector_call(prof.detector(a, h), prof.image))
+             for i, (_, a, h) in enumerate(archs)}
     table, calibration, raw, timed = time_table(prof, spaces, cache, extra, VALIDATION_SLOTS)
     table.save(out / "table.csv")
     LatencyTable({**(cache.ms if cache else {}), **raw},
                  {**(cache.settings if cache else {}), **{e: prof.settings(e) for e in raw}}).save(cache_path)
 
-    rows = [{"kind": kind, "arch": str(arch), "measured_ms": round(timed[("arch", i)], 4),
-             "predicted_ms": round(table.predict(arch, prof.input_hw), 4)} for i, (kind, arch) in enumerate(archs)]
+    rows = [{"kind": kind, "arch": str(arch), "head": str(head), "measured_ms": round(timed[("arch", i)], 4),
+             "predicted_ms": round(table.predict(arch, head), 4)} for i, (kind, arch, head) in enumerate(archs)]
     metrics = summarize([r for r in rows if r["kind"].startswith("random")])
     timed_now = calibration.pop("entries_timed")
-    base = table.breakdown(prof.base, prof.input_hw)
+    base = table.breakdown(prof.base)
     result = {
         **metrics,
         "grid": summarize([r for r in rows if r["kind"] == "random_grid"]),
@@ -262,6 +313,7 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
         "validation_interleaved_with_table": timed_now > 0,
         "base": {"arch": str(prof.base), "predicted_ms": {k: round(v, 4) for k, v in base.items()}},
         "spaces": [s.to_json() for s in spaces],
+        "head_space": prof.head_space.to_json(),
         "archs": rows,
     }
     c = prof.conditions

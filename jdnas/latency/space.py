@@ -8,13 +8,14 @@ entries, so the table needs each distinct entry once, however many archs reuse i
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 
-from jdnas.models.arch import NUM_STAGES, Arch, Stage, resolve_arch
+from jdnas.models.arch import NUM_STAGES, Arch, Head, Stage, resolve_arch
 from jdnas.models.backbone import STAGE_STRIDES
 
 EXPANSION = {"basic": 1, "bottleneck": 4}  # output width / mid width of the presets
@@ -27,13 +28,14 @@ class Entry:
     """One timed configuration; fields a part does not use stay 0 / empty."""
 
     part: str            # stem | block | fpn_lateral | transform | fpn_top | rpn | roi_heads | glue | e2e
-    block: str = ""      # block type (part == block); the Arch string (part == e2e)
-    cin: int = 0
-    mid: int = 0         # mid width (block); proposal count (rpn, roi_heads)
-    cout: int = 0        # output width; class count (roi_heads)
+    block: str = ""      # block type (part == block); "Arch|Head" strings (part == e2e)
+    cin: int = 0         # input width; FPN width (rpn, roi_heads); min_size (transform)
+    mid: int = 0         # mid width (block); proposal count (roi_heads)
+    cout: int = 0        # output width; FPN width (fpn_lateral, fpn_top); class count (roi_heads); max_size (transform)
     stride: int = 0
     height: int = 0      # input resolution of the part
     width: int = 0
+    hidden: int = 0      # box-head width (roi_heads)
 
     def __str__(self) -> str:
         fields = [f"{k}={v}" for k, v in vars(self).items() if k != "part" and v not in (0, "")]
@@ -52,8 +54,10 @@ class LatencySpace:
 
     @classmethod
     def around(cls, base: Arch, ratios: Iterable[float], max_depth: Iterable[int], divisor: int = 1,
-               block: str | None = None) -> "LatencySpace":
+               block: str | None = None, min_width: int = 1) -> "LatencySpace":
         """Widths = the base arch's widths x each ratio (rounded to `divisor`), depths up to max_depth.
+        `min_width` (the search's smallest legal width) is a grid point wherever the ratios reach
+        below it, and no grid point lies below it: the grid covers exactly what the search can make.
 
         For a block type other than the base's, the base's mid widths carry over and output
         widths follow the presets' expansion (bottleneck out = 4 x mid, basic out = mid).
@@ -67,7 +71,10 @@ class LatencySpace:
             base_outs = [m * EXPANSION[block] for m in base_mids]
 
         def widths(w: int) -> tuple[int, ...]:
-            return tuple(sorted({max(divisor, round(w * r / divisor) * divisor) for r in ratios}))
+            points = {max(divisor, round(w * r / divisor) * divisor) for r in ratios}
+            if min(points) < min_width < max(points):
+                points = {p for p in points if p > min_width} | {min_width}
+            return tuple(sorted(points))
 
         depth = tuple(max(int(d), b) if block == base.block else int(d)
                       for d, b in zip(max_depth, base.depths))
@@ -106,12 +113,71 @@ class LatencySpace:
 
 
 def spaces_from_params(params: dict) -> list[LatencySpace]:
-    """The spaces the `latency.space` params describe, around the base arch (model.base, model.width)."""
-    cfg = params["latency"]["space"]
+    """The backbone spaces the table covers, around the base arch (model.base, model.width): widths
+    from `latency.space`, bounded below by `search_space.min_width`; depths up to
+    `search_space.max_depth` (one source for both: what the search can make, the table covers)."""
+    cfg, bounds = params["latency"]["space"], params["search_space"]
     base = resolve_arch(params["model"]["base"], params["model"]["width"])
     blocks = [base.block] + [b for b in cfg["extra_blocks"] if b != base.block]
-    return [LatencySpace.around(base, cfg["width_ratios"], cfg["max_depth"], cfg["width_divisor"], block)
-            for block in blocks]
+    # only widen makes a width above the base's
+    ratios = [r for r in cfg["width_ratios"] if r <= 1 or "widen" in bounds["actions"]]
+    return [LatencySpace.around(base, ratios, bounds["max_depth"], cfg["width_divisor"], block,
+                                bounds["min_width"]) for block in blocks]
+
+
+@dataclass(frozen=True)
+class HeadSpace:
+    """The grid of the searched head settings the table covers: FPN widths, box-head widths and
+    proposal counts (interpolated between grid values), and the input sizes (exact rungs)."""
+
+    fpns: tuple[int, ...]
+    reps: tuple[int, ...]
+    proposals: tuple[int, ...]
+    sizes: tuple[tuple[int, int], ...]   # (min_size, max_size), largest first
+
+    @classmethod
+    def around(cls, base: Head, bounds: dict, ratios: Iterable[float]) -> "HeadSpace":
+        """Grids from the search bounds: from the smallest legal value (`min_head_ratio` x the base's)
+        to the base's, through the `ratios` in between; sizes: every size `resize` can reach."""
+        from jdnas.morphism import Action, child_head
+        lo = bounds["min_head_ratio"]
+        acts = set(bounds["actions"])
+
+        def grid(value: int, kind: str) -> tuple[int, ...]:
+            if kind not in acts:
+                return (value,)
+            least = max(1, math.ceil(lo * value - 1e-9))
+            return tuple(sorted({least, value} | {round(value * r) for r in ratios if lo < r < 1}))
+
+        sizes, todo = {(base.min_size, base.max_size)}, [base]
+        while todo and "resize" in acts:
+            h = todo.pop()
+            for r in bounds["resize_ratios"]:
+                c = child_head(Action("resize", ratio=float(r)), h)
+                if c.min_size >= bounds["min_input_ratio"] * base.min_size and (c.min_size, c.max_size) not in sizes:
+                    sizes.add((c.min_size, c.max_size))
+                    todo.append(c)
+        return cls(grid(base.fpn, "fpn_prune"), grid(base.rep, "head_prune"), grid(base.proposals, "proposals"),
+                   tuple(sorted(sizes, reverse=True)))
+
+    @property
+    def base(self) -> Head:
+        """The largest head of the space (the base's)."""
+        return Head(max(self.fpns), max(self.reps), *self.sizes[0], max(self.proposals))
+
+    def sample(self, rng: random.Random) -> Head:
+        """A random head of the space (widths any integer in range, as pruning makes them)."""
+        return Head(rng.randint(min(self.fpns), max(self.fpns)), rng.randint(min(self.reps), max(self.reps)),
+                    *rng.choice(self.sizes), rng.randint(min(self.proposals), max(self.proposals)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fpns": list(self.fpns), "reps": list(self.reps), "proposals": list(self.proposals),
+                "sizes": [list(s) for s in self.sizes]}
+
+
+def head_space_from_params(params: dict) -> HeadSpace:
+    """The head grid of the params' search space around the base's head (the `model` params)."""
+    return HeadSpace.around(Head.of(params["model"]), params["search_space"], params["latency"]["space"]["head_ratios"])
 
 
 # --- resolutions -----------------------------------------------------------------------
@@ -174,8 +240,9 @@ def arch_entries(arch: Arch, input_hw: tuple[int, int], fpn_channels: int) -> li
     return entries
 
 
-def space_entries(space: LatencySpace, input_hw: tuple[int, int], fpn_channels: int) -> set[Entry]:
-    """Every distinct backbone entry an arch of the space can need (its grid widths)."""
+def space_entries(space: LatencySpace, input_hw: tuple[int, int], fpn_widths: Iterable[int]) -> set[Entry]:
+    """Every distinct backbone entry an arch of the space can need (its grid widths), with the
+    FPN laterals for every FPN width of `fpn_widths`."""
     entries = {stem_entry(w, input_hw) for w in space.stems}
     prev = space.stems
     for s in range(NUM_STAGES):
@@ -186,26 +253,27 @@ def space_entries(space: LatencySpace, input_hw: tuple[int, int], fpn_channels: 
                 entries.update(block_entry(space.block, cin, mid, cout, stride, hw) for cin in prev)
                 if space.max_depth[s] > 1:
                     entries.add(block_entry(space.block, cout, mid, cout, 1, out_hw))
-            entries.add(lateral_entry(cout, fpn_channels, out_hw))
+            entries.update(lateral_entry(cout, fpn, out_hw) for fpn in fpn_widths)
         prev = space.outs[s]
     return entries
 
 
-def e2e_entry(arch: Arch, input_hw: tuple[int, int]) -> Entry:
-    """An end-to-end timing of one arch's detector (calibrates the table; not summed by predictions)."""
-    return Entry("e2e", str(arch), height=input_hw[0], width=input_hw[1])
+def e2e_entry(arch: Arch, head: Head, input_hw: tuple[int, int]) -> Entry:
+    """An end-to-end timing of one detector (calibrates and validates the table; never summed)."""
+    return Entry("e2e", f"{arch}|{head}", height=input_hw[0], width=input_hw[1])
 
 
-def head_entries(input_hw: tuple[int, int], head_cfg: dict[str, Any]) -> list[Entry]:
-    """The fixed parts: transform, FPN top-down + output convs + pool, RPN, RoI heads, and the
-    glue (what a whole forward costs beyond the sum of its parts)."""
+def head_entries(input_hw: tuple[int, int], head: Head, num_classes: int) -> list[Entry]:
+    """The parts outside the backbone for a head at a network input size: the resize and
+    post-processing transform, the FPN's top-down path + output convs + pool, the RPN, the RoI
+    heads (timed at the largest input: their cost follows the proposals, not the map size),
+    and the glue (what a whole forward costs beyond the sum of its parts)."""
     h, w = input_hw
     c2 = stage_outputs(input_hw)[0]
-    fpn, props = head_cfg["fpn_channels"], head_cfg["rpn_post_nms_top_n_test"]
     return [
-        Entry("transform", height=h, width=w),
-        Entry("fpn_top", cout=fpn, height=c2[0], width=c2[1]),
-        Entry("rpn", cin=fpn, mid=props, height=h, width=w),
-        Entry("roi_heads", cin=fpn, mid=props, cout=head_cfg["num_classes"], height=h, width=w),
+        Entry("transform", cin=head.min_size, cout=head.max_size, height=h, width=w),
+        Entry("fpn_top", cout=head.fpn, height=c2[0], width=c2[1]),
+        Entry("rpn", cin=head.fpn, height=h, width=w),
+        Entry("roi_heads", cin=head.fpn, mid=head.proposals, cout=num_classes, hidden=head.rep),
         Entry("glue", height=h, width=w),
     ]

@@ -1,23 +1,26 @@
 """The latency lookup table: measured entries, CSV round-trip, and the per-arch predictor.
 
-Predicted latency of an Arch = stem + every block + FPN laterals + the fixed parts (FPN rest,
-RPN, RoI heads, transform, glue): a plain sum of the `ms` column (calibrated in-context values,
+Predicted latency of a detector (backbone Arch + Head) = stem + every block + FPN laterals + the
+parts outside the backbone (FPN rest, RPN, RoI heads, transform, glue) at the Head's widths and
+input size: a plain sum of the `ms` column (calibrated in-context values,
 see `jdnas.latency.profile`; `isolated_ms` keeps each entry's timing on its own). A width that
 is not on the table's grid (a pruned mid width, a slimmed stage) is interpolated linearly
-between the nearest grid widths on each axis; a width outside the grid's range is an error,
-not a guess.
+between the nearest grid widths on each axis (FPN width, box-head width and proposal count
+likewise); a width outside the grid's range, or an input size that was not profiled, is an
+error, not a guess.
 """
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Iterable
 
 from jdnas.errors import JdnasError
 from jdnas.io import atomic_path
-from jdnas.latency.space import HEAD_PARTS, Entry, arch_entries
-from jdnas.models.arch import Arch
+from jdnas.latency.space import Entry, arch_entries, head_entries
+from jdnas.models.arch import Arch, Head
 
 KEY_FIELDS = tuple(f.name for f in fields(Entry))
 COLUMNS = KEY_FIELDS + ("ms", "isolated_ms", "settings")
@@ -33,7 +36,13 @@ def _axes(e: Entry) -> tuple[str, ...]:
     if e.part == "stem":
         return ("cout",)
     if e.part == "fpn_lateral":
+        return ("cin", "cout")
+    if e.part == "fpn_top":
+        return ("cout",)
+    if e.part == "rpn":
         return ("cin",)
+    if e.part == "roi_heads":
+        return ("cin", "mid", "hidden")
     if e.part == "block":
         return ("cin", "mid") if _same_width(e) else ("cin", "mid", "cout")
     return ()
@@ -99,48 +108,47 @@ class LatencyTable:
             return (1 - t) * self._lookup(_set(e, axis, lo), depth + 1) + t * self._lookup(_set(e, axis, hi), depth + 1)
         raise NotCovered(f"{self.source}: no entry for {e} (its widths are on the grid, the combination is not)")
 
-    def head(self, part: str, input_hw: tuple[int, int] | None = None) -> Entry:
-        """The table's entry for a fixed part (one per input size)."""
-        found = [e for e in self.ms if e.part == part and (input_hw is None or self._input_hw(e) == tuple(input_hw))]
-        if len(found) != 1:
-            what = "no" if not found else "several"
-            raise NotCovered(f"{self.source}: {what} '{part}' entries{f' for input {input_hw}' if input_hw else ''}"
-                             f"{': pass the input size' if found else ''}")
-        return found[0]
-
-    @staticmethod
-    def _input_hw(e: Entry) -> tuple[int, int]:
-        if e.part == "fpn_top":  # keyed by the C2 resolution: input / 4
-            return e.height * 4, e.width * 4
-        return e.height, e.width
-
     @property
-    def input_hw(self) -> tuple[int, int]:
-        """The network input size the table was profiled at (when it holds one)."""
-        return self._input_hw(self.head("transform"))
+    def base_head(self) -> Head:
+        """The largest head the table covers (the base's): every head axis at its maximum."""
+        trans = [e for e in self.ms if e.part == "transform"]
+        roi = [e for e in self.ms if e.part == "roi_heads"]
+        if not trans or not roi:
+            raise NotCovered(f"{self.source}: no transform / roi_heads entries: not a detector latency table")
+        size = max(trans, key=lambda e: (e.cin, e.cout))
+        return Head(max(e.cin for e in roi), max(e.hidden for e in roi), size.cin, size.cout, max(e.mid for e in roi))
+
+    def input_hw(self, head: Head | None = None) -> tuple[int, int]:
+        """The network input size (height, width) of a head's min_size/max_size, as profiled."""
+        head = head or self.base_head
+        for e in self.ms:
+            if e.part == "transform" and (e.cin, e.cout) == (head.min_size, head.max_size):
+                return e.height, e.width
+        sizes = sorted({(e.cin, e.cout) for e in self.ms if e.part == "transform"}, reverse=True)
+        raise NotCovered(f"{self.source}: input size {head.min_size}/{head.max_size} was not profiled "
+                         f"(profiled min/max sizes: {', '.join(f'{a}/{b}' for a, b in sizes)})")
 
     # --- prediction --------------------------------------------------------------------
-    def breakdown(self, arch: Arch, input_hw: tuple[int, int] | None = None) -> dict[str, float]:
-        """Predicted milliseconds per part of the detector (see BREAKDOWN) and their total."""
-        hw = tuple(input_hw) if input_hw else self.input_hw
-        heads = {p: self.head(p, hw) for p in HEAD_PARTS}
+    def breakdown(self, arch: Arch, head: Head | None = None) -> dict[str, float]:
+        """Predicted milliseconds per part of the detector (see BREAKDOWN) and their total;
+        `head` defaults to the base's."""
+        head = head or self.base_head
+        hw = self.input_hw(head)
+        classes = next(e.cout for e in self.ms if e.part == "roi_heads")
         parts = dict.fromkeys(BREAKDOWN, 0.0)
-        for e in arch_entries(arch, hw, heads["rpn"].cin):
-            key = {"stem": "stem", "block": "backbone", "fpn_lateral": "fpn"}[e.part]
+        for e in arch_entries(arch, hw, head.fpn) + head_entries(hw, head, classes):
+            key = {"stem": "stem", "block": "backbone", "fpn_lateral": "fpn", "fpn_top": "fpn"}.get(e.part, e.part)
             parts[key] += self.lookup(e)
-        parts["fpn"] += self.ms[heads["fpn_top"]]
-        for p in ("rpn", "roi_heads", "transform", "glue"):
-            parts[p] += self.ms[heads[p]]
         parts["total"] = sum(parts[k] for k in BREAKDOWN)
         return parts
 
-    def predict(self, arch: Arch, input_hw: tuple[int, int] | None = None) -> float:
-        """Predicted end-to-end latency of a detector with backbone `arch`, in milliseconds."""
-        return self.breakdown(arch, input_hw)["total"]
+    def predict(self, arch: Arch, head: Head | None = None) -> float:
+        """Predicted end-to-end latency of a detector with backbone `arch` and `head`, in milliseconds."""
+        return self.breakdown(arch, head)["total"]
 
-    def covers(self, arch: Arch, input_hw: tuple[int, int] | None = None) -> bool:
+    def covers(self, arch: Arch, head: Head | None = None) -> bool:
         try:
-            self.predict(arch, input_hw)
+            self.predict(arch, head)
         except NotCovered:
             return False
         return True
@@ -173,10 +181,15 @@ class LatencyTable:
             for n, row in enumerate(reader, start=2):
                 try:
                     e = Entry(row["part"], row["block"], *(int(row[k]) for k in KEY_FIELDS[2:]))
-                    ms[e] = float(row["ms"])
+                    value = float(row["ms"])
+                    if not math.isfinite(value) or (value < 0 and e.part != "glue"):
+                        raise ValueError(f"ms = {row['ms']} must be finite and >= 0")
+                    if e in ms:
+                        raise ValueError(f"{e} appears twice")
+                    ms[e] = value
                     if row["isolated_ms"]:
                         isolated[e] = float(row["isolated_ms"])
-                except ValueError as err:
+                except (ValueError, TypeError) as err:
                     raise JdnasError(f"{path}: line {n}: {err}") from None
                 settings[e] = row["settings"]
         return cls(ms, settings, source=str(path), isolated=isolated)

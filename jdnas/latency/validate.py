@@ -8,24 +8,25 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jdnas.io import atomic_path
-from jdnas.latency.space import LatencySpace
-from jdnas.models.arch import PRESET_NAMES, Arch, preset
+from jdnas.latency.space import HeadSpace, LatencySpace
+from jdnas.models.arch import PRESET_NAMES, Arch, Head, preset
 
 
-def validation_archs(spaces: list[LatencySpace], count: int, seed: int, width: float,
-                     covers: Callable[[Arch], bool]) -> list[tuple[str, Arch]]:
-    """`count` random archs (half with grid widths, half with any widths in range, as pruning
-    makes them), then every preset at the base's width multiplier that the table covers."""
+def validation_archs(spaces: list[LatencySpace], heads: HeadSpace, count: int, seed: int, width: float,
+                     covers: Callable[[Arch], bool]) -> list[tuple[str, Arch, Head]]:
+    """`count` random detectors (half with grid widths, half with any widths in range, as pruning
+    makes them; each with a random head of the space), then every preset at the base's width
+    multiplier that the table covers, with the base's head."""
     rng = random.Random(seed)
     archs = []
     for i in range(count):
         off_grid = i % 2 == 1
         archs.append(("random_off_grid" if off_grid else "random_grid",
-                      rng.choice(spaces).sample(rng, off_grid=off_grid)))
+                      rng.choice(spaces).sample(rng, off_grid=off_grid), heads.sample(rng)))
     for name in PRESET_NAMES:
         arch = preset(name, width)
         if covers(arch):
-            archs.append((f"preset:{name}", arch))
+            archs.append((f"preset:{name}", arch, heads.base))
     return archs
 
 

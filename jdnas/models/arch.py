@@ -134,3 +134,49 @@ def resolve_arch(base: str, width: float = 1.0) -> Arch:
     if base in _PRESETS:
         return preset(base, width)
     return Arch.parse(base)
+
+
+# --- the searched head -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Head:
+    """The searched settings outside the backbone (DESIGN §4): FPN width, box-head width
+    (`representation_size`), input resolution (`min_size`/`max_size`) and test-time proposals
+    (`rpn_post_nms_top_n_test`). At small inputs they are most of a detector's latency.
+
+    Short form `F64-R256-I128/128-P100`; `Head.parse(str(h)) == h`.
+    """
+
+    fpn: int
+    rep: int
+    min_size: int
+    max_size: int
+    proposals: int
+
+    # head-config key of each field
+    KEYS = {"fpn": "fpn_channels", "rep": "representation_size", "min_size": "min_size",
+            "max_size": "max_size", "proposals": "rpn_post_nms_top_n_test"}
+
+    def __post_init__(self) -> None:
+        if min(self.fpn, self.rep, self.min_size, self.max_size, self.proposals) < 1:
+            raise ValueError(f"every head width and size must be >= 1: {self}")
+
+    def __str__(self) -> str:
+        return f"F{self.fpn}-R{self.rep}-I{self.min_size}/{self.max_size}-P{self.proposals}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Head":
+        m = re.fullmatch(r"F(\d+)-R(\d+)-I(\d+)/(\d+)-P(\d+)", text.strip())
+        if not m:
+            raise ValueError(f"not a Head string (expected e.g. 'F64-R256-I128/128-P100'): {text!r}")
+        return cls(*(int(x) for x in m.groups()))
+
+    @classmethod
+    def of(cls, head_cfg: dict[str, Any]) -> "Head":
+        """The searched part of a detector's head config."""
+        return cls(**{f: int(head_cfg[k]) for f, k in cls.KEYS.items()})
+
+    def apply(self, head_cfg: dict[str, Any]) -> dict[str, Any]:
+        """A copy of `head_cfg` with these settings (test-time pre-NMS proposals kept >= proposals)."""
+        cfg = {**head_cfg, **{k: getattr(self, f) for f, k in self.KEYS.items()}}
+        cfg["rpn_pre_nms_top_n_test"] = max(int(head_cfg["rpn_pre_nms_top_n_test"]), self.proposals)
+        return cfg

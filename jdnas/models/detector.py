@@ -91,6 +91,14 @@ def build_detector(arch: Arch, head_cfg: dict[str, Any]) -> Detector:
     return model
 
 
+def set_input_size(model: Detector, head_cfg: dict[str, Any]) -> Detector:
+    """Make `model` resize its inputs as `head_cfg` says (a teacher at its student's resolution)."""
+    model.transform.min_size = (int(head_cfg["min_size"]),)
+    model.transform.max_size = int(head_cfg["max_size"])
+    model.head_cfg = {**model.head_cfg, "min_size": head_cfg["min_size"], "max_size": head_cfg["max_size"]}
+    return model
+
+
 def checkpoint_dict(model: Detector, **meta: Any) -> dict[str, Any]:
     """What a detector checkpoint holds: format tag, Arch JSON, head config, weights, meta."""
     return {"format": CHECKPOINT_FORMAT, "arch": model.arch.to_json(), "head": dict(model.head_cfg),

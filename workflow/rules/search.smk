@@ -1,4 +1,4 @@
-# The joint search as a static DAG: per round, propose -> K candidate jobs -> select.
+# The joint search as a static DAG: per round, propose -> the control + K candidate jobs -> select.
 # R and K come from params, so `snakemake -n` plans the whole search; a round after an early
 # stop passes its state through. Round r depends on round r-1 only through its files.
 from jdnas.stages import SEARCH, SEARCH_INPUTS, fill, search_step
@@ -78,7 +78,7 @@ rule search_candidate:
 rule search_select:
     input:
         SEARCH_DEPS,
-        lambda w: [f"{SEARCH}/round_{w.r}/cand_{k}/result.json" for k in range(CANDIDATES)],
+        lambda w: [f"{SEARCH}/round_{w.r}/cand_{k}/result.json" for k in range(CANDIDATES + 1)],  # + the control
         state=lambda w: f"{SEARCH}/round_{int(w.r) - 1}/state.json",
     output:
         f"{SEARCH}/round_{{r}}/state.json",
