@@ -17,10 +17,10 @@ from jdnas.latency import (Entry, LatencyTable, NotCovered, arch_entries, space_
 from jdnas.latency.measure import Timer, measure_all
 from jdnas.latency.parts import backbone_call
 from jdnas.latency.space import HEAD_PARTS, head_entries, network_input_size
-from jdnas.models.arch import Arch, Stage, preset, resolve_arch
+from jdnas.models.arch import Arch, Head, Stage, preset, resolve_arch
 from jdnas.models.detector import head_config
 from jdnas.stages import STAGES
-from conftest import REPO, cli_env, with_overrides, write_yaml
+from conftest import REPO, cli_env, linear_ms, proxy_table, with_overrides, write_yaml
 
 HW = (128, 128)
 FPN = 64
@@ -37,17 +37,12 @@ def space(default_params):
     return s
 
 
-def linear_ms(e: Entry) -> float:
-    """A made-up cost, linear in every width: linear interpolation must reproduce it exactly."""
-    return 0.1 + 0.01 * e.cin + 0.02 * e.mid + 0.03 * e.cout + 0.001 * e.height + (0.5 if e.stride == 2 else 0.0)
+def synthetic_table(params) -> LatencyTable:
+    return proxy_table(params)
 
 
-def synthetic_table(spaces, head_cfg) -> LatencyTable:
-    entries = set()
-    for s in spaces:
-        entries |= space_entries(s, HW, head_cfg["fpn_channels"])
-    entries |= set(head_entries(HW, head_cfg))
-    return LatencyTable({e: linear_ms(e) for e in entries}, {e: "s" for e in entries})
+def base_head(params):
+    return Head.of(params["model"])
 
 
 def test_default_space_covers_the_base_and_presets(default_params, space):
@@ -59,7 +54,7 @@ def test_default_space_covers_the_base_and_presets(default_params, space):
 
 
 def test_enumeration_covers_every_block_of_random_archs(space):
-    entries = space_entries(space, HW, FPN)
+    entries = space_entries(space, HW, [FPN])
     rng = random.Random(0)
     seen = set()
     for _ in range(300):
@@ -73,7 +68,7 @@ def test_enumeration_covers_every_block_of_random_archs(space):
 
 
 def test_enumeration_is_distinct_configurations(space):
-    entries = space_entries(space, HW, FPN)
+    entries = space_entries(space, HW, [FPN])
     blocks = [e for e in entries if e.part == "block"]
     first = sum(len(space.stems if s == 0 else space.outs[s - 1]) * len(space.outs[s]) * len(space.mids[s])
                 for s in range(4))
@@ -104,14 +99,14 @@ def test_network_input_size_follows_the_transform(default_params):
 
 
 def test_predictor_is_the_sum_of_entries(default_params, space):
-    head_cfg = head_config(default_params["model"], 5)
-    table = synthetic_table([space], head_cfg)
+    table = synthetic_table(default_params)
+    head = base_head(default_params)
     rng = random.Random(1)
     for _ in range(20):
         arch = space.sample(rng)
         parts = table.breakdown(arch)
         expected = sum(linear_ms(e) for e in arch_entries(arch, HW, FPN))
-        expected += sum(linear_ms(e) for e in head_entries(HW, head_cfg))
+        expected += sum(linear_ms(e) for e in head_entries(HW, head, 5))
         assert parts["total"] == pytest.approx(expected, rel=1e-12)
         assert table.predict(arch) == parts["total"]
         assert parts["backbone"] == pytest.approx(sum(linear_ms(e) for e in arch_entries(arch, HW, FPN)
@@ -120,13 +115,13 @@ def test_predictor_is_the_sum_of_entries(default_params, space):
 
 def test_off_grid_widths_are_interpolated(default_params, space):
     """Pruned and slimmed archs have widths between grid values: linear costs come out exact."""
-    head_cfg = head_config(default_params["model"], 5)
-    table = synthetic_table([space], head_cfg)
+    table = synthetic_table(default_params)
+    head = base_head(default_params)
     rng = random.Random(2)
     for _ in range(30):
         arch = space.sample(rng, off_grid=True)
         expected = sum(linear_ms(e) for e in arch_entries(arch, HW, FPN))
-        expected += sum(linear_ms(e) for e in head_entries(HW, head_cfg))
+        expected += sum(linear_ms(e) for e in head_entries(HW, head, 5))
         assert table.predict(arch) == pytest.approx(expected, rel=1e-9), str(arch)
     # pruned variants of the base: every mid width down to the grid's minimum
     base = preset("r18", 0.25)
@@ -136,7 +131,7 @@ def test_off_grid_widths_are_interpolated(default_params, space):
 
 
 def test_outside_the_space_is_a_clear_error(default_params, space):
-    table = synthetic_table([space], head_config(default_params["model"], 5))
+    table = synthetic_table(default_params)
     with pytest.raises(NotCovered, match="outside the profiled range"):
         table.predict(Arch.parse("S16:1x16m2-1x32m32-1x64m64-1x128m128"))
     with pytest.raises(NotCovered, match="no entry for block\\(block=bottleneck"):
@@ -144,7 +139,7 @@ def test_outside_the_space_is_a_clear_error(default_params, space):
 
 
 def test_table_round_trip(tmp_path, default_params, space):
-    table = synthetic_table([space], head_config(default_params["model"], 5))
+    table = synthetic_table(default_params)
     table.save(tmp_path / "t.csv")
     back = LatencyTable.load(tmp_path / "t.csv")
     assert back.ms.keys() == table.ms.keys()
@@ -152,7 +147,7 @@ def test_table_round_trip(tmp_path, default_params, space):
     assert back.settings == table.settings
     arch = preset("r18", 0.25)
     assert back.predict(arch) == pytest.approx(table.predict(arch), abs=1e-4)
-    assert back.input_hw == HW
+    assert back.input_hw() == HW and back.base_head == base_head(default_params)
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(JdnasError, match="not a latency table"):
         LatencyTable.load(tmp_path / "bad.csv")
@@ -164,7 +159,7 @@ def test_bottleneck_space_around_a_basic_base(default_params):
     p = with_overrides(default_params, {"latency": {"space": {"extra_blocks": ["bottleneck"]}}})
     basic, bottle = spaces_from_params(p)
     assert basic.block == "basic" and bottle.block == "bottleneck"
-    assert bottle.outs[0] == tuple(4 * m for m in bottle.mids[0])
+    assert max(bottle.outs[0]) == 4 * max(bottle.mids[0]) and min(bottle.mids[0]) >= p["search_space"]["min_width"]
     assert bottle.contains(preset("r50", 0.25))
 
 
@@ -241,8 +236,8 @@ def test_stage_on_smoke_config_and_rerun_reuses(tmp_path, smoke_params, prepared
     table = LatencyTable.load(out / "table.csv")
     (space,) = spaces_from_params(smoke_params)
     hw = (64, 64)
-    assert table.input_hw == hw
-    expected = space_entries(space, hw, smoke_params["model"]["fpn_channels"])
+    assert table.input_hw() == hw and table.base_head == Head.of(smoke_params["model"])
+    expected = space_entries(space, hw, [smoke_params["model"]["fpn_channels"]])
     assert expected <= set(table.ms) and {e.part for e in table.ms} == {"stem", "block", "fpn_lateral", *HEAD_PARTS}
     assert first["entries"] == len(table) and first["entries_timed"] > len(table) - 1  # + calibration archs
     assert all(v > 0 for e, v in table.ms.items() if e.part != "glue")
@@ -255,7 +250,7 @@ def test_stage_on_smoke_config_and_rerun_reuses(tmp_path, smoke_params, prepared
     assert v["mape_percent"] >= 0 and (v["spearman"] is None or -1 <= v["spearman"] <= 1)
     assert {r["kind"] for r in v["archs"]} >= {"random_grid", "random_off_grid", "preset:tiny"}
     for r in v["archs"]:
-        assert r["predicted_ms"] == pytest.approx(table.predict(Arch.parse(r["arch"])), abs=1e-3)
+        assert r["predicted_ms"] == pytest.approx(table.predict(Arch.parse(r["arch"]), Head.parse(r["head"])), abs=1e-3)
     assert v["conditions"]["threads"] == 1 and v["conditions"]["clock"] == "cpu_time"
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # same params again: every timing comes from the cache, the table is unchanged

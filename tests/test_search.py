@@ -7,7 +7,7 @@ import pytest
 
 from jdnas.models.arch import preset
 from jdnas.models.elastic import PoolSpace
-from jdnas.search import (Candidate, State, Teacher, largest_teacher, mutate_teacher, propose, round_dir,
+from jdnas.search import (Candidate, State, Teacher, largest_teacher, mutate_teacher, pick, propose, round_dir,
                           sample_teacher, score, select, write_history)
 from conftest import with_overrides
 
@@ -33,24 +33,31 @@ def test_teacher_genome_round_trip_and_moves():
 
 
 def _state(**kw) -> State:
-    base = dict(round=0, student_arch=str(preset("r18", 0.25)), teacher=str(largest_teacher(SPACE)), ap=10.0,
-                ap50=20.0, latency_ms=10.0, score=10.0)
+    base = dict(round=0, student_arch=str(preset("r18", 0.25)), student_head="F64-R256-I128/128-P100",
+                teacher=str(largest_teacher(SPACE)), ap=10.0, ap50=20.0, latency_ms=10.0, target_ms=8.0, score=10.0)
     return State(**{**base, **kw})
 
 
-def test_proposals_are_distinct_seeded_and_legal(smoke_params):
-    p = with_overrides(smoke_params, {"search": {"candidates": 5}, "search_space": {"max_depth": [3, 3, 3, 3]}})
-    a = propose(_state(), 1, p, SPACE)
-    assert a == propose(_state(), 1, p, SPACE)
-    assert a != propose(_state(), 2, p, SPACE)
-    assert len(a) == 5 and len({(c.action, c.teacher) for c in a}) == 5
-    assert [c.index for c in a] == list(range(5)) and len({c.seed for c in a}) == 5
-    assert propose(_state(stopped=True), 1, p, SPACE) == []
+ACTIONS = ["deepen(0)", "prune(1,0.25)", "slim(2,0.25)", "fpn_prune(0.5)", "head_prune(0.25)", "resize(0.75)"]
+
+
+def test_proposals_are_the_control_then_distinct_seeded_candidates(smoke_params):
+    p = with_overrides(smoke_params, {"search": {"candidates": 5}})
+    a = propose(_state(), 1, p, SPACE, ACTIONS)
+    assert a == propose(_state(), 1, p, SPACE, ACTIONS)
+    assert a != propose(_state(), 2, p, SPACE, ACTIONS)
+    assert a[0].action == "none" and a[0].teacher == _state().teacher  # the control: no action, same teacher
+    assert len(a) == 6 and len({(c.action, c.teacher) for c in a}) == 6
+    assert {c.action for c in a[1:]} <= set(ACTIONS)
+    assert [c.index for c in a] == list(range(6)) and len({c.seed for c in a}) == 6
+    assert propose(_state(stopped=True), 1, p, SPACE, ACTIONS) == []
+    assert [c.action for c in propose(_state(), 1, p, SPACE, [])] == ["none"]
 
 
 class _Ctx:
-    def __init__(self, root, patience=2, rounds=3):
-        self.root, self.cfg = root, {"patience": patience, "rounds": rounds}
+    def __init__(self, root, patience=2, rounds=3, target_ms=8.0):
+        self.root, self.target_ms = root, target_ms
+        self.cfg = {"patience": patience, "rounds": rounds, "penalty": 50.0, "latency_tolerance": 0.05}
 
 
 def _write_round(root, r, state, results):
@@ -65,29 +72,51 @@ def _write_round(root, r, state, results):
         (d / f"cand_{x['index']}" / "result.json").write_text(json.dumps(x))
 
 
-def _result(r, k, s, skipped=False):
-    return {"round": r, "index": k, "skipped": skipped, "action": "prune(1,0.25)", "teacher": "d2,2,2,2/w1,1,1,1",
-            "student_arch": "S16:2x16m16-2x32m24-2x64m64-2x128m128", "ap": s, "ap50": s, "latency_ms": 9.0,
-            "score": s, "seconds": 1.0, "cpu_seconds": 0.5}
+def _result(r, k, ap, latency_ms=9.0, skipped=False):
+    return {"round": r, "index": k, "skipped": skipped, "control": k == 0, "action": "none" if k == 0 else "prune(1,0.25)",
+            "teacher": "d2,2,2,2/w1,1,1,1", "student_arch": "S16:2x16m16-2x32m24-2x64m64-2x128m128",
+            "student_head": "F64-R256-I128/128-P100", "ap": ap, "ap50": ap, "latency_ms": latency_ms,
+            "score": score(ap, latency_ms, 8.0, 50.0), "seconds": 1.0, "cpu_seconds": 0.5}
 
 
-def test_select_accepts_best_improvement_then_stops_on_patience(tmp_path):
+def test_pick_above_the_target_trades_ap_for_latency_but_not_for_noise():
+    control = _result(1, 0, 20.0, 10.0)
+    faster = _result(1, 1, 18.0, 9.0)                 # 1 point of AP for 10% less latency: worth it
+    noise = _result(1, 2, 20.5, 9.7)                  # 3% faster: within the tolerance, counts as the control's
+    assert pick([control, faster, noise], 8.0, 50.0, 0.05) is faster
+    assert pick([control, noise], 8.0, 50.0, 0.05) is noise  # wins on AP alone, not on its "lower" latency
+    assert pick([control, _result(1, 1, 19.9, 9.7)], 8.0, 50.0, 0.05) is control
+
+
+def test_pick_under_the_target_is_a_hard_constraint():
+    under = _result(1, 1, 5.0, 7.9)
+    assert pick([_result(1, 0, 30.0, 10.0), under], 8.0, 50.0, 0.05) is under   # any candidate under wins
+    control = _result(1, 0, 20.0, 7.0)
+    above = _result(1, 1, 40.0, 8.01)
+    better = _result(1, 2, 21.0, 7.5)
+    assert pick([control, above], 8.0, 50.0, 0.05) is control                  # never above once under
+    assert pick([control, above, better], 8.0, 50.0, 0.05) is better           # under it: AP decides
+    assert pick([control, _result(1, 1, 20.0, 6.0)], 8.0, 50.0, 0.05) is control  # ties go to the control
+
+
+def test_select_moves_to_the_winner_and_stops_on_patience(tmp_path):
     _write_round(tmp_path, 0, _state(), [])
-    _write_round(tmp_path, 1, None, [_result(1, 0, 11.0), _result(1, 1, 12.0)])
+    _write_round(tmp_path, 1, None, [_result(1, 0, 11.0, 10.0), _result(1, 1, 12.0, 7.5)])
     s1 = select(_Ctx(tmp_path), 1)
-    assert s1.accepted == "cand_1" and s1.score == 12.0 and s1.stale == 0 and not s1.stopped
+    assert s1.accepted == "cand_1" and s1.ap == 12.0 and s1.stale == 0 and not s1.stopped and s1.meets_target
     assert (round_dir(1, tmp_path) / "student.pt").read_bytes() == b"cand 1"
-    _write_round(tmp_path, 2, None, [_result(2, 0, 5.0), _result(2, 1, 12.0)])
+    assert json.loads((round_dir(1, tmp_path) / "state.json").read_text())["meets_target"] is True
+    _write_round(tmp_path, 2, None, [_result(2, 0, 13.0, 7.5), _result(2, 1, 12.5, 7.0)])
     s2 = select(_Ctx(tmp_path, patience=1), 2)
-    assert s2.accepted is None and s2.score == 12.0 and s2.stale == 1 and s2.stopped
-    assert (round_dir(2, tmp_path) / "student.pt").read_bytes() == b"cand 1"
+    assert s2.accepted == "cand_0" and s2.ap == 13.0 and s2.stale == 1 and s2.stopped  # the control, trained on
+    assert (round_dir(2, tmp_path) / "student.pt").read_bytes() == b"cand 0"
     _write_round(tmp_path, 3, None, [{"round": 3, "index": 0, "skipped": True}])
     s3 = select(_Ctx(tmp_path, patience=1), 3)
-    assert s3.stopped and s3.stale == 1 and s3.score == 12.0  # a stopped search passes its state through
+    assert s3.stopped and s3.stale == 1 and s3.ap == 13.0  # a stopped search passes its state through
     df = write_history(tmp_path, {"device": "cpu", "search": {"rounds": 3, "latency_target": 0.8, "penalty": 50.0}})
-    assert list(df["accepted"]) == [False, True, False, False]
+    assert list(df["accepted"]) == [False, True, True, False] and list(df["control"]) == [True, False, True, False]
     assert (tmp_path / "history.csv").is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["compute_unit"] == "cpu_seconds" and summary["compute"] == summary["cpu_seconds"] == 4 * 0.5
-    assert summary["seconds"] == 4.0 and summary["candidates_trained"] == 4 and summary["accepted"] == 1
+    assert summary["seconds"] == 4.0 and summary["candidates_trained"] == 4 and summary["accepted"] == 2
     assert summary["target_ms"] == pytest.approx(0.8 * 10.0)

@@ -32,7 +32,7 @@ from jdnas.io import write_json
 from jdnas.latency.measure import Timer, device_name, measure_all, target_device
 from jdnas.latency.parts import HeadParts, backbone_call, calibrated_detector, detector_call
 from jdnas.latency.space import (FIXED_PARTS, HEAD_PARTS, Entry, LatencySpace, arch_entries, e2e_entry,
-                                 head_entries, head_space_from_params, network_input_size, space_entries,
+                                 grid_entries, head_entries, head_space_from_params, network_input_size,
                                  spaces_from_params)
 from jdnas.latency.table import BREAKDOWN, LatencyTable
 from jdnas.latency.validate import fmt, plot_validation, summarize, validation_archs
@@ -144,19 +144,10 @@ def needed_entries(prof: Profiler, spaces: list[LatencySpace], calibration: list
     """Every timing the table needs: at every input size, the spaces' backbone entries and the
     parts outside the backbone over the head grid, and the base end to end (its glue); the
     calibration archs' entries and end-to-end timings at the base's size."""
-    hs = prof.head_space
-    needed: set[Entry] = set()
-    for rung in prof.rungs():
-        hw = prof.hw(rung)
-        for fpn in hs.fpns:
-            for p in hs.proposals:
-                for rep in hs.reps:
-                    head = replace(rung, fpn=fpn, proposals=p, rep=rep)
-                    needed |= {e for e in head_entries(hw, head, prof.classes) if e.part in FIXED_PARTS}
-        for space in spaces:
-            needed |= space_entries(space, hw, hs.fpns)
-        if calibration:
-            needed |= set(arch_entries(prof.base, hw, rung.fpn)) | {e2e_entry(prof.base, rung, hw)}
+    rungs = [(h, prof.hw(h)) for h in prof.rungs()]
+    needed = grid_entries(spaces, prof.head_space, rungs, prof.classes)
+    for rung, hw in rungs if calibration else []:
+        needed |= set(arch_entries(prof.base, hw, rung.fpn)) | {e2e_entry(prof.base, rung, hw)}
     for arch in calibration:
         needed |= set(arch_entries(arch, prof.input_hw, prof.base_head.fpn))
         needed.add(e2e_entry(arch, prof.base_head, prof.input_hw))

@@ -56,8 +56,8 @@ class LatencySpace:
     def around(cls, base: Arch, ratios: Iterable[float], max_depth: Iterable[int], divisor: int = 1,
                block: str | None = None, min_width: int = 1) -> "LatencySpace":
         """Widths = the base arch's widths x each ratio (rounded to `divisor`), depths up to max_depth.
-        `min_width` (the search's smallest legal width) is a grid point wherever the ratios reach
-        below it, and no grid point lies below it: the grid covers exactly what the search can make.
+        `min_width` (the search's smallest legal width) is the lowest grid point of every axis, so
+        the grid covers every width the search can make.
 
         For a block type other than the base's, the base's mid widths carry over and output
         widths follow the presets' expansion (bottleneck out = 4 x mid, basic out = mid).
@@ -72,7 +72,7 @@ class LatencySpace:
 
         def widths(w: int) -> tuple[int, ...]:
             points = {max(divisor, round(w * r / divisor) * divisor) for r in ratios}
-            if min(points) < min_width < max(points):
+            if min_width < max(points):
                 points = {p for p in points if p > min_width} | {min_width}
             return tuple(sorted(points))
 
@@ -277,3 +277,43 @@ def head_entries(input_hw: tuple[int, int], head: Head, num_classes: int) -> lis
         Entry("roi_heads", cin=head.fpn, mid=head.proposals, cout=num_classes, hidden=head.rep),
         Entry("glue", height=h, width=w),
     ]
+
+
+def grid_entries(spaces: list[LatencySpace], heads: HeadSpace, rungs: list[tuple[Head, tuple[int, int]]],
+                 num_classes: int) -> set[Entry]:
+    """Every entry a detector of the spaces can need (the glue and end-to-end timings aside): at
+    every input size (`rungs`: the base head at each size, with its network input size), the
+    backbone entries and the fixed parts over the head grid."""
+    needed: set[Entry] = set()
+    for rung, hw in rungs:
+        for fpn in heads.fpns:
+            for p in heads.proposals:
+                for rep in heads.reps:
+                    head = Head(fpn, rep, rung.min_size, rung.max_size, p)
+                    needed |= {e for e in head_entries(hw, head, num_classes) if e.part in FIXED_PARTS}
+        for space in spaces:
+            needed |= space_entries(space, hw, heads.fpns)
+    return complete_grid(needed)
+
+
+def complete_grid(entries: set[Entry]) -> set[Entry]:
+    """The entries plus every combination of their interpolation axes' values within each family
+    (entries that differ only in widths): two stages at two input sizes can share a family (the
+    same resolution), and interpolation needs the whole product of its grid."""
+    from itertools import product
+    from jdnas.latency.table import _axes, _family, _set
+    families: dict[tuple, list[Entry]] = {}
+    for e in entries:
+        families.setdefault(_family(e), []).append(e)
+    out = set(entries)
+    for members in families.values():
+        axes = _axes(members[0])
+        if not axes:
+            continue
+        values = [sorted({getattr(e, a) for e in members}) for a in axes]
+        for combo in product(*values):
+            e = members[0]
+            for a, v in zip(axes, combo):
+                e = _set(e, a, v)
+            out.add(e)
+    return out
