@@ -113,7 +113,12 @@ def cmd_evaluate_final(args: argparse.Namespace) -> None:
     from jdnas.search import evaluate_final
     params = _params(args)
     _runtime(args, params)
-    print(json.dumps(evaluate_final(params, args.data, args.state, args.base, args.out)))
+    summary = evaluate_final(params, args.data, args.state, args.base, args.out, args.latency_table)
+    print(json.dumps(summary))
+    final = summary["final"]
+    print(f"evaluate_final: final student AP {final['AP']:.2f} (base {summary['base']['AP']:.2f}), measured latency "
+          f"{final['latency_ratio']:.3f}x the base's, predicted {final['predicted_latency_ratio']:.3f}x; "
+          f"meets_target: {str(final['meets_target']).lower()}", file=sys.stderr)
 
 
 def cmd_baseline(args: argparse.Namespace) -> None:
@@ -250,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
     p.add_argument("--state", required=True, help="the last round's state.json")
     p.add_argument("--base", default="runs/base/model.pt", help="base detector (default: %(default)s)")
+    p.add_argument("--latency-table", default="runs/latency/cpu/table.csv",
+                   help="latency table: predicted latency per part (default: %(default)s)")
     p.add_argument("--out", default="runs/final", help="output folder (default: %(default)s)")
 
     p = add("baseline", cmd_baseline, "stage baseline_naive: NAS -> retrain -> prune -> KD on the search's "

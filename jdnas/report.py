@@ -54,9 +54,10 @@ def _num(x: Any) -> float:
 def _history(path: Path) -> pd.DataFrame:
     """history.csv with numeric columns as floats (empty cells NaN) and `accepted` as bool."""
     h = _csv(path)
-    for c in ("round", "ap", "latency_ms", "score", "student_flops", "teacher_flops"):
+    for c in ("round", "ap", "latency_ms", "score", "student_flops", "teacher_flops", "teacher_ap"):
         h[c] = pd.to_numeric(h[c], errors="coerce")
-    h["accepted"] = h["accepted"].astype(str).str.lower().eq("true")
+    for c in ("accepted", "control"):
+        h[c] = h[c].astype(str).str.lower().eq("true")
     return h
 
 
@@ -263,6 +264,35 @@ def _verdict(joint: dict, naive: dict) -> str:
             f"naive {'meets' if naive['meets_target'] else 'misses'} it).")
 
 
+def search_steps(r: Runs) -> list[dict]:
+    """Per round, the candidate the search moved to: its action, teacher (and the teacher's
+    minival AP), the student's minival AP and predicted latency, and its gain over the round's
+    control (the same student fine-tuned alike without an action; 0 when the control won)."""
+    h, steps = r.history, []
+    for rnd, g in h.groupby("round", sort=True):
+        won, control = g[g["accepted"]], g[g["control"]]
+        if won.empty:
+            continue
+        w = won.iloc[0]
+        c_ap = float(control["ap"].iloc[0]) if not control.empty else float("nan")
+        steps.append({"round": int(rnd), "action": "none (control)" if w["control"] else w["action"],
+                      "teacher": w["teacher"], "teacher_ap": _num(w.get("teacher_ap")), "student_ap": float(w["ap"]),
+                      "control_ap": c_ap, "gain_over_control": float(w["ap"]) - c_ap,
+                      "latency_ms": float(w["latency_ms"]), "meets_target": bool(w["latency_ms"] <= r.target_ms)})
+    return steps
+
+
+def latency_shares(r: Runs) -> list[dict]:
+    """Predicted latency per part of the base and the final student: ms and share of the total."""
+    rows = []
+    for name in ("base", "final"):
+        parts = r.final[name].get("predicted_breakdown_ms") or {}
+        total = parts.get("total") or float("nan")
+        rows += [{"model": name, "part": k, "ms": float(v), "share_percent": 100 * float(v) / total}
+                 for k, v in parts.items() if k != "total"]
+    return rows
+
+
 def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
     joint, naive = rows["joint/final"], rows[f"naive/{r.baseline['steps'][-1]['step']}"]
     b = r.baseline
@@ -276,6 +306,10 @@ def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
         f"{_num(b.get('latency_target_ms')):.2f} ms).",
         f"- Compute: naive budget {_fmt(_num(b['budget']))} {b['compute_unit']}, spent {_fmt(_num(b['spent']))}; "
         f"joint search spent {_fmt(joint['compute'])} {joint['compute_unit']} (its candidate jobs).",
+        f"- Final student: predicted latency **{_fmt(_num(r.final['final'].get('predicted_latency_ratio')))}x** "
+        f"the base's (target {r.search['target_ms'] / r.states[0]['latency_ms']:.2f}x), measured "
+        f"**{_fmt(_num(r.final['final'].get('latency_ratio')))}x**; meets the target: "
+        f"**{_fmt(bool(r.final['final'].get('meets_target')))}**.",
         f"- {_verdict(joint, naive)}", "",
         "## Models", "",
         "latency_ms is measured where available (latency_source), else predicted; meets_target uses the "
@@ -285,6 +319,15 @@ def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
         _md_table([{**s, "accepted": s.get("accepted") or "–"} for s in r.states],
                   ["round", "teacher", "student_arch", "ap", "latency_ms", "score", "accepted"]), "",
         "ap on minival, latency predicted; round 0 is the base detector.", "",
+        "## Search steps", "",
+        "Per round, the candidate the search moved to (the control: the current student fine-tuned alike, "
+        "no action). Gain over control = its minival AP minus the control's: what the architecture change "
+        "bought beyond the extra training.", "",
+        _md_table(search_steps(r), ["round", "action", "teacher", "teacher_ap", "student_ap", "control_ap",
+                                    "gain_over_control", "latency_ms", "meets_target"]), "",
+        "## Where the latency goes", "",
+        "Predicted per part by the latency table (ms and share of the total).", "",
+        _md_table(latency_shares(r), ["model", "part", "ms", "share_percent"]), "",
         "## Plots", ""]
     captions = ["Search trajectory", "AP vs latency", "Teacher pool", "Student vs teacher capacity"]
     return "\n".join(intro + [f"![{c}]({p})\n" for c, p in zip(captions, PLOTS)])

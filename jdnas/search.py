@@ -372,8 +372,9 @@ def run_search(ctx: Context) -> State:
 
 
 def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, base: str | Path,
-                   out_dir: str | Path) -> dict[str, Any]:
-    """The final student and the base detector on val: AP, measured latency, params, FLOPs."""
+                   out_dir: str | Path, latency_table: str | Path) -> dict[str, Any]:
+    """The final student and the base detector on val: AP, measured latency, predicted latency per
+    part (from the table), params, FLOPs; whether the final student meets the target."""
     from jdnas.engine import evaluate, resolve_device
     from jdnas.models.complexity import count_flops, count_params
     from jdnas.models.detector import load_detector, save_detector
@@ -384,6 +385,7 @@ def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, b
     models = {"final": load_detector(Path(state_path).parent / "student.pt", device),
               "base": load_detector(base, device)}
     round0 = json.loads((Path(state_path).parent.parent / "round_0" / "state.json").read_text())
+    table = LatencyTable.load(latency_table)
     images = latency_images(Path(data_dir) / "val.json", models["base"].head_cfg["max_size"])
     # both timed in the same interleaved rounds: what differs between them is the models
     latency = measure_latency(models, images, ev["latency_runs"] * 4, ev["latency_threads"], device,
@@ -393,7 +395,9 @@ def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, b
         m = evaluate(model, Path(data_dir) / "val.json", params["eval"]["batch_size"], device)
         m.update({"arch": str(model.arch), "head": str(Head.of(model.head_cfg)), "params": count_params(model),
                   "flops": count_flops(model), "latency_ms": latency[name],
-                  "predicted_latency_ms": state["latency_ms"] if name == "final" else round0["latency_ms"]})
+                  "predicted_latency_ms": state["latency_ms"] if name == "final" else round0["latency_ms"],
+                  "predicted_breakdown_ms": {k: round(v, 4) for k, v in
+                                             table.breakdown(model.arch, Head.of(model.head_cfg)).items()}})
         summary[name] = m
     summary["final"].update({"target_ms": state["target_ms"], "meets_target": state["meets_target"],
                              "latency_ratio": round(latency["final"] / latency["base"], 4),

@@ -116,11 +116,11 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
     StageDef(
         "evaluate_final",
         f"jdnas evaluate-final --data {DATA} --state {SEARCH}/round_${{search.rounds}}/state.json "
-        f"--base {BASE}/model.pt --out {FINAL}",
-        deps=(DATA, f"{SEARCH}/round_${{search.rounds}}/state.json", f"{BASE}/model.pt"),
+        f"--base {BASE}/model.pt --latency-table {TABLE} --out {FINAL}",
+        deps=(DATA, f"{SEARCH}/round_${{search.rounds}}/state.json", f"{BASE}/model.pt", TABLE),
         outs=(f"{FINAL}/model.pt",), metrics=(f"{FINAL}/metrics.json",),
         params=("seed", "device", "eval", "teacher_pool.eval", "search.rounds", "latency.clock"),
-        code=("jdnas/search.py", "jdnas/engine.py", "jdnas/latency/measure.py"),
+        code=("jdnas/search.py", "jdnas/engine.py", "jdnas/latency"),
     ),
     # the naive pipeline: its budget is what the search spent (summary.json), so it runs after it
     StageDef(

@@ -21,7 +21,7 @@ from test_latency import synthetic_table
 def default():
     params = load_params([REPO / "params.yaml"])
     base = resolve_arch(params["model"]["base"], params["model"]["width"])
-    table = synthetic_table(spaces_from_params(params), head_config(params["model"], 5))
+    table = synthetic_table(params)
     return params, base, table
 
 

@@ -9,13 +9,14 @@ from PIL import Image
 
 from jdnas.errors import JdnasError
 from jdnas.report import PLOTS, correlations, pareto_front, write_report
+from jdnas.search import HISTORY_COLUMNS
 
 BASE = "S16:2x16m16-2x32m32-2x64m64-2x128m128"
 TEACHER = "d3,4,6,3/w1,1,1,1"
 TARGET = 8.0
-HISTORY_COLUMNS = ["round", "index", "action", "teacher", "teacher_arch", "student_arch", "ap", "ap50", "latency_ms",
-                   "score", "accepted", "seconds", "cpu_seconds", "student_params", "student_flops",
-                   "teacher_params", "teacher_flops"]
+HEAD = "F64-R256-I128/128-P100"
+BREAKDOWN = {"stem": 1.0, "backbone": 2.0, "fpn": 1.5, "rpn": 2.0, "roi_heads": 3.0, "transform": 0.2, "glue": 0.3,
+             "total": 10.0}
 
 
 def _metrics(ap: float, **extra) -> dict:
@@ -45,8 +46,10 @@ def make_runs(root: Path, candidates: list[tuple] | None = None, train_cpu_secon
     _write(root / "base" / "metrics.json", _metrics(25.0, **base_extra))
     _write(root / "final" / "metrics.json", {
         "final": _metrics(23.5, arch="S16:1x16m16-2x32m24-2x64m64-1x128m128", params=3_000_000,
-                          flops=1_800_000_000, latency_ms=8.4),
-        "base": _metrics(25.0, arch=BASE, params=5_000_000, flops=2_500_000_000, latency_ms=10.3)})
+                          flops=1_800_000_000, latency_ms=8.4, latency_ratio=0.8155, predicted_latency_ratio=0.79,
+                          meets_target=True, predicted_breakdown_ms={**BREAKDOWN, "rpn": 1.0, "total": 9.0}),
+        "base": _metrics(25.0, arch=BASE, params=5_000_000, flops=2_500_000_000, latency_ms=10.3,
+                         predicted_breakdown_ms=BREAKDOWN)})
     states = [(0, 22.0, 10.0, 10.0, None), (1, 20.0, 9.0, 13.75, "cand_0"), (2, 21.0, 7.9, 21.0, "cand_0"),
               (3, 21.0, 7.9, 21.0, None)]
     for r, ap, lat, sc, acc in states:
@@ -56,8 +59,9 @@ def make_runs(root: Path, candidates: list[tuple] | None = None, train_cpu_secon
     rows, seen = [], {}
     for r, ap, lat, sc, acc, fs, ft in candidates:
         k = seen[r] = seen.get(r, -1) + 1
-        rows.append([r, k, "prune(2,0.25)", TEACHER, BASE, BASE, "" if math.isnan(ap) else ap, ap + 20, lat,
-                     "" if math.isnan(sc) else sc, acc, 40.0, 38.0, 3e6, fs, 8e6, ft])
+        rows.append([r, k, k == 0, "none" if k == 0 else "prune(2,0.25)", TEACHER, BASE, 30.0, BASE, HEAD,
+                     "" if math.isnan(ap) else ap, ap + 20, lat, lat <= TARGET, "" if math.isnan(sc) else sc, acc, 40.0,
+                     38.0, 3e6, fs, 8e6, ft])
     _write_csv(root / "search" / "history.csv", HISTORY_COLUMNS, rows)
     _write(root / "search" / "summary.json", {"target_ms": TARGET, "penalty": 50.0, "cpu_seconds": 480.0,
                                               "seconds": 500.0, "compute": 480.0, "compute_unit": "cpu_seconds"})
@@ -156,3 +160,19 @@ def test_correlations():
     assert rho == pytest.approx(1.0) and 0 < r < 1
     assert all(math.isnan(v) for v in correlations([1, 2], [2, 1]))
     assert all(math.isnan(v) for v in correlations([1, 1, 1], [1, 2, 3]))
+
+
+def test_report_lists_search_steps_with_the_control_gain_and_latency_shares(tmp_path):
+    from jdnas.report import Runs, latency_shares, search_steps
+    runs = make_runs(tmp_path / "runs")
+    r = Runs.load(runs, 3)
+    steps = search_steps(r)
+    # round 1 and 2 moved to cand_0 (accepted flags in the history): the control, no gain over itself
+    assert [s["round"] for s in steps] == [1, 2] and all(s["action"] == "none (control)" for s in steps)
+    assert all(s["gain_over_control"] == 0 and s["teacher_ap"] == 30.0 for s in steps)
+    shares = {(x["model"], x["part"]): x["share_percent"] for x in latency_shares(r)}
+    assert shares[("base", "roi_heads")] == pytest.approx(30.0) and shares[("final", "rpn")] == pytest.approx(100 / 9)
+    write_report(runs, tmp_path / "out", {"search": {"rounds": 3}, "latency": {"device": "cpu"}})
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Search steps" in md and "gain_over_control" in md and "## Where the latency goes" in md
+    assert "meets the target: **yes**" in md
