@@ -327,6 +327,10 @@ def check_consistency(p: dict, source: str) -> None:
                           "or latency.clock to wall")
     if any(r <= 0 for r in lat["space"]["width_ratios"]):
         raise ConfigError(f"{source}: latency.space.width_ratios must all be > 0")
+    if "widen" in space["actions"] and max(lat["space"]["width_ratios"]) <= 1:
+        raise ConfigError(f"{source}: search_space.actions has widen but latency.space.width_ratios "
+                          f"{lat['space']['width_ratios']} has no ratio above 1: the latency table could not "
+                          "predict a widened student")
     if space["min_width"] > space["max_width"]:
         raise ConfigError(f"{source}: search_space.min_width must be <= search_space.max_width")
     from jdnas.models.arch import resolve_arch  # late import: models depend on nothing here

@@ -164,19 +164,23 @@ class Context:
         return score(ap, latency_ms, self.target_ms, self.cfg["penalty"])
 
     def actions(self, state: State) -> list[str]:
-        """The legal actions of the state's student whose child the table predicts. Above the
-        target: those that bring the predicted latency down by more than the tolerance (all, if
-        none does); under it: those whose child stays under it."""
-        arch, head = Arch.parse(state.student_arch), Head.parse(state.student_head)
-        lat = {}
-        for a in legal_actions(arch, self.params["search_space"], head, self.base_head):
-            child = (arch, child_head(a, head)) if a.on_head else (child_arch(a, arch), head)
-            if self.table.covers(*child):
-                lat[str(a)] = self.latency(*child)
-        if state.latency_ms > self.target_ms:
-            faster = [a for a, ms in lat.items() if ms < state.latency_ms * (1 - self.cfg["latency_tolerance"])]
-            return faster or list(lat)
-        return [a for a, ms in lat.items() if ms <= self.target_ms]
+        return candidate_actions(state, self.params, self.table, self.base_head)
+
+
+def candidate_actions(state: State, params: dict, table: LatencyTable, base_head: Head) -> list[str]:
+    """The legal actions of the state's student whose child the table predicts. Above the target:
+    those that bring the predicted latency down by more than `search.latency_tolerance` (if none
+    does, those that bring it down at all); under it: those whose child stays under it."""
+    arch, head = Arch.parse(state.student_arch), Head.parse(state.student_head)
+    lat = {}
+    for a in legal_actions(arch, params["search_space"], head, base_head):
+        child = (arch, child_head(a, head)) if a.on_head else (child_arch(a, arch), head)
+        if table.covers(*child):
+            lat[str(a)] = table.predict(*child)
+    if state.latency_ms > state.target_ms:
+        cut = state.latency_ms * (1 - params["search"]["latency_tolerance"])
+        return [a for a, ms in lat.items() if ms < cut] or [a for a, ms in lat.items() if ms < state.latency_ms]
+    return [a for a, ms in lat.items() if ms <= state.target_ms]
 
 
 def init_search(ctx: Context) -> State:

@@ -57,6 +57,14 @@ def test_defaults_validate():
     ({"data": {"source": "coco"}}, "data.coco.train_images is required"),
     ({"model": {"base": "r999"}}, "model.base = 'r999' is not allowed"),
     ({"model": 3}, "model must be a mapping"),
+    # the search space and the latency table's grid come from the same keys; what could disagree is refused
+    ({"search_space": {"max_depth": [2, 2, 1, 2]}}, "search_space.max_depth = [2, 2, 1, 2] is below model.base's"),
+    ({"search_space": {"min_depth": [1, 3, 1, 1]}}, "search_space.min_depth = [1, 3, 1, 1] is above model.base's"),
+    ({"search_space": {"min_width": 64, "max_width": 32}}, "search_space.min_width must be <= search_space.max_width"),
+    ({"search_space": {"actions": ["widen"]}}, "search_space.actions has widen but latency.space.width_ratios"),
+    ({"search_space": {"resize_ratios": [1.5]}}, "search_space.resize_ratios = [1.5] is not allowed"),
+    ({"search_space": {"actions": ["prune", "teleport"]}}, "search_space.actions = ['prune', 'teleport']"),
+    ({"latency": {"space": {"max_depth": [3, 4, 6, 3]}}}, "unknown key 'latency.space.max_depth'"),
 ])
 def test_bad_params_fail_with_one_line_naming_the_key(tmp_path, content, words):
     f = write_yaml(tmp_path / "bad.yaml", content)

@@ -120,3 +120,30 @@ def test_select_moves_to_the_winner_and_stops_on_patience(tmp_path):
     assert summary["compute_unit"] == "cpu_seconds" and summary["compute"] == summary["cpu_seconds"] == 4 * 0.5
     assert summary["seconds"] == 4.0 and summary["candidates_trained"] == 4 and summary["accepted"] == 2
     assert summary["target_ms"] == pytest.approx(0.8 * 10.0)
+
+
+def test_candidate_actions_are_predicted_first_and_respect_the_target(smoke_params):
+    """Every action drawn is one whose child the table predicts: above the target the ones that cut
+    latency by more than the tolerance, under it the ones that stay under it."""
+    from jdnas.models.arch import Arch, Head, resolve_arch
+    from jdnas.morphism import Action, child_arch, child_head
+    from jdnas.search import candidate_actions
+    from conftest import proxy_table
+    p = with_overrides(smoke_params, {"search_space": {"resize_ratios": [0.5]}, "search": {"latency_tolerance": 0.03}})
+    table = proxy_table(p)
+    base, head = resolve_arch(p["model"]["base"], p["model"]["width"]), Head.of(p["model"])
+    full = table.predict(base, head)
+
+    def child_ms(text):
+        a = Action.parse(text)
+        return table.predict(*((base, child_head(a, head)) if a.on_head else (child_arch(a, base), head)))
+    above = _state(student_arch=str(base), student_head=str(head), latency_ms=full, target_ms=0.5 * full)
+    acts = candidate_actions(above, p, table, head)
+    assert acts and {"fpn_prune(0.5)", "resize(0.5)"} <= set(acts)
+    assert all(child_ms(a) < full * 0.97 for a in acts) and "prune(0,0.25)" not in acts
+    loose = with_overrides(p, {"search": {"latency_tolerance": 0.5}})   # no action cuts 50%: any cut will do
+    acts = candidate_actions(above, loose, table, head)
+    assert "prune(0,0.25)" in acts and all(child_ms(a) < full for a in acts)
+    under = _state(student_arch=str(base), student_head=str(head), latency_ms=full, target_ms=1.001 * full)
+    acts = candidate_actions(under, p, table, head)
+    assert acts and all(child_ms(a) <= 1.001 * full for a in acts) and "deepen(0)" not in acts
