@@ -212,6 +212,7 @@ SCHEMA: dict = {
         "rounds": integer(8, 1),
         "image_size": Opt(None, _is_hw, "null or [height, width] (integers >= 16)"),
         "reuse_entries": flag(True),
+        "table": text(None, nullable=True, words="a path to a table.csv"),
         "validation_archs": integer(30, 0),
         "space": {
             "extra_blocks": strings([], ("basic", "bottleneck"), min_len=0),

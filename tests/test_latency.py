@@ -231,6 +231,7 @@ def test_missing_cuda_is_a_one_line_error(tmp_path, smoke_params, prepared):
 
 def test_stage_on_smoke_config_and_rerun_reuses(tmp_path, smoke_params, prepared):
     from jdnas.latency.profile import profile_latency
+    smoke_params = with_overrides(smoke_params, {"latency": {"table": None}})  # time it here
     out = tmp_path / "runs" / "latency" / "cpu"
     first = profile_latency(smoke_params, prepared, out)
     table = LatencyTable.load(out / "table.csv")
@@ -302,3 +303,17 @@ def test_profile_latency_workflow_second_run_is_a_no_op(tmp_path):
     second = run(["dvc", "repro", "profile_latency"], ws)
     assert "Running stage" not in second.stdout, second.stdout
     assert "Stage 'profile_latency' didn't change, skipping" in second.stdout
+
+
+def test_pinned_table_is_used_as_is_and_must_cover_the_space(tmp_path, smoke_params, prepared):
+    from jdnas.latency.profile import profile_latency
+    pinned = REPO / smoke_params["latency"]["table"]
+    out = tmp_path / "pinned"
+    result = profile_latency(with_overrides(smoke_params, {"latency": {"table": str(pinned)}}), prepared, out)
+    assert result["entries_timed"] == 0 and (out / "table.csv").read_bytes() == pinned.read_bytes()
+    v = json.loads((out / "validation.json").read_text())
+    assert v["calibration"]["pinned"] == str(pinned) and v["n"] == smoke_params["latency"]["validation_archs"]
+    # a table of another space is refused with one line naming it
+    wider = with_overrides(smoke_params, {"latency": {"table": str(pinned)}, "model": {"fpn_channels": 24}})
+    with pytest.raises(JdnasError, match="latency.table lacks .* profiled for another space"):
+        profile_latency(wider, prepared, tmp_path / "other")

@@ -104,7 +104,11 @@ def test_smoke_workflow_runs_the_whole_dag(smoke_run):
         assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "latency_ms", "params", "flops"} <= set(m)
     from jdnas.models.detector import load_detector
     assert str(load_detector(ws / "runs/final/model.pt").arch) == final["final"]["arch"]
-    assert len(decisions(ws)) >= 1
+    history = decisions(ws)
+    assert history and all(h["control"] == (h["index"] == 0) for h in history)
+    assert {h["round"] for h in history if h["control"]} == {h["round"] for h in history}  # a control every round
+    assert isinstance(final["final"]["meets_target"], bool) and final["final"]["predicted_breakdown_ms"]["total"] > 0
+    assert "## Search steps" in (ws / "reports/report.md").read_text()
     # the naive pipeline: four steps on the search's target, with the compute the search spent
     search = json.loads((ws / "runs/search/summary.json").read_text())
     naive = json.loads((ws / "runs/baseline/metrics.json").read_text())

@@ -281,10 +281,15 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
                              grid.covers)
     extra = {("arch", i): (lambda a=a, h=h: detector_call(prof.detector(a, h), prof.image))
              for i, (_, a, h) in enumerate(archs)}
-    table, calibration, raw, timed = time_table(prof, spaces, cache, extra, VALIDATION_SLOTS)
+    if cfg["table"]:
+        table = pinned_table(cfg["table"], grid)
+        calibration = {"pinned": cfg["table"], "entries_timed": 0, "entries_reused": len(table)}
+        timed = prof.measure(extra, "profile_latency (pinned table: validation)", {k: VALIDATION_SLOTS for k in extra})
+    else:
+        table, calibration, raw, timed = time_table(prof, spaces, cache, extra, VALIDATION_SLOTS)
+        LatencyTable({**(cache.ms if cache else {}), **raw},
+                     {**(cache.settings if cache else {}), **{e: prof.settings(e) for e in raw}}).save(cache_path)
     table.save(out / "table.csv")
-    LatencyTable({**(cache.ms if cache else {}), **raw},
-                 {**(cache.settings if cache else {}), **{e: prof.settings(e) for e in raw}}).save(cache_path)
 
     rows = [{"kind": kind, "arch": str(arch), "head": str(head), "measured_ms": round(timed[("arch", i)], 4),
              "predicted_ms": round(table.predict(arch, head), 4)} for i, (kind, arch, head) in enumerate(archs)]
@@ -320,6 +325,17 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
     write_json(out / "validation.json", result)
     return {k: result[k] for k in ("n", "mape_percent", "spearman", "max_abs_error_percent", "entries",
                                    "entries_timed", "seconds")}
+
+
+def pinned_table(path: str | Path, grid: LatencyTable) -> LatencyTable:
+    """The table `latency.table` names, checked to hold every entry of the space's grid: a run that
+    pins it decides the same on any machine."""
+    table = LatencyTable.load(path)
+    missing = sorted(set(grid.ms) - set(table.ms))
+    if missing:
+        raise JdnasError(f"{path}: latency.table lacks {missing[0]}" + (f" and {len(missing) - 1} more entries"
+                         if len(missing) > 1 else "") + ": it was profiled for another space or device")
+    return table
 
 
 def _load_average() -> list[float] | None:
