@@ -1,5 +1,7 @@
 """The `profile_latency` stage: build the table for the params' space on the target device,
-then validate it end to end on random archs of the space and on the presets.
+then validate it end to end on random detectors of the space (random backbone and head) and on
+the presets. With `latency.table` set, that table is checked to cover the space and used as is
+(validated here all the same).
 
 Calibration: a block timed on its own runs with its weights and input hot in cache; inside a
 whole forward it runs slower (on the 2-core shared CPU it was developed on: 1.1x when idle,
@@ -22,6 +24,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,8 +39,6 @@ from jdnas.latency.space import (FIXED_PARTS, HEAD_PARTS, Entry, LatencySpace, a
                                  spaces_from_params)
 from jdnas.latency.table import BREAKDOWN, LatencyTable
 from jdnas.latency.validate import fmt, plot_validation, summarize, validation_archs
-from dataclasses import replace
-
 from jdnas.models.arch import Arch, Head, resolve_arch
 from jdnas.models.detector import head_config
 

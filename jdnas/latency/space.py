@@ -1,10 +1,12 @@
-"""What a latency table must cover: the search space's widths and depths, and its entries.
+"""What a latency table must cover: the search space's widths, depths, head settings and input
+sizes (all derived from the `search_space` bounds), and its entries.
 
 An entry is one distinct thing the table times: a backbone block configuration (block type,
-cin, mid, cout, stride, input resolution), the stem, an FPN lateral conv (keyed by stage width),
-or a fixed part (rest of the FPN, RPN, RoI heads at a fixed proposal count, the resize /
-post-processing transform, and the glue between them). An Arch's latency is the sum of its
-entries, so the table needs each distinct entry once, however many archs reuse it.
+cin, mid, cout, stride, input resolution), the stem, an FPN lateral conv (keyed by stage width
+and FPN width), or a part outside the backbone (the rest of the FPN, the RPN, the RoI heads at a
+proposal count and box-head width, the resize / post-processing transform, and the glue between
+them), each at every input size the search can reach. A detector's latency is the sum of its
+entries, so the table needs each distinct entry once, however many detectors reuse it.
 """
 from __future__ import annotations
 
