@@ -90,7 +90,8 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         "profile_latency", f"jdnas profile-latency --data {DATA} --out {LATENCY}",
         deps=(DATA,), outs=(f"{LATENCY}/table.csv", f"{LATENCY}/validation.png"),
         metrics=(f"{LATENCY}/validation.json",),
-        params=("seed", "model", "latency"), code=("jdnas/latency", "jdnas/models"),
+        # the table's grid is derived from the search space's bounds
+        params=("seed", "model", "latency", "search_space"), code=("jdnas/latency", "jdnas/models", "jdnas/morphism.py"),
         threads=None,  # timings use latency.threads; the job holds every core
     ),
     StageDef(
