@@ -199,7 +199,8 @@ def init_search(ctx: Context) -> State:
 
 def propose(state: State, r: int, params: dict, space: PoolSpace, actions: list[str]) -> list[Candidate]:
     """The control (index 0: no action, the current teacher) and up to K distinct (action, teacher)
-    pairs drawn from `actions` for round r, seeded by (seed, r); none once stopped."""
+    pairs drawn from `actions` for round r, seeded by (seed, r); none once stopped. Actions are
+    drawn without replacement while some are left, so a round tries K different actions."""
     cfg = params["search"]
     if state.stopped:
         return []
@@ -211,10 +212,11 @@ def propose(state: State, r: int, params: dict, space: PoolSpace, actions: list[
     moves = ("keep", "mutate", "resample")
     weights = [cfg["teacher_keep"], cfg["teacher_mutate"], cfg["teacher_resample"]]
     seen: set[tuple[str, str]] = set()
+    unused = list(actions)
     for _ in range(50 * cfg["candidates"]):
         if len(out) == cfg["candidates"] + 1:
             break
-        action = rng.choice(actions)
+        action = unused.pop(rng.randrange(len(unused))) if unused else rng.choice(actions)
         move = rng.choices(moves, weights)[0]
         teacher = (current if move == "keep" else mutate_teacher(current, space, rng) if move == "mutate"
                    else sample_teacher(space, rng))

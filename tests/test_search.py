@@ -129,7 +129,8 @@ def test_candidate_actions_are_predicted_first_and_respect_the_target(smoke_para
     from jdnas.morphism import Action, child_arch, child_head
     from jdnas.search import candidate_actions
     from conftest import proxy_table
-    p = with_overrides(smoke_params, {"search_space": {"resize_ratios": [0.5]}, "search": {"latency_tolerance": 0.03}})
+    p = with_overrides(smoke_params, {"search_space": {"resize_ratios": [0.5], "fpn_prune_ratios": [0.25, 0.5]},
+                                      "search": {"latency_tolerance": 0.03}})
     table = proxy_table(p)
     base, head = resolve_arch(p["model"]["base"], p["model"]["width"]), Head.of(p["model"])
     full = table.predict(base, head)
