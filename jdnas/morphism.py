@@ -347,13 +347,18 @@ def _fpn_levels(sd: Mapping[str, Tensor]) -> list[int]:
 
 def fpn_prune(head: Head, sd: Mapping[str, Tensor], ratio: float) -> tuple[Head, StateDict]:
     """Remove `ratio` of the FPN's channels: the same channels at every level (their top-down sums
-    line up), ranked by the L1 norms of the lateral and output filters; the RPN head's conv (whose
-    width is the FPN's) and the box head's fc6 input follow."""
+    line up); the RPN head's conv (whose width is the FPN's) and the box head's fc6 input follow.
+    A channel's importance is the L1 norm of the filters writing it (lateral and output convs)
+    x that of the weights reading it (RPN conv, fc6): a channel nothing downstream reads is free
+    to drop, however large its filters."""
     keep = kept_count(head.fpn, ratio)
     levels = _fpn_levels(sd)
-    imp = sum(_l1_rows(sd[f"{FPN}inner_blocks.{i}.0.weight"]) + _l1_rows(sd[f"{FPN}layer_blocks.{i}.0.weight"])
-              for i in levels)
-    idx = top_channels(imp, keep)
+    fc6 = sd[f"{BOX}fc6.weight"]
+    fc6_in = fc6.detach().abs().view(fc6.shape[0], head.fpn, -1).sum((0, 2))
+    writes = sum(_l1_rows(sd[f"{FPN}inner_blocks.{i}.0.weight"]) + _l1_rows(sd[f"{FPN}layer_blocks.{i}.0.weight"])
+                 for i in levels)
+    reads = _l1_rows(sd[f"{RPN_CONV}.weight"].transpose(0, 1)) / head.fpn + fc6_in / fc6.shape[0]
+    idx = top_channels(writes * reads, keep)
     out = dict(sd)
     for i in levels:
         for block in ("inner_blocks", "layer_blocks"):
@@ -362,11 +367,11 @@ def fpn_prune(head: Head, sd: Mapping[str, Tensor], ratio: float) -> tuple[Head,
             out[p + "weight"] = w[:, idx] if block == "layer_blocks" else w
             out[p + "bias"] = out[p + "bias"][idx]
     rpn = out[f"{RPN_CONV}.weight"][:, idx]
-    ridx = top_channels(_l1_rows(rpn), keep)
+    heads = ("rpn.head.cls_logits.weight", "rpn.head.bbox_pred.weight")
+    ridx = top_channels(_l1_rows(rpn) * sum(_l1_rows(out[k].transpose(0, 1)) for k in heads), keep)
     out[f"{RPN_CONV}.weight"], out[f"{RPN_CONV}.bias"] = rpn[ridx], out[f"{RPN_CONV}.bias"][ridx]
-    for k in ("rpn.head.cls_logits.weight", "rpn.head.bbox_pred.weight"):
+    for k in heads:
         out[k] = out[k][:, ridx]
-    fc6 = out[f"{BOX}fc6.weight"]
     out[f"{BOX}fc6.weight"] = fc6.view(fc6.shape[0], head.fpn, -1)[:, idx].reshape(fc6.shape[0], -1)
     return replace(head, fpn=keep), _own(out, sd)
 

@@ -273,21 +273,22 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     return result
 
 
-def pick(results: list[dict], target_ms: float, penalty: float, tolerance: float) -> dict:
-    """The round's winner among the trained candidates (the control included). Under the target
-    is a hard constraint: if any candidate is under it, the best minival AP among those wins.
-    Otherwise the best score (AP - penalty x overshoot) wins, where a latency within `tolerance`
-    (relative) of the control's counts as the control's: timing noise never buys a candidate a
-    lower penalty. Ties go to the lower index (the control first)."""
+def pick(results: list[dict], target_ms: float, penalty: float, tolerance: float, under: bool) -> dict:
+    """The round's winner among the trained candidates (the control included). While the current
+    student is above the target (`under` false) the best score (AP - penalty x overshoot) wins,
+    where a latency within `tolerance` (relative) of the control's counts as the control's: timing
+    noise never buys a candidate a lower penalty. Once the student is under the target it is a
+    hard constraint: only candidates under it compete, on minival AP. Ties go to the lower index
+    (the control first)."""
     control = next((x for x in results if x.get("control")), None)
 
     def latency(x: dict) -> float:
         if control and abs(x["latency_ms"] - control["latency_ms"]) <= tolerance * control["latency_ms"]:
             return control["latency_ms"]
         return x["latency_ms"]
-    under = [x for x in results if x["latency_ms"] <= target_ms]
-    if under:
-        return max(under, key=lambda x: (x["ap"], -x["index"]))
+    feasible = [x for x in results if x["latency_ms"] <= target_ms]
+    if under and feasible:  # the control always is, unless its job failed
+        return max(feasible, key=lambda x: (x["ap"], -x["index"]))
     return max(results, key=lambda x: (score(x["ap"], latency(x), target_ms, penalty), -x["index"]))
 
 
@@ -298,7 +299,7 @@ def select(ctx: Context, r: int) -> State:
     results = [json.loads(p.read_text()) for p in sorted(round_dir(r, ctx.root).glob("cand_*/result.json"))]
     done = [x for x in results if not x.get("skipped")]
     if done:
-        best = pick(done, ctx.target_ms, ctx.cfg["penalty"], ctx.cfg["latency_tolerance"])
+        best = pick(done, ctx.target_ms, ctx.cfg["penalty"], ctx.cfg["latency_tolerance"], prev.meets_target)
         state = State(r, best["student_arch"], best["student_head"], best["teacher"], best["ap"], best["ap50"],
                       best["latency_ms"], ctx.target_ms, best["score"], 0 if not best.get("control") else prev.stale + 1,
                       False, f"cand_{best['index']}")

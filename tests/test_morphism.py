@@ -334,9 +334,12 @@ def test_head_actions_keep_the_most_important_channels(head):
     sd = par.state_dict()
     h = Head.of(par.head_cfg)
     _, out = fpn_prune(h, sd, 0.5)
-    imp = sum(sd[f"backbone.fpn.{b}.{i}.0.weight"].abs().flatten(1).sum(1) for b in ("inner_blocks", "layer_blocks")
-              for i in range(4))
-    kept = torch.topk(imp, h.fpn // 2).indices.sort().values
+    writes = sum(sd[f"backbone.fpn.{b}.{i}.0.weight"].abs().flatten(1).sum(1)
+                 for b in ("inner_blocks", "layer_blocks") for i in range(4))
+    fc6 = sd["roi_heads.box_head.fc6.weight"].abs()
+    reads = (sd["rpn.head.conv.0.0.weight"].abs().sum((0, 2, 3)) / h.fpn
+             + fc6.view(fc6.shape[0], h.fpn, -1).sum((0, 2)) / fc6.shape[0])
+    kept = torch.topk(writes * reads, h.fpn // 2).indices.sort().values
     assert torch.equal(out["backbone.fpn.inner_blocks.2.0.weight"], sd["backbone.fpn.inner_blocks.2.0.weight"][kept])
     _, out = head_prune(h, sd, 0.5)
     assert out["roi_heads.box_head.fc6.weight"].shape == (h.rep // 2, h.fpn * 49)

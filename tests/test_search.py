@@ -83,20 +83,22 @@ def test_pick_above_the_target_trades_ap_for_latency_but_not_for_noise():
     control = _result(1, 0, 20.0, 10.0)
     faster = _result(1, 1, 18.0, 9.0)                 # 1 point of AP for 10% less latency: worth it
     noise = _result(1, 2, 20.5, 9.7)                  # 3% faster: within the tolerance, counts as the control's
-    assert pick([control, faster, noise], 8.0, 50.0, 0.05) is faster
-    assert pick([control, noise], 8.0, 50.0, 0.05) is noise  # wins on AP alone, not on its "lower" latency
-    assert pick([control, _result(1, 1, 19.9, 9.7)], 8.0, 50.0, 0.05) is control
+    assert pick([control, faster, noise], 8.0, 50.0, 0.05, False) is faster
+    assert pick([control, noise], 8.0, 50.0, 0.05, False) is noise  # wins on AP alone, not on its "lower" latency
+    assert pick([control, _result(1, 1, 19.9, 9.7)], 8.0, 50.0, 0.05, False) is control
+    # reaching the target is worth its score, not any AP: a candidate under it competes on score too
+    wrecked = _result(1, 1, 5.0, 7.9)
+    assert pick([control, wrecked], 8.0, 50.0, 0.05, False) is control
+    assert pick([control, _result(1, 1, 15.0, 7.9)], 8.0, 50.0, 0.05, False)["ap"] == 15.0
 
 
 def test_pick_under_the_target_is_a_hard_constraint():
-    under = _result(1, 1, 5.0, 7.9)
-    assert pick([_result(1, 0, 30.0, 10.0), under], 8.0, 50.0, 0.05) is under   # any candidate under wins
     control = _result(1, 0, 20.0, 7.0)
     above = _result(1, 1, 40.0, 8.01)
     better = _result(1, 2, 21.0, 7.5)
-    assert pick([control, above], 8.0, 50.0, 0.05) is control                  # never above once under
-    assert pick([control, above, better], 8.0, 50.0, 0.05) is better           # under it: AP decides
-    assert pick([control, _result(1, 1, 20.0, 6.0)], 8.0, 50.0, 0.05) is control  # ties go to the control
+    assert pick([control, above], 8.0, 50.0, 0.05, True) is control                  # never above once under
+    assert pick([control, above, better], 8.0, 50.0, 0.05, True) is better           # under it: AP decides
+    assert pick([control, _result(1, 1, 20.0, 6.0)], 8.0, 50.0, 0.05, True) is control  # ties go to the control
 
 
 def test_select_moves_to_the_winner_and_stops_on_patience(tmp_path):

@@ -56,10 +56,11 @@ class LatencySpace:
 
     @classmethod
     def around(cls, base: Arch, ratios: Iterable[float], max_depth: Iterable[int], divisor: int = 1,
-               block: str | None = None, min_width: int = 1) -> "LatencySpace":
+               block: str | None = None, min_width: int = 1, max_width: int | None = None) -> "LatencySpace":
         """Widths = the base arch's widths x each ratio (rounded to `divisor`), depths up to max_depth.
-        `min_width` (the search's smallest legal width) is the lowest grid point of every axis, so
-        the grid covers every width the search can make.
+        `min_width` (the search's smallest legal width) is the lowest grid point of every axis and
+        `max_width` (the largest `widen` may make; None: no widen) the highest, so the grid covers
+        every width the search can make.
 
         For a block type other than the base's, the base's mid widths carry over and output
         widths follow the presets' expansion (bottleneck out = 4 x mid, basic out = mid).
@@ -76,6 +77,8 @@ class LatencySpace:
             points = {max(divisor, round(w * r / divisor) * divisor) for r in ratios}
             if min_width < max(points):
                 points = {p for p in points if p > min_width} | {min_width}
+            if max_width is not None and max_width > min(points):
+                points = {p for p in points if p < max_width} | {max_width}
             return tuple(sorted(points))
 
         depth = tuple(max(int(d), b) if block == base.block else int(d)
@@ -121,10 +124,10 @@ def spaces_from_params(params: dict) -> list[LatencySpace]:
     cfg, bounds = params["latency"]["space"], params["search_space"]
     base = resolve_arch(params["model"]["base"], params["model"]["width"])
     blocks = [base.block] + [b for b in cfg["extra_blocks"] if b != base.block]
-    # only widen makes a width above the base's
-    ratios = [r for r in cfg["width_ratios"] if r <= 1 or "widen" in bounds["actions"]]
+    widen = "widen" in bounds["actions"]  # only widen makes a width above the base's
+    ratios = [r for r in cfg["width_ratios"] if r <= 1 or widen]
     return [LatencySpace.around(base, ratios, bounds["max_depth"], cfg["width_divisor"], block,
-                                bounds["min_width"]) for block in blocks]
+                                bounds["min_width"], bounds["max_width"] if widen else None) for block in blocks]
 
 
 @dataclass(frozen=True)
