@@ -19,6 +19,7 @@ import torch
 
 from jdnas.models.arch import NUM_STAGES, Arch, Head, Stage, resolve_arch
 from jdnas.models.backbone import STAGE_STRIDES
+from jdnas.morphism import Action, child_head
 
 EXPANSION = {"basic": 1, "bottleneck": 4}  # output width / mid width of the presets
 FIXED_PARTS = ("transform", "fpn_top", "rpn", "roi_heads")  # timed on their own
@@ -144,7 +145,6 @@ class HeadSpace:
     def around(cls, base: Head, bounds: dict, ratios: Iterable[float]) -> "HeadSpace":
         """Grids from the search bounds: from the smallest legal value (`min_head_ratio` x the base's)
         to the base's, through the `ratios` in between; sizes: every size `resize` can reach."""
-        from jdnas.morphism import Action, child_head
         lo = bounds["min_head_ratio"]
         acts = set(bounds["actions"])
 
