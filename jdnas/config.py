@@ -228,7 +228,7 @@ SCHEMA: dict = {
         "patience": integer(2, 1),
         "latency_target": number(0.8, 0.0, 10.0, lo_open=True),
         "penalty": number(50.0, 0.0),
-        "latency_tolerance": number(0.03, 0.0, 1.0),
+        "latency_tolerance": number(0.08, 0.0, 1.0),
         "teacher_keep": number(0.4, 0.0, 1.0),
         "teacher_mutate": number(0.4, 0.0, 1.0),
         "teacher_resample": number(0.2, 0.0, 1.0),

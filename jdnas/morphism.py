@@ -18,8 +18,9 @@ stage's output width changes). Stages are numbered 0..3 (outputs C2..C5), blocks
 | proposals(r)      | `proposals(0.5)`| remove fraction r of the test-time proposals                |
 
 The last four act on the `Head` (`jdnas.models.arch.Head`), the first six on the backbone `Arch`.
-Channels are ranked by importance = L1 norm of the filter x |BN gamma| (L1 norm of the filter
-alone where no BN follows: FPN, RPN head, box head); the most important are kept.
+Backbone channels are ranked by importance = L1 norm of the filter x |BN gamma|; where no BN
+follows (FPN, RPN head, box head) by the L1 norm of the weights writing a channel x that of the
+weights reading it. The most important are kept.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class Action:
         arg = _ARG[self.kind]
         given = {k for k in ("index", "step", "ratio") if getattr(self, k) is not None}
         if given != ({arg} if arg else set()):
-            raise ValueError(f"{self.kind} takes {self._takes()}")
+            raise ValueError(f"{self.kind} takes {_takes(self.kind)}")
         if self.kind == "shallow" and self.index < 1:
             raise ValueError("shallow: the first block of a stage (index 0) carries stride and projection; "
                              "remove an index >= 1")
@@ -87,10 +88,6 @@ class Action:
     @property
     def on_head(self) -> bool:
         return self.kind in HEAD_KINDS
-
-    def _takes(self) -> str:
-        arg = _ARG[self.kind]
-        return "a ratio only" if self.kind in HEAD_KINDS else ("stage, " + arg if arg else "a stage only")
 
     def __str__(self) -> str:
         arg = _ARG[self.kind]
@@ -110,14 +107,10 @@ class Action:
                              f"proposals(0.5)): {text!r}")
         kind, first, second = m.group(1), m.group(2), m.group(3)
         arg = _ARG[kind]
-        if kind in HEAD_KINDS:
-            if second is not None:
-                raise ValueError(f"{kind} takes a ratio only: {text!r}")
-            stage, raw = None, first
-        else:
-            if (arg is None) != (second is None) or not first.isdigit():
-                raise ValueError(f"{kind} takes {'stage, ' + arg if arg else 'a stage only'}: {text!r}")
-            stage, raw = int(first), second
+        head = kind in HEAD_KINDS
+        if (second is not None) if head else ((arg is None) != (second is None) or not first.isdigit()):
+            raise ValueError(f"{kind} takes {_takes(kind)}: {text!r}")
+        stage, raw = (None, first) if head else (int(first), second)
         if arg is None:
             return cls(kind, stage)
         try:
@@ -125,6 +118,12 @@ class Action:
         except ValueError:
             raise ValueError(f"{kind}: bad {arg} {raw!r} in {text!r}") from None
         return cls(kind, stage, **{arg: value})
+
+
+def _takes(kind: str) -> str:
+    """What an action kind takes, in words."""
+    arg = _ARG[kind]
+    return "a ratio only" if kind in HEAD_KINDS else ("stage, " + arg if arg else "a stage only")
 
 
 # --- importance and tensor surgery ----------------------------------------------------------
@@ -409,6 +408,11 @@ def child_head(action: Action, head: Head) -> Head:
         small = snap_size(head.min_size * action.ratio)
         return replace(head, min_size=small, max_size=max(small, int(round(head.max_size * small / head.min_size))))
     raise ValueError(f"{action} is not a head action")
+
+
+def child(action: Action, arch: Arch, head: Head) -> tuple[Arch, Head]:
+    """The (Arch, Head) of the student after `action` (weights aside)."""
+    return (arch, child_head(action, head)) if action.on_head else (child_arch(action, arch), head)
 
 
 def apply_head_action(action: Action | str, head: Head, sd: Mapping[str, Tensor]) -> tuple[Head, StateDict]:

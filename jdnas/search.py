@@ -26,10 +26,10 @@ from typing import Any
 import pandas as pd
 
 from jdnas.io import atomic_path, resume_dir, write_json
-from jdnas.latency import LatencyTable
+from jdnas.latency import LatencyTable, NotCovered
 from jdnas.models.arch import Arch, Head
 from jdnas.models.elastic import PoolSpace
-from jdnas.morphism import child_arch, child_head, legal_actions
+from jdnas.morphism import child, legal_actions
 
 SEARCH = Path("runs/search")
 HISTORY_COLUMNS = ["round", "index", "control", "action", "teacher", "teacher_arch", "teacher_ap", "student_arch",
@@ -174,9 +174,10 @@ def candidate_actions(state: State, params: dict, table: LatencyTable, base_head
     arch, head = Arch.parse(state.student_arch), Head.parse(state.student_head)
     lat = {}
     for a in legal_actions(arch, params["search_space"], head, base_head):
-        child = (arch, child_head(a, head)) if a.on_head else (child_arch(a, arch), head)
-        if table.covers(*child):
-            lat[str(a)] = table.predict(*child)
+        try:
+            lat[str(a)] = table.predict(*child(a, arch, head))
+        except NotCovered:
+            continue
     if state.latency_ms > state.target_ms:
         cut = state.latency_ms * (1 - params["search"]["latency_tolerance"])
         return [a for a, ms in lat.items() if ms < cut] or [a for a, ms in lat.items() if ms < state.latency_ms]

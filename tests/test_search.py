@@ -128,7 +128,7 @@ def test_candidate_actions_are_predicted_first_and_respect_the_target(smoke_para
     """Every action drawn is one whose child the table predicts: above the target the ones that cut
     latency by more than the tolerance, under it the ones that stay under it."""
     from jdnas.models.arch import Arch, Head, resolve_arch
-    from jdnas.morphism import Action, child_arch, child_head
+    from jdnas.morphism import Action, child
     from jdnas.search import candidate_actions
     from conftest import proxy_table
     p = with_overrides(smoke_params, {"search_space": {"resize_ratios": [0.5], "fpn_prune_ratios": [0.25, 0.5]},
@@ -138,8 +138,7 @@ def test_candidate_actions_are_predicted_first_and_respect_the_target(smoke_para
     full = table.predict(base, head)
 
     def child_ms(text):
-        a = Action.parse(text)
-        return table.predict(*((base, child_head(a, head)) if a.on_head else (child_arch(a, base), head)))
+        return table.predict(*child(Action.parse(text), base, head))
     above = _state(student_arch=str(base), student_head=str(head), latency_ms=full, target_ms=0.5 * full)
     acts = candidate_actions(above, p, table, head)
     assert acts and {"fpn_prune(0.5)", "resize(0.5)"} <= set(acts)

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from jdnas.models.arch import PRESET_NAMES, Head, preset
-from jdnas.morphism import child_arch, child_head, legal_actions
+from jdnas.morphism import child, legal_actions
 from conftest import proxy_table, with_overrides
 
 WALKS, STEPS = 25, 12
@@ -32,7 +32,5 @@ def test_random_legal_action_sequences_stay_predictable(name, smoke_params):
             actions = legal_actions(arch, bounds, head, base_head)
             assert actions
             for a in actions:
-                child = (arch, child_head(a, head)) if a.on_head else (child_arch(a, arch), head)
-                assert table.covers(*child), (str(arch), str(head), str(a))
-            a = rng.choice(actions)
-            arch, head = (arch, child_head(a, head)) if a.on_head else (child_arch(a, arch), head)
+                assert table.covers(*child(a, arch, head)), (str(arch), str(head), str(a))
+            arch, head = child(rng.choice(actions), arch, head)

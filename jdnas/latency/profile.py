@@ -77,6 +77,7 @@ class Profiler:
         model = params["model"]
         self.image_hw = tuple(cfg["image_size"] or (model["min_size"], model["min_size"]))
         self.head_space = head_space_from_params(params)
+        self._hw: dict[tuple[int, int], tuple[int, int]] = {}
         self.base_head = self.head_space.base
         self.input_hw = self.hw(self.base_head)
         self.base = resolve_arch(model["base"], model["width"])
@@ -108,7 +109,10 @@ class Profiler:
 
     def hw(self, head: Head) -> tuple[int, int]:
         """The network input size of a head's min/max size for the profiling image."""
-        return network_input_size(head.apply(self.head_cfg), self.image_hw)
+        key = (head.min_size, head.max_size)
+        if key not in self._hw:
+            self._hw[key] = network_input_size(head.apply(self.head_cfg), self.image_hw)
+        return self._hw[key]
 
     def rungs(self) -> list[Head]:
         """The base head at every input size of the space, largest first."""

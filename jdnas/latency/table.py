@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
@@ -108,7 +109,7 @@ class LatencyTable:
             return (1 - t) * self._lookup(_set(e, axis, lo), depth + 1) + t * self._lookup(_set(e, axis, hi), depth + 1)
         raise NotCovered(f"{self.source}: no entry for {e} (its widths are on the grid, the combination is not)")
 
-    @property
+    @cached_property
     def base_head(self) -> Head:
         """The largest head the table covers (the base's): every head axis at its maximum."""
         trans = [e for e in self.ms if e.part == "transform"]
@@ -121,12 +122,20 @@ class LatencyTable:
     def input_hw(self, head: Head | None = None) -> tuple[int, int]:
         """The network input size (height, width) of a head's min_size/max_size, as profiled."""
         head = head or self.base_head
-        for e in self.ms:
-            if e.part == "transform" and (e.cin, e.cout) == (head.min_size, head.max_size):
-                return e.height, e.width
-        sizes = sorted({(e.cin, e.cout) for e in self.ms if e.part == "transform"}, reverse=True)
+        if (head.min_size, head.max_size) in self._input_sizes:
+            return self._input_sizes[head.min_size, head.max_size]
+        sizes = sorted(self._input_sizes, reverse=True)
         raise NotCovered(f"{self.source}: input size {head.min_size}/{head.max_size} was not profiled "
                          f"(profiled min/max sizes: {', '.join(f'{a}/{b}' for a, b in sizes)})")
+
+    @cached_property
+    def _input_sizes(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """(min_size, max_size) -> network input (height, width), from the transform entries."""
+        return {(e.cin, e.cout): (e.height, e.width) for e in self.ms if e.part == "transform"}
+
+    @cached_property
+    def _classes(self) -> int:
+        return next(e.cout for e in self.ms if e.part == "roi_heads")
 
     # --- prediction --------------------------------------------------------------------
     def breakdown(self, arch: Arch, head: Head | None = None) -> dict[str, float]:
@@ -134,9 +143,8 @@ class LatencyTable:
         `head` defaults to the base's."""
         head = head or self.base_head
         hw = self.input_hw(head)
-        classes = next(e.cout for e in self.ms if e.part == "roi_heads")
         parts = dict.fromkeys(BREAKDOWN, 0.0)
-        for e in arch_entries(arch, hw, head.fpn) + head_entries(hw, head, classes):
+        for e in arch_entries(arch, hw, head.fpn) + head_entries(hw, head, self._classes):
             key = {"stem": "stem", "block": "backbone", "fpn_lateral": "fpn", "fpn_top": "fpn"}.get(e.part, e.part)
             parts[key] += self.lookup(e)
         parts["total"] = sum(parts[k] for k in BREAKDOWN)
