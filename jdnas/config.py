@@ -171,7 +171,8 @@ SCHEMA: dict = {
         "box_detections_per_img": integer(50, 1),
         "box_score_thresh": number(0.01, 0.0, 1.0),
     },
-    "train_base": train_schema(iters=1500, lr=0.04),
+    # scales: input size x one of these per iteration (scale jitter; [1.0]: none)
+    "train_base": {**train_schema(iters=1500, lr=0.04), "scales": numbers([1.0], 0.1, 4.0)},
     "eval": {
         "batch_size": integer(16, 1),
     },
@@ -249,6 +250,7 @@ SCHEMA: dict = {
         },
         "train": {
             **train_schema(iters=300, lr=0.04),
+            "scales": numbers([1.0], 0.1, 4.0),
             "depth_phase_start": number(0.4, 0.0, 1.0),
             "width_phase_start": number(0.7, 0.0, 1.0),
             "sandwich_random": integer(1, 0),

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from jdnas.data.dataset import CocoDetection, batches_for, eval_loader
 from jdnas.errors import JdnasError
 from jdnas.io import save_torch
-from jdnas.models.detector import Detector
+from jdnas.models.detector import Detector, jittered_input
 from jdnas.tblog import TrainLog
 
 STATE_FORMAT = "jdnas-train-state/1"
@@ -142,7 +142,7 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
         lr = cfg["lr"] * lr_factor(it, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        with amp:
+        with amp, jittered_input([model], cfg.get("scales", [1.0]), seed, it):
             losses = loss_fn(model, images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from jdnas.models.arch import Arch, Head, Stage
 from jdnas.models.backbone import BLOCKS, _init_weights
+from jdnas.models.detector import snap_size
 
 StateDict = dict[str, Tensor]
 BODY = "backbone.body."
@@ -48,7 +49,6 @@ _ARG = {"deepen": None, "shallow": "index", "shift": "step", "prune": "ratio", "
 _MID_LINKS = {"basic": (("conv1", "bn1", "conv2"),),
               "bottleneck": (("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3"))}
 _LAST = {"basic": ("conv2", "bn2"), "bottleneck": ("conv3", "bn3")}
-SIZE_DIVISIBLE = 32  # torchvision's GeneralizedRCNNTransform pads the batch to a multiple of this
 
 
 # --- the action value --------------------------------------------------------------------
@@ -389,11 +389,6 @@ def head_prune(head: Head, sd: Mapping[str, Tensor], ratio: float) -> tuple[Head
     for k in PREDICTOR:
         out[k] = out[k][:, idx7]
     return replace(head, rep=keep), _own(out, sd)
-
-
-def snap_size(size: float) -> int:
-    """An input size rounded to the padding multiple (a size in between would be padded up anyway)."""
-    return max(SIZE_DIVISIBLE, int(round(size / SIZE_DIVISIBLE)) * SIZE_DIVISIBLE)
 
 
 def child_head(action: Action, head: Head) -> Head:

@@ -37,7 +37,7 @@ from jdnas.io import atomic_path, file_sha256, save_torch
 from jdnas.latency.measure import latency_images, measure_latency
 from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.complexity import count_flops, count_params
-from jdnas.models.detector import Detector, head_config, read_checkpoint
+from jdnas.models.detector import Detector, head_config, jittered_input, read_checkpoint
 from jdnas.models.elastic import PoolSpace, Supernet, sort_channels
 from jdnas.tblog import TrainLog
 
@@ -189,7 +189,7 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
             scalars: dict[str, list[float]] = defaultdict(list)  # for the log: loss per role, distill loss
             for role, arch in sandwich(supernet.space, it, cfg, seed):
                 supernet.set_active(arch)
-                with amp:
+                with amp, jittered_input([supernet.model], cfg["scales"], seed, it):
                     losses = model(images, targets)
                     feats = recorder.output
                     if teacher_feats is None:

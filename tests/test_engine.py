@@ -9,7 +9,8 @@ from jdnas.data.dataset import CocoDetection
 from jdnas.engine import coco_metrics, evaluate, lr_factor, resolve_device, train_detector
 from jdnas.errors import JdnasError
 from jdnas.models.arch import resolve_arch
-from jdnas.models.detector import build_detector, head_config, load_detector, read_checkpoint, save_detector
+from jdnas.models.detector import (build_detector, head_config, jittered_input, load_detector, read_checkpoint,
+                                   save_detector, snap_size)
 from conftest import with_overrides
 
 
@@ -50,7 +51,7 @@ def _model(params, n_classes):
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(prepared, smoke_params, tmp_path):
     torch.set_num_threads(1)
-    cfg = {**smoke_params["train_base"], "iters": 6, "checkpoint_every": 2}
+    cfg = {**smoke_params["train_base"], "iters": 6, "checkpoint_every": 2, "scales": [0.5, 1.0]}
     ds = CocoDetection(prepared / "train.json", max_size=64)
     a = _model(smoke_params, ds.labels.num_classes)
     train_detector(a, ds, cfg, tmp_path / "a.pt", seed=1, device=torch.device("cpu"), fingerprint="x")
@@ -69,6 +70,24 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(prepared, smoke_p
     out = train_detector(d, ds, {**cfg, "iters": 1}, tmp_path / "b.pt", seed=1, device=torch.device("cpu"),
                          fingerprint="other")
     assert out["iters"] == 1
+
+
+def test_scale_jitter_draws_a_size_per_iteration_for_every_model_and_restores_it(smoke_params):
+    student, teacher = _model(smoke_params, 3), _model(smoke_params, 3)
+    size = smoke_params["model"]["min_size"]
+    drawn = []
+    for it in range(16):
+        with jittered_input([student, teacher], [0.5, 1.0], 0, it) as r:
+            assert student.transform.min_size == teacher.transform.min_size == (snap_size(size * r),)
+            assert student.transform.max_size == snap_size(smoke_params["model"]["max_size"] * r)
+            drawn.append(r)
+    assert set(drawn) == {0.5, 1.0}
+    assert student.transform.min_size == teacher.transform.min_size == (size,)  # restored
+    again = []
+    for it in range(16):  # the draw depends on (seed, iteration) only: a resumed run sees the same sizes
+        with jittered_input([student], [0.5, 1.0], 0, it) as r:
+            again.append(r)
+    assert again == drawn
 
 
 def test_train_base_writes_loadable_checkpoint_and_metrics(prepared, smoke_params, tmp_path):

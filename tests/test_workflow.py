@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jdnas.stages import STAGES, dvc_yaml
-from conftest import REPO, cli_env, write_yaml
+from conftest import BIN, REPO, cli_env, write_yaml
 
 WORKFLOW_FILES = ["Snakefile", "workflow", "params.yaml", "config", "envs", "dvc.yaml", ".dvcignore", "jdnas"]
 
@@ -74,10 +74,13 @@ def test_dvc_dag_lists_every_stage(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
-    """The whole smoke DAG, with two fake GPUs so candidate jobs lease distinct devices."""
+    """The whole smoke DAG, with two fake GPUs so candidate jobs lease distinct devices. Snakemake
+    is called by its path with the venv off PATH, as the README's `.venv/bin/snakemake` in a fresh
+    shell: the rules must still find the venv's `jdnas`."""
     ws = workspace(tmp_path_factory.mktemp("smoke"))
-    env = {**cli_env(), "JDNAS_GPUS": "0,1", "JDNAS_GPU_LOCK_DIR": str(ws / "gpu-locks")}
-    r = subprocess.run(["snakemake", "--cores", "4", "--resources", "gpu=2", "--configfile", "config/smoke.yaml"],
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != BIN)
+    env = {**cli_env(), "PATH": path, "JDNAS_GPUS": "0,1", "JDNAS_GPU_LOCK_DIR": str(ws / "gpu-locks")}
+    r = subprocess.run([str(BIN / "snakemake"), "--cores", "4", "--resources", "gpu=2", "--configfile", "config/smoke.yaml"],
                        cwd=ws, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     return ws

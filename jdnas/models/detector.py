@@ -6,8 +6,10 @@ loads with `torch.load(weights_only=True)`; `load_detector(path)` rebuilds it in
 """
 from __future__ import annotations
 
+import contextlib
+import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +33,12 @@ HEAD_KEYS = (
     "representation_size", "box_detections_per_img", "box_score_thresh",
 )
 FPN_LEVELS = ["0", "1", "2", "3"]
+SIZE_DIVISIBLE = 32  # torchvision's GeneralizedRCNNTransform pads the batch to a multiple of this
+
+
+def snap_size(size: float) -> int:
+    """An input size rounded to the padding multiple (a size in between would be padded up anyway)."""
+    return max(SIZE_DIVISIBLE, int(round(size / SIZE_DIVISIBLE)) * SIZE_DIVISIBLE)
 
 
 def head_config(model_params: dict[str, Any], num_classes: int) -> dict[str, Any]:
@@ -97,6 +105,25 @@ def set_input_size(model: Detector, head_cfg: dict[str, Any]) -> Detector:
     model.transform.max_size = int(head_cfg["max_size"])
     model.head_cfg = {**model.head_cfg, "min_size": head_cfg["min_size"], "max_size": head_cfg["max_size"]}
     return model
+
+
+@contextlib.contextmanager
+def jittered_input(models: Sequence[Detector], scales: Sequence[float], seed: int, it: int) -> Iterator[float]:
+    """Scale jitter for one training iteration: every model (a student and its teacher alike) resizes
+    its inputs to min/max size x a scale drawn from `scales` by (seed, it), snapped like `resize`,
+    so a detector trained this way loses little AP when the search lowers its input size. The
+    draw depends on the iteration only: a resumed run sees the same sizes."""
+    r = random.Random(seed * 7_919 + it).choice(list(scales)) if len(scales) > 1 else scales[0]
+    saved = [(m.transform.min_size, m.transform.max_size) for m in models]
+    if r != 1.0:
+        for m in models:
+            m.transform.min_size = (snap_size(m.head_cfg["min_size"] * r),)
+            m.transform.max_size = snap_size(m.head_cfg["max_size"] * r)
+    try:
+        yield r
+    finally:
+        for m, (lo, hi) in zip(models, saved):
+            m.transform.min_size, m.transform.max_size = lo, hi
 
 
 def checkpoint_dict(model: Detector, **meta: Any) -> dict[str, Any]:

@@ -1,9 +1,14 @@
 # Shared helpers: validated params and the stage table from jdnas.stages.
 import os
+import shlex
+import sys
 
 from jdnas.config import defaults, load_params, merge
 from jdnas.errors import JdnasError
 from jdnas.stages import STAGES
+
+# Rules run the `jdnas` of the environment Snakemake runs in, whatever the shell's PATH says.
+shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; ")
 
 # params.yaml first, then every --configfile in order: later files override earlier ones.
 # The jdnas commands read these files themselves, so the run is the same under DVC.
