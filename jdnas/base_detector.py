@@ -44,7 +44,7 @@ def train_base(params: dict, data_dir: str | Path, out_dir: str | Path) -> dict[
         log.metrics(metrics, summary["iters"], prefix="val/")
     metrics.update({"arch": str(arch), "params": count_params(model), "flops": count_flops(model),
                     "train_iters": summary["iters"], "train_seconds": summary["seconds"],
-                    "train_cpu_seconds": round(time.process_time() - cpu0, 2)})
+                    "train_cpu_seconds": round(time.process_time() - cpu0 + summary["resumed_cpu_seconds"], 2)})
     save_detector(out_dir / "model.pt", model.cpu(), stage="train_base", metrics=metrics)
     write_json(out_dir / "metrics.json", metrics)
     state_path.unlink(missing_ok=True)

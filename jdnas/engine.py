@@ -96,7 +96,9 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     that live beside the model (e.g. KD adapters used by `loss_fn`): they are optimised and
     checkpointed with it. `log` receives each iteration's loss terms, total loss, lr and
     images/s (TensorBoard; it never changes training). Returns a summary with the iterations
-    done and the training seconds spent in total (resumed runs included).
+    done, the training seconds and CPU-seconds spent in total (resumed runs included), and the
+    CPU-seconds earlier processes had spent (`resumed_cpu_seconds`: a caller timing its own
+    process adds them, so a killed and resumed job counts all it spent).
     """
     state_path = Path(state_path)
     model.to(device)
@@ -104,7 +106,7 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
         model.to(memory_format=torch.channels_last)
     trained = model if extra is None else torch.nn.ModuleList([model, extra.to(device)])
     optimizer = make_optimizer(trained, cfg)
-    start, seconds = 0, 0.0
+    start, seconds, cpu_seconds = 0, 0.0, 0.0
     torch.manual_seed(seed)  # RPN / RoI sampling draw from torch's global generator
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -114,6 +116,7 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
                 extra.load_state_dict(state["extra"])
             optimizer.load_state_dict(state["optimizer"])
             start, seconds = int(state["iter"]), float(state["seconds"])
+            cpu_seconds = float(state.get("cpu_seconds", 0.0))
             torch.set_rng_state(state["rng"])
             print(f"{desc}: resuming from {state_path} at iteration {start}/{cfg['iters']}", file=sys.stderr)
         else:
@@ -121,7 +124,7 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
 
     def save(it: int) -> None:
         save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,
-                                "seconds": seconds, "rng": torch.get_rng_state(), "model": model.state_dict(),
+                                "seconds": seconds, "cpu_seconds": cpu_seconds, "rng": torch.get_rng_state(), "model": model.state_dict(),
                                 "optimizer": optimizer.state_dict(),
                                 **({"extra": extra.state_dict()} if extra is not None else {})})
         if log is not None:
@@ -135,9 +138,9 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     bar = progress_bar(cfg["iters"], start, desc)
     if log is not None:
         log.start(start, cfg["iters"])
-    it, last = start, {}
+    it, last, resumed_cpu = start, {}, cpu_seconds
     for images, targets in loader:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         images, targets = to_device(images, targets, device)
         lr = cfg["lr"] * lr_factor(it, cfg)
         for g in optimizer.param_groups:
@@ -156,6 +159,7 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         seconds += dt
+        cpu_seconds += time.process_time() - c0
         values = {k: v.item() for k, v in losses.items()}
         if log is not None:
             log.add(it, {**values, "loss": sum(values.values()), "lr": lr, "img_per_s": len(images) / dt})
@@ -167,7 +171,8 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
         if it % cfg["checkpoint_every"] == 0 or it == total:
             save(it)
     bar.close()
-    return {"iters": it, "seconds": round(seconds, 2), "last_losses": last}
+    return {"iters": it, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+            "resumed_cpu_seconds": resumed_cpu, "last_losses": last}
 
 
 @torch.no_grad()

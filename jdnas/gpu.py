@@ -53,7 +53,9 @@ def lease_gpu(lock_dir: Path | None = None, timeout_s: float = 3600.0, poll_s: f
     lock_dir = default_lock_dir() if lock_dir is None else lock_dir
     devices = visible_devices()
     if not devices:
-        raise JdnasError("gpu: a GPU job was started but no device is visible (set JDNAS_GPUS or CUDA_VISIBLE_DEVICES)")
+        if any(os.environ.get(v) is not None for v in ("JDNAS_GPUS", "CUDA_VISIBLE_DEVICES")):
+            raise JdnasError("gpu: a GPU job was started but JDNAS_GPUS / CUDA_VISIBLE_DEVICES list no device")
+        raise JdnasError("params: device asks for CUDA but this machine has no CUDA device (set device: cpu)")
     lock_dir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
     while True:

@@ -82,7 +82,7 @@ def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init:
                     "kd_loss": cfg["kd_loss"] if distiller else None,
                     "params": count_params(model), "flops": count_flops(model),
                     "train_iters": summary["iters"], "train_seconds": summary["seconds"],
-                    "last_losses": summary["last_losses"]})
+                    "resumed_cpu_seconds": summary["resumed_cpu_seconds"], "last_losses": summary["last_losses"]})
     save_detector(out_dir / "model.pt", model.cpu(), stage="train_student", metrics=metrics)
     write_json(out_dir / "metrics.json", metrics)
     state_path.unlink(missing_ok=True)

@@ -61,8 +61,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(prepared, smoke_p
     assert out["iters"] == 3
     assert torch.load(tmp_path / "b.pt", weights_only=True)["iter"] == 3
     c = _model(smoke_params, ds.labels.num_classes)  # a fresh process would rebuild the model like this
+    first = out["cpu_seconds"]
     out = train_detector(c, ds, cfg, tmp_path / "b.pt", seed=1, device=torch.device("cpu"), fingerprint="x")
     assert out["iters"] == 6
+    # compute bookkeeping survives the resume: the first process's CPU-seconds are counted
+    assert out["resumed_cpu_seconds"] == first > 0 and out["cpu_seconds"] > first
     for (k, va), vc in zip(a.state_dict().items(), c.state_dict().values()):
         assert torch.equal(va, vc), k
     # a state written for other params is not resumed

@@ -61,7 +61,15 @@ def test_lease_sets_env_and_times_out(tmp_path, monkeypatch):
 
 def test_no_device_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("JDNAS_GPUS", "")
-    with pytest.raises(JdnasError, match="no device is visible"):
+    with pytest.raises(JdnasError, match="list no device"):
+        gpu.lease_gpu(tmp_path)
+
+
+def test_cuda_on_a_machine_without_gpus_says_so(tmp_path, monkeypatch):
+    monkeypatch.delenv("JDNAS_GPUS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    with pytest.raises(JdnasError, match="no CUDA device .set device: cpu"):
         gpu.lease_gpu(tmp_path)
 
 
