@@ -7,6 +7,7 @@ value before any work starts: an unknown key, a wrong type or an out-of-range va
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -26,7 +27,8 @@ class Opt:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (YAML's .inf and .nan are not numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def integer(default: int, lo: int | None = None, hi: int | None = None) -> Opt:
@@ -66,13 +68,14 @@ def text(default: str | None, nullable: bool = False, pattern: Callable[[str], b
 
 
 def numbers(default: list, lo: float | None = None, hi: float | None = None, ints: bool = False,
-            min_len: int = 1) -> Opt:
-    """A non-empty list of numbers in [lo, hi]."""
+            min_len: int = 1, max_len: int | None = None) -> Opt:
+    """A non-empty list of numbers in [lo, hi] (exactly min_len of them when max_len == min_len)."""
     kind = "integers" if ints else "numbers"
     def ok(v: Any) -> bool:
-        return (isinstance(v, list) and len(v) >= min_len
+        return (isinstance(v, list) and min_len <= len(v) <= (max_len or len(v))
                 and all(_is_num(x) and (not ints or isinstance(x, int)) and _in(x, lo, hi) for x in v))
-    return Opt(default, ok, f"a list of at least {min_len} {kind}{_range_words(lo, hi)}")
+    count = f"exactly {min_len}" if max_len == min_len else f"at least {min_len}"
+    return Opt(default, ok, f"a list of {count} {kind}{_range_words(lo, hi)}")
 
 
 def strings(default: list, options: Iterable[str], min_len: int = 1) -> Opt:
@@ -160,7 +163,7 @@ SCHEMA: dict = {
         "fpn_channels": integer(64, 4),
         "min_size": integer(128, 16),
         "max_size": integer(128, 16),
-        "anchor_sizes": numbers([16, 32, 64, 128, 256], 1, ints=True, min_len=5),
+        "anchor_sizes": numbers([16, 32, 64, 128, 256], 1, ints=True, min_len=5, max_len=5),  # P2..P6
         "rpn_pre_nms_top_n_train": integer(600, 1),
         "rpn_post_nms_top_n_train": integer(300, 1),
         "rpn_pre_nms_top_n_test": integer(300, 1),
@@ -371,6 +374,20 @@ def check_teacher_pool(p: dict, source: str) -> None:
                           f"(DDP over the first {train['gpus']} visible GPUs)")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (safe_load keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(files: Iterable[str | Path]) -> dict:
     """Load and validate params: defaults, then each YAML file in order (later files win)."""
     files = [Path(f) for f in files]
@@ -379,7 +396,7 @@ def load_params(files: Iterable[str | Path]) -> dict:
         if not f.is_file():
             raise ConfigError(f"{f}: params file not found")
         try:
-            content = yaml.safe_load(f.read_text()) or {}
+            content = yaml.load(f.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{f}: invalid YAML: {str(e).splitlines()[0]}") from None
         params = merge(params, content, source=str(f))

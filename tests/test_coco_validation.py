@@ -55,7 +55,16 @@ CASES = {
     "zero width": (_mutate(lambda d: d["annotations"][0].update(bbox=[1, 1, 0, 5])), "annotations id=10: bbox width and height must be > 0"),
     "negative height": (_mutate(lambda d: d["annotations"][1].update(bbox=[1, 1, 5, -2])), "annotations id=11: bbox width and height must be > 0"),
     "wholly outside": (_mutate(lambda d: d["annotations"][0].update(bbox=[50, 40, 5, 5])), "lies wholly outside image 1 (40x30): rejected"),
-    "bad bbox": (_mutate(lambda d: d["annotations"][0].update(bbox=[1, 2, 3])), "annotations id=10: bbox must be 4 numbers"),
+    "bad bbox": (_mutate(lambda d: d["annotations"][0].update(bbox=[1, 2, 3])), "annotations id=10: bbox must be 4 finite numbers"),
+    "nan in bbox": (_mutate(lambda d: d["annotations"][0].update(bbox=[1, 2, float("nan"), 10])), "annotations id=10: bbox must be 4 finite numbers"),
+    "inf in bbox": (_mutate(lambda d: d["annotations"][1].update(bbox=[1, 2, 5, float("inf")])), "annotations id=11: bbox must be 4 finite numbers"),
+    "image_id a list": (_mutate(lambda d: d["annotations"][0].update(image_id=[1])), "annotations id=10: image_id must be an integer"),
+    "category_id a list": (_mutate(lambda d: d["annotations"][0].update(category_id=[7])), "annotations id=10: category_id must be an integer"),
+    "area a word": (_mutate(lambda d: d["annotations"][1].update(area="big")), "annotations id=11: area must be a finite number"),
+    "iscrowd a word": (_mutate(lambda d: d["annotations"][1].update(iscrowd="no")), "annotations id=11: iscrowd must be 0 or 1"),
+    "category name a list": (_mutate(lambda d: d["categories"][0].update(name=["cat"])), "categories id=7: name must be a non-empty string"),
+    "duplicate category name": (_mutate(lambda d: d["categories"][1].update(name="cat")), "categories id=9: name 'cat' is also category id=7"),
+    "declared size disagrees": (_mutate(lambda d: d["images"][0].update(width=50)), "1.png is 40x30 but width/height say 50x30"),
     "duplicate image id": (_mutate(lambda d: d["images"][1].update(id=1)), "images: duplicate id 1"),
     "duplicate ann id": (_mutate(lambda d: d["annotations"][1].update(id=10)), "annotations: duplicate id 10"),
     "duplicate category id": (_mutate(lambda d: d["categories"][1].update(id=7)), "categories: duplicate id 7"),
@@ -95,6 +104,27 @@ def test_unreadable_image(tmp_path):
     (tmp_path / "img" / "2.png").write_bytes(b"not a png at all")
     with pytest.raises(DataError, match=r"images id=2: .*2.png cannot be read as an image"):
         load_coco(ann, tmp_path / "img")
+
+
+def _bad_image(path: Path, kind: str) -> None:
+    if kind == "truncated":
+        Image.new("RGB", (40, 30), (9, 9, 9)).save(path.with_suffix(".jpg"), quality=90)
+        path.write_bytes(path.with_suffix(".jpg").read_bytes()[:-200])
+    elif kind == "16-bit":
+        Image.new("I;16", (40, 30), 40000).save(path)
+    else:  # a decompression bomb: a tiny file that decodes to far more pixels than PIL allows
+        Image.new("1", (20000, 20000)).save(path)
+
+
+@pytest.mark.parametrize("kind, words", [("truncated", "cannot be read as an image"),
+                                         ("16-bit", "has pixel mode I;16"),
+                                         ("bomb", "is too large to decode safely")])
+def test_images_are_decoded_in_full_at_load(tmp_path, kind, words):
+    ann = _write(tmp_path, _good(tmp_path))
+    _bad_image(tmp_path / "img" / "2.png", kind)
+    with pytest.raises(DataError, match=f"images id=2: .*2.png {words}") as e:
+        load_coco(ann, tmp_path / "img")
+    assert "\n" not in str(e.value)
 
 
 def test_box_partly_outside_is_clipped_or_rejected(tmp_path):
@@ -138,3 +168,29 @@ def test_coco_source_prepares_splits(tmp_path, smoke_params):
     from jdnas.data.dataset import CocoDetection
     ds = CocoDetection(tmp_path / "prep" / "val.json")
     assert len(ds) == 2 and ds[0][1]["labels"].tolist() == [1]
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: (d["images"].pop(), d["annotations"].pop()), "ann.json: images: 1 training image(s)"),
+    (lambda d: d["images"].append({"id": 3, "file_name": "1.png", "width": 40, "height": 30}), None),
+])
+def test_a_split_without_boxes_is_an_error_not_ap_zero(tmp_path, smoke_params, change, words):
+    """One training image leaves no minival; a minival of images without boxes would score 0 AP."""
+    from conftest import with_overrides
+    from jdnas.data.prepare import prepare_data
+    d = _good(tmp_path)
+    change(d)
+    ann = _write(tmp_path, d)
+    # with 3 images and minival_fraction 0.34, seed 0 holds out one image: make it the one without boxes
+    p = with_overrides(smoke_params, {"data": {"source": "coco", "minival_fraction": 0.34, "coco": {
+        "train_images": str(tmp_path / "img"), "train_annotations": str(ann),
+        "val_images": str(tmp_path / "img"), "val_annotations": str(ann)}}})
+    if words is None:
+        from jdnas.data.prepare import split_minival
+        _, mini = split_minival(d, 0.34, p["seed"])
+        assert [im["id"] for im in mini["images"]] == [3]  # the image without boxes
+        words = "the minival split (1 images) has no boxes (raise data.minival_fraction)"
+    with pytest.raises(DataError) as e:
+        prepare_data(p, tmp_path / "prep")
+    assert words in str(e.value)
+    assert not (tmp_path / "prep").exists()

@@ -65,6 +65,10 @@ def test_defaults_validate():
     ({"search_space": {"resize_ratios": [1.5]}}, "search_space.resize_ratios = [1.5] is not allowed"),
     ({"search_space": {"actions": ["prune", "teleport"]}}, "search_space.actions = ['prune', 'teleport']"),
     ({"latency": {"space": {"max_depth": [3, 4, 6, 3]}}}, "unknown key 'latency.space.max_depth'"),
+    ({"train_base": {"lr": float("inf")}}, "train_base.lr = inf is not allowed"),
+    ({"train_base": {"weight_decay": float("nan")}}, "train_base.weight_decay = nan is not allowed"),
+    ({"model": {"anchor_sizes": [8, 16, 32, 64, 128, 256]}}, "must be a list of exactly 5 integers"),
+    ({"train_base": {"scales": [0.0]}}, "train_base.scales = [0.0] is not allowed"),
 ])
 def test_bad_params_fail_with_one_line_naming_the_key(tmp_path, content, words):
     f = write_yaml(tmp_path / "bad.yaml", content)
@@ -89,3 +93,10 @@ def test_later_files_override(tmp_path):
     p = load_params([REPO / "params.yaml", f])
     assert p["train_base"]["iters"] == 7
     assert p["train_base"]["lr"] == load_params([REPO / "params.yaml"])["train_base"]["lr"]
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_wins(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("train_base:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: invalid YAML: duplicate key 'lr' \(line 3\)"):
+        load_params([REPO / "params.yaml", f])

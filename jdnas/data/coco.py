@@ -7,6 +7,7 @@ to `data.out_of_image`; a box wholly outside its image is always rejected.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,15 @@ REQUIRED = {
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (JSON's NaN and Infinity are not numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+# image modes that convert to RGB without losing their meaning (16-bit and float modes do not)
+IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
 
 def _records(src: str, data: dict, key: str) -> list[dict]:
@@ -62,7 +71,7 @@ def _check_box(src: str, ann: dict, img: dict, policy: str) -> tuple[list[float]
     box = ann["bbox"]
     where = f"{src}: annotations id={ann['id']}: bbox"
     if not isinstance(box, list) or len(box) != 4 or not all(_is_num(v) for v in box):
-        raise DataError(f"{where} must be 4 numbers [x, y, width, height], got {box!r}")
+        raise DataError(f"{where} must be 4 finite numbers [x, y, width, height], got {box!r}")
     x, y, w, h = (float(v) for v in box)
     if w <= 0 or h <= 0:
         raise DataError(f"{where} width and height must be > 0, got {box!r}")
@@ -83,11 +92,19 @@ def _check_image_file(src: str, img: dict, image_dir: Path) -> None:
     path = image_dir / img["file_name"]
     if not path.is_file():
         raise DataError(f"{src}: images id={img['id']}: file_name '{img['file_name']}' not found in {image_dir}")
+    where = f"{src}: images id={img['id']}: {path}"
     try:
         with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{src}: images id={img['id']}: {path} cannot be read as an image ({e})") from None
+            im.load()  # a full decode: a truncated file fails here, not at some training iteration
+            size, mode = im.size, im.mode
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{where} is too large to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{where} cannot be read as an image ({e})") from None
+    if mode not in IMAGE_MODES:
+        raise DataError(f"{where} has pixel mode {mode} (e.g. 16-bit): convert it to 8-bit RGB or grayscale")
+    if size != (img["width"], img["height"]):
+        raise DataError(f"{where} is {size[0]}x{size[1]} but width/height say {img['width']}x{img['height']}")
 
 
 def load_coco(ann_path: str | Path, image_dir: str | Path, out_of_image: str = "clip",
@@ -118,10 +135,25 @@ def load_coco(ann_path: str | Path, image_dir: str | Path, out_of_image: str = "
                 raise DataError(f"{src}: images id={img['id']}: {field} must be a positive integer, got {img[field]!r}")
         if not isinstance(img["file_name"], str) or not img["file_name"]:
             raise DataError(f"{src}: images id={img['id']}: file_name must be a non-empty string")
+    names: dict[str, int] = {}
+    for c in cats:
+        if not isinstance(c["name"], str) or not c["name"].strip():
+            raise DataError(f"{src}: categories id={c['id']}: name must be a non-empty string, got {c['name']!r}")
+        if c["name"] in names:
+            raise DataError(f"{src}: categories id={c['id']}: name {c['name']!r} is also category id={names[c['name']]}")
+        names[c["name"]] = c["id"]
     by_id = {img["id"]: img for img in images}
     cat_ids = {c["id"] for c in cats}
     clean_anns, clipped = [], 0
     for ann in anns:
+        where = f"{src}: annotations id={ann['id']}:"
+        for field in ("image_id", "category_id"):
+            if not _is_int(ann[field]):
+                raise DataError(f"{where} {field} must be an integer, got {ann[field]!r}")
+        if "area" in ann and not (_is_num(ann["area"]) and ann["area"] >= 0):
+            raise DataError(f"{where} area must be a finite number >= 0, got {ann['area']!r}")
+        if "iscrowd" in ann and ann["iscrowd"] not in (0, 1) or isinstance(ann.get("iscrowd"), bool):
+            raise DataError(f"{where} iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
         if ann["image_id"] not in by_id:
             raise DataError(f"{src}: annotations id={ann['id']}: image_id {ann['image_id']!r} not in images")
         if ann["category_id"] not in cat_ids:

@@ -70,8 +70,17 @@ def prepare_data(params: dict, out_dir: str | Path = DEFAULT_OUT) -> dict[str, A
                                 f"{c['train_annotations']}")
             clipped = clip_train + clip_val
             roots = {"train": str(Path(c["train_images"]).resolve()), "val": str(Path(c["val_images"]).resolve())}
+        src = "data.synthetic" if d["source"] == "synthetic" else d["coco"]["train_annotations"]
+        if len(pool["images"]) < 2:
+            raise DataError(f"{src}: images: {len(pool['images'])} training image(s); minival needs at least one "
+                            "more besides the training images")
         train, minival = split_minival(pool, d["minival_fraction"], seed)
         splits = {"train": (train, roots["train"]), "minival": (minival, roots["train"]), "val": (val, roots["val"])}
+        for name, (data, _) in splits.items():
+            if not data["annotations"]:  # COCOeval would score any detector 0 AP on it, silently
+                where = d["coco"]["val_annotations"] if name == "val" and d["source"] == "coco" else src
+                raise DataError(f"{where}: annotations: the {name} split ({len(data['images'])} images) has no boxes"
+                                + (" (raise data.minival_fraction)" if name == "minival" else ""))
         manifest: dict[str, Any] = {"source": d["source"], "seed": seed, "clipped_boxes": clipped,
                                     "categories": pool["categories"], "splits": {}}
         for name, (data, root) in splits.items():
