@@ -84,6 +84,25 @@ def progress_bar(total: int, initial: int, desc: str) -> tqdm:
                 mininterval=0.5 if tty else 15.0, file=sys.stderr)
 
 
+def load_train_state(path: Path, fingerprint: str, format_tag: str, desc: str, quiet: bool = False) -> dict | None:
+    """The training state saved at `path` if it was written for this run (same format and
+    fingerprint), else None: a state for other params, or one a crash left unreadable, is
+    ignored with a message and training starts afresh (a rerun never stays stuck on it)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or unpicklable content
+        if not quiet:
+            print(f"{desc}: ignoring {path}: unreadable ({type(e).__name__}); starting afresh", file=sys.stderr)
+        return None
+    if isinstance(state, dict) and state.get("format") == format_tag and state.get("fingerprint") == fingerprint:
+        return state
+    if not quiet:
+        print(f"{desc}: ignoring {path} (written for other params)", file=sys.stderr)
+    return None
+
+
 def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any], state_path: str | Path,
                    seed: int, device: torch.device, fingerprint: str = "", loss_fn: LossFn = detection_loss,
                    desc: str = "train", stop_after: int | None = None,
@@ -108,19 +127,16 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     optimizer = make_optimizer(trained, cfg)
     start, seconds, cpu_seconds = 0, 0.0, 0.0
     torch.manual_seed(seed)  # RPN / RoI sampling draw from torch's global generator
-    if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("format") == STATE_FORMAT and state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            if extra is not None:
-                extra.load_state_dict(state["extra"])
-            optimizer.load_state_dict(state["optimizer"])
-            start, seconds = int(state["iter"]), float(state["seconds"])
-            cpu_seconds = float(state.get("cpu_seconds", 0.0))
-            torch.set_rng_state(state["rng"])
-            print(f"{desc}: resuming from {state_path} at iteration {start}/{cfg['iters']}", file=sys.stderr)
-        else:
-            print(f"{desc}: ignoring {state_path} (written for other params)", file=sys.stderr)
+    state = load_train_state(state_path, fingerprint, STATE_FORMAT, desc)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if extra is not None:
+            extra.load_state_dict(state["extra"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, seconds = int(state["iter"]), float(state["seconds"])
+        cpu_seconds = float(state.get("cpu_seconds", 0.0))
+        torch.set_rng_state(state["rng"])
+        print(f"{desc}: resuming from {state_path} at iteration {start}/{cfg['iters']}", file=sys.stderr)
 
     def save(it: int) -> None:
         save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,

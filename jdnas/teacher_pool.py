@@ -31,7 +31,8 @@ from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection, IterationSampler, collate
 from jdnas.dist import (DistContext, ShardedBatchSampler, average_gradients, barrier, check_in_sync, init_distributed,
                         shutdown)
-from jdnas.engine import progress_bar, to_device, evaluate, lr_factor, make_optimizer, resolve_device
+from jdnas.engine import (evaluate, load_train_state, lr_factor, make_optimizer, progress_bar, resolve_device,
+                          to_device)
 from jdnas.errors import JdnasError
 from jdnas.io import atomic_path, file_sha256, save_torch
 from jdnas.latency.measure import latency_images, measure_latency
@@ -136,20 +137,17 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
     optimizer = make_optimizer(model, cfg)
     start, seconds, cpu_seconds, channels_sorted = 0, 0.0, 0.0, False
     torch.manual_seed(seed + ctx.rank)  # RPN / RoI sampling draw from the global generator
-    if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("format") == STATE_FORMAT and state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start, seconds, cpu_seconds = int(state["iter"]), float(state["seconds"]), float(state["cpu_seconds"])
-            channels_sorted = bool(state["channels_sorted"])
-            if ctx.is_main:
-                torch.set_rng_state(state["rng"])
-            else:
-                torch.manual_seed(seed * 7919 + ctx.rank * 104729 + start)
-            print(f"{desc}: resuming from {state_path} at iteration {start}/{cfg['iters']}", file=sys.stderr)
-        elif ctx.is_main:
-            print(f"{desc}: ignoring {state_path} (written for other params)", file=sys.stderr)
+    state = load_train_state(state_path, fingerprint, STATE_FORMAT, desc, quiet=not ctx.is_main)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, seconds, cpu_seconds = int(state["iter"]), float(state["seconds"]), float(state["cpu_seconds"])
+        channels_sorted = bool(state["channels_sorted"])
+        if ctx.is_main:
+            torch.set_rng_state(state["rng"])
+        else:
+            torch.manual_seed(seed * 7919 + ctx.rank * 104729 + start)
+        print(f"{desc}: resuming from {state_path} at iteration {start}/{cfg['iters']}", file=sys.stderr)
 
     def save(it: int) -> None:
         if ctx.is_main:

@@ -75,6 +75,16 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(prepared, smoke_p
     assert out["iters"] == 1
 
 
+def test_an_unreadable_training_state_is_ignored_not_fatal(prepared, smoke_params, tmp_path, capsys):
+    torch.set_num_threads(1)
+    ds = CocoDetection(prepared / "train.json", max_size=64)
+    (tmp_path / "s.pt").write_bytes(b"PK\x03\x04 cut off by a crash")
+    out = train_detector(_model(smoke_params, ds.labels.num_classes), ds, {**smoke_params["train_base"], "iters": 1},
+                         tmp_path / "s.pt", seed=1, device=torch.device("cpu"), fingerprint="x")
+    assert out["iters"] == 1 and "unreadable" in capsys.readouterr().err
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["iter"] == 1  # replaced by a good state
+
+
 def test_scale_jitter_draws_a_size_per_iteration_for_every_model_and_restores_it(smoke_params):
     student, teacher = _model(smoke_params, 3), _model(smoke_params, 3)
     size = smoke_params["model"]["min_size"]
