@@ -140,3 +140,20 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"format": "other"}, tmp_path / "other.pt")
     with pytest.raises(JdnasError, match="format: not a jdnas-detector/1 checkpoint"):
         load_detector(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.pop("arch"), "arch: missing from the checkpoint"),
+    (lambda c: c.update(arch="{not json"), "arch: not a valid Arch"),
+    (lambda c: c["head"].pop("fpn_channels"), "head: missing key 'fpn_channels'"),
+    (lambda c: c["head"].update(fpn_channels=32), "state_dict: does not match its arch and head (size mismatch"),
+    (lambda c: c["state_dict"].pop("roi_heads.box_head.fc6.weight"), "missing 'roi_heads.box_head.fc6.weight'"),
+])
+def test_an_altered_checkpoint_is_a_one_line_error(smoke_params, tmp_path, change, words):
+    save_detector(tmp_path / "m.pt", _model(smoke_params, 3))
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, tmp_path / "m.pt")
+    with pytest.raises(JdnasError) as e:
+        load_detector(tmp_path / "m.pt")
+    assert words in str(e.value) and str(tmp_path / "m.pt") in str(e.value) and "\n" not in str(e.value)

@@ -154,6 +154,28 @@ def read_checkpoint(path: str | Path, fmt: str = CHECKPOINT_FORMAT, hint: str = 
 def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Detector:
     """Rebuild a detector from a checkpoint written by `save_detector`, in eval mode."""
     ckpt = read_checkpoint(path)
-    model = build_detector(Arch.from_json(ckpt["arch"]), ckpt["head"])
-    model.load_state_dict(ckpt["state_dict"])
+    for key in ("arch", "head", "state_dict"):
+        if key not in ckpt:
+            raise JdnasError(f"{path}: {key}: missing from the checkpoint")
+    try:
+        arch = Arch.from_json(ckpt["arch"])
+    except Exception as e:  # noqa: BLE001 - any malformed Arch JSON
+        raise JdnasError(f"{path}: arch: not a valid Arch ({type(e).__name__}: {e})") from None
+    head = ckpt["head"]
+    missing = [k for k in (*HEAD_KEYS, "num_classes") if not isinstance(head, dict) or k not in head]
+    if missing:
+        raise JdnasError(f"{path}: head: missing key '{missing[0]}'")
+    try:
+        model = build_detector(arch, head)
+    except Exception as e:  # noqa: BLE001 - a head value of the wrong type or range
+        raise JdnasError(f"{path}: head: cannot build a detector from it ({type(e).__name__}: {e})") from None
+    try:
+        result = model.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as e:  # a tensor whose shape disagrees with the arch
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise JdnasError(f"{path}: state_dict: does not match its arch and head ({first})") from None
+    if result.missing_keys or result.unexpected_keys:
+        which = (f"missing '{result.missing_keys[0]}'" if result.missing_keys
+                 else f"unexpected '{result.unexpected_keys[0]}'")
+        raise JdnasError(f"{path}: state_dict: does not match its arch and head ({which})")
     return model.to(device).eval()
