@@ -155,6 +155,34 @@ def test_table_round_trip(tmp_path, default_params, space):
         LatencyTable.load(tmp_path / "missing.csv")
 
 
+@pytest.mark.parametrize("corrupt, words", [
+    (lambda lines: lines[:2] + [lines[2].replace(lines[2].split(",")[-3], "nan", 1)] + lines[3:],
+     "line 3: ms = nan must be finite and >= 0"),
+    (lambda lines: lines[:2] + [lines[2].replace(lines[2].split(",")[-3], "inf", 1)] + lines[3:],
+     "line 3: ms = inf must be finite"),
+    (lambda lines: lines[:2] + [lines[2].replace(lines[2].split(",")[-3], "-1.0", 1)] + lines[3:],
+     "line 3: ms = -1.0 must be finite and >= 0"),
+    (lambda lines: lines + [lines[1]], "appears twice"),
+    (lambda lines: lines[:2] + [lines[2].rsplit(",", 2)[0]] + lines[3:], "line 3: 10 fields, expected 12"),
+])
+def test_a_corrupt_table_is_refused_at_load(tmp_path, default_params, corrupt, words):
+    """A table that would predict NaN, inf or a negative latency (so a candidate would look
+    perfect) or that is cut short never loads."""
+    synthetic_table(default_params).save(tmp_path / "t.csv")
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert not lines[2].startswith("glue")
+    (tmp_path / "t.csv").write_text("\n".join(corrupt(lines)) + "\n")
+    with pytest.raises(JdnasError) as e:
+        LatencyTable.load(tmp_path / "t.csv")
+    assert words in str(e.value) and "t.csv" in str(e.value)
+
+
+def test_a_binary_file_is_not_a_table(tmp_path):
+    (tmp_path / "t.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    with pytest.raises(JdnasError, match="t.csv: not a latency table"):
+        LatencyTable.load(tmp_path / "t.csv")
+
+
 def test_bottleneck_space_around_a_basic_base(default_params):
     p = with_overrides(default_params, {"latency": {"space": {"extra_blocks": ["bottleneck"]}}})
     basic, bottle = spaces_from_params(p)

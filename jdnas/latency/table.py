@@ -181,23 +181,29 @@ class LatencyTable:
         path = Path(path)
         if not path.is_file():
             raise JdnasError(f"{path}: latency table not found (run the profile_latency stage)")
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise JdnasError(f"{path}: not a latency table (not CSV text: {e})") from None
+        if not rows or tuple(rows[0]) != COLUMNS:
+            raise JdnasError(f"{path}: not a latency table (columns must be {', '.join(COLUMNS)})")
         ms, settings, isolated = {}, {}, {}
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if tuple(reader.fieldnames or ()) != COLUMNS:
-                raise JdnasError(f"{path}: not a latency table (columns must be {', '.join(COLUMNS)})")
-            for n, row in enumerate(reader, start=2):
-                try:
-                    e = Entry(row["part"], row["block"], *(int(row[k]) for k in KEY_FIELDS[2:]))
-                    value = float(row["ms"])
-                    if not math.isfinite(value) or (value < 0 and e.part != "glue"):
-                        raise ValueError(f"ms = {row['ms']} must be finite and >= 0")
-                    if e in ms:
-                        raise ValueError(f"{e} appears twice")
-                    ms[e] = value
-                    if row["isolated_ms"]:
-                        isolated[e] = float(row["isolated_ms"])
-                except (ValueError, TypeError) as err:
-                    raise JdnasError(f"{path}: line {n}: {err}") from None
-                settings[e] = row["settings"]
+        for n, values in enumerate(rows[1:], start=2):
+            if len(values) != len(COLUMNS):
+                raise JdnasError(f"{path}: line {n}: {len(values)} fields, expected {len(COLUMNS)}")
+            row = dict(zip(COLUMNS, values))
+            try:
+                e = Entry(row["part"], row["block"], *(int(row[k]) for k in KEY_FIELDS[2:]))
+                value = float(row["ms"])
+                if not math.isfinite(value) or (value < 0 and e.part != "glue"):
+                    raise ValueError(f"ms = {row['ms']} must be finite and >= 0")
+                if e in ms:
+                    raise ValueError(f"{e} appears twice")
+                ms[e] = value
+                if row["isolated_ms"]:
+                    isolated[e] = float(row["isolated_ms"])
+            except (ValueError, TypeError) as err:
+                raise JdnasError(f"{path}: line {n}: {err}") from None
+            settings[e] = row["settings"]
         return cls(ms, settings, source=str(path), isolated=isolated)
