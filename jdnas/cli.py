@@ -16,8 +16,13 @@ from jdnas.errors import JdnasError
 
 
 def _params(args: argparse.Namespace) -> dict:
+    """The validated params; then, for a command that reads prepared data, a check that --data is that."""
     from jdnas.config import load_params
-    return load_params(args.params or ["params.yaml"])
+    params = load_params(args.params or ["params.yaml"])
+    if getattr(args, "data", None) is not None:
+        from jdnas.data.prepare import check_prepared
+        check_prepared(args.data)
+    return params
 
 
 def _runtime(args: argparse.Namespace, params: dict) -> None:

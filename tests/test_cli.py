@@ -41,3 +41,12 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("jdnas: error: arch:")
     assert main(["train-base", "--params", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: params file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", [["train-base", "--out", "o"], ["profile-latency", "--out", "o"],
+                                 ["eval-teacher-pool", "--supernet", "s.pt", "--out", "o.csv"]])
+def test_data_that_is_not_a_prepared_folder_is_one_line(tmp_path, capsys, cmd):
+    assert main([*cmd, "--data", str(tmp_path / "nothing"), "--params", str(REPO / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing/manifest.json: not found (--data must be a folder written by" in err[0]
+    assert not (tmp_path / "o").exists()

@@ -93,6 +93,15 @@ def prepare_data(params: dict, out_dir: str | Path = DEFAULT_OUT) -> dict[str, A
     return manifest
 
 
+def check_prepared(data_dir: str | Path) -> None:
+    """A clear error unless `data_dir` is a folder `prepare_data` wrote (manifest and every split)."""
+    data_dir = Path(data_dir)
+    for name in ("manifest.json", *(f"{s}.json" for s in SPLITS)):
+        if not (data_dir / name).is_file():
+            raise DataError(f"{data_dir / name}: not found (--data must be a folder written by the prepare_data "
+                            "stage: jdnas prepare-data --out DIR)")
+
+
 def image_root(json_path: str | Path, data: dict) -> Path:
     """Where the `file_name`s of a prepared split live (relative roots are relative to the JSON)."""
     root = Path(data.get("jdnas", {}).get("image_root", "."))
