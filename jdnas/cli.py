@@ -20,8 +20,9 @@ def _params(args: argparse.Namespace) -> dict:
     from jdnas.config import load_params
     params = load_params(args.params or ["params.yaml"])
     if getattr(args, "data", None) is not None:
-        from jdnas.data.prepare import check_prepared
+        from jdnas.data.prepare import check_prepared, resolved_params
         check_prepared(args.data)
+        params = resolved_params(params, args.data)
     return params
 
 
@@ -42,6 +43,40 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
     manifest = prepare_data(_params(args), args.out)
     print(json.dumps({k: {"images": v["images"], "annotations": v["annotations"]}
                       for k, v in manifest["splits"].items()}))
+
+
+def cmd_inspect_data(args: argparse.Namespace) -> None:
+    from jdnas.config import load_params
+    from jdnas.data.inspect import snippet
+    from jdnas.data.prepare import check_prepared, data_fit, load_split, split_minival
+    from jdnas.data.coco import load_coco
+    from jdnas.errors import DataError
+    params = load_params(args.params or ["params.yaml"])
+    d = params["data"]
+    if args.data:
+        check_prepared(args.data)
+        train, minival, val = (load_split(args.data, s) for s in ("train", "minival", "val"))
+        pool = {**train, "images": train["images"] + minival["images"],
+                "annotations": train["annotations"] + minival["annotations"]}
+    elif d["source"] == "coco":
+        c = d["coco"]
+        pool = load_coco(c["train_annotations"], c["train_images"], d["out_of_image"], check_images=False)[0]
+        val = load_coco(c["val_annotations"], c["val_images"], d["out_of_image"], check_images=False)[0]
+        minival = split_minival(pool, d["minival_fraction"], params["seed"])[1]
+    else:
+        raise DataError("data.source is synthetic: run `jdnas prepare-data` and pass --data data/prepared, "
+                        "or give params with data.source: coco")
+    fit = data_fit(pool, val, minival, params["model"])
+    for split, st in fit["stats"].items():
+        print(f"{split}: {st['images']} images, {st['boxes']} boxes")
+        for key in ("short_side", "long_side", "object_size", "objects_per_image"):
+            print(f"  {key:18s}" + "  ".join(f"{k} {v:g}" for k, v in st[key].items()))
+        print("  boxes_per_class   " + ", ".join(f"{k} {v}" for k, v in st["boxes_per_class"].items()))
+    print(f"\nminival: {len(minival['images'])} images, {len(minival['annotations'])} boxes")
+    print("\n# model settings that fit the data (what `auto` becomes); paste into your params file:")
+    print(snippet(fit["suggested"]), end="")
+    for w in fit["warnings"]:
+        print(f"warning: {w}")
 
 
 def cmd_train_base(args: argparse.Namespace) -> None:
@@ -207,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("prepare-data", cmd_prepare_data, "stage prepare_data: synthetic or COCO data -> train/minival/val",
             threads=True)
     p.add_argument("--out", default="data/prepared", help="output folder (default: %(default)s)")
+
+    p = add("inspect-data", cmd_inspect_data, "image and object sizes, objects per image, class counts; the model "
+            "settings that fit them (what auto becomes) and warnings where the params disagree")
+    p.add_argument("--data", default=None, help="a prepared data folder (default: the raw COCO files in the params)")
 
     p = add("train-base", cmd_train_base, "stage train_base: train and evaluate the base detector", threads=True)
     p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")

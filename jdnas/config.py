@@ -26,6 +26,11 @@ class Opt:
     allowed: str
 
 
+def or_auto(opt: Opt) -> Opt:
+    """`opt`, or the word auto: derived from the prepared data (jdnas.data.inspect.suggest_model)."""
+    return Opt(opt.default, lambda v: v == "auto" or opt.check(v), opt.allowed + ", or auto")
+
+
 def _is_num(v: Any) -> bool:
     """A finite int or float (YAML's .inf and .nan are not numbers here)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -161,9 +166,10 @@ SCHEMA: dict = {
         "base": text("r18", words="a preset (tiny, r18, r34, r50, r101) or an Arch string"),
         "width": number(0.25, 0.0, 8.0, lo_open=True),
         "fpn_channels": integer(64, 4),
-        "min_size": integer(128, 16),
-        "max_size": integer(128, 16),
-        "anchor_sizes": numbers([16, 32, 64, 128, 256], 1, ints=True, min_len=5, max_len=5),  # P2..P6
+        # auto: from the data (`jdnas inspect-data` prints what auto becomes and why)
+        "min_size": or_auto(integer(128, 16)),
+        "max_size": or_auto(integer(128, 16)),
+        "anchor_sizes": or_auto(numbers([16, 32, 64, 128, 256], 1, ints=True, min_len=5, max_len=5)),  # P2..P6
         "rpn_pre_nms_top_n_train": integer(600, 1),
         "rpn_post_nms_top_n_train": integer(300, 1),
         "rpn_pre_nms_top_n_test": integer(300, 1),
@@ -308,7 +314,7 @@ def check_consistency(p: dict, source: str) -> None:
         for key, value in p["data"]["coco"].items():
             if value is None:
                 raise ConfigError(f"{source}: data.coco.{key} is required when data.source is coco")
-    if p["model"]["min_size"] > p["model"]["max_size"]:
+    if "auto" not in (p["model"]["min_size"], p["model"]["max_size"]) and p["model"]["min_size"] > p["model"]["max_size"]:
         raise ConfigError(f"{source}: model.min_size must be <= model.max_size")
     space = p["search_space"]
     for key in ("min_depth", "max_depth"):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from jdnas.data.coco import load_coco
+from jdnas.data.inspect import check_fit, data_stats, resolve_auto, snippet, suggest_model
 from jdnas.data.synthetic import generate_split
 from jdnas.errors import DataError
 from jdnas.io import atomic_dir, file_sha256
@@ -81,16 +82,46 @@ def prepare_data(params: dict, out_dir: str | Path = DEFAULT_OUT) -> dict[str, A
                 where = d["coco"]["val_annotations"] if name == "val" and d["source"] == "coco" else src
                 raise DataError(f"{where}: annotations: the {name} split ({len(data['images'])} images) has no boxes"
                                 + (" (raise data.minival_fraction)" if name == "minival" else ""))
+        fit = data_fit(pool, val, minival, params["model"])
         manifest: dict[str, Any] = {"source": d["source"], "seed": seed, "clipped_boxes": clipped,
-                                    "categories": pool["categories"], "splits": {}}
+                                    "categories": pool["categories"], "splits": {}, **fit}
         for name, (data, root) in splits.items():
             path = tmp / f"{name}.json"
             path.write_text(json.dumps({**data, "jdnas": {"image_root": root}}))
             manifest["splits"][name] = {**_counts(data), "sha256": file_sha256(path)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"prepare_data: model settings that fit the data (what `auto` becomes):\n{snippet(fit['suggested'])}", end="")
+    for w in fit["warnings"]:
+        print(f"prepare_data: warning: {w}")
     if clipped:
         print(f"prepare_data: clipped {clipped} boxes that extended outside their image (data.out_of_image=clip)")
     return manifest
+
+
+def data_fit(pool: dict, val: dict, minival: dict | None, model: dict) -> dict[str, Any]:
+    """Stats of the training images (minival included) and of val, the model settings that fit
+    them, the model params with `auto` resolved, and warnings where the params and data disagree."""
+    stats = data_stats(pool)
+    suggested = suggest_model(stats, model["box_detections_per_img"])
+    resolved = resolve_auto(model, suggested)
+    counts = None if minival is None else {"images": len(minival["images"]), "boxes": len(minival["annotations"])}
+    return {"stats": {"train": stats, "val": data_stats(val)}, "suggested": suggested,
+            "model": {k: resolved[k] for k in suggested}, "warnings": check_fit(stats, resolved, counts)}
+
+
+def resolved_params(params: dict, data_dir: str | Path) -> dict:
+    """params with `auto` model values replaced by what the prepared data's manifest suggests."""
+    if "auto" not in params["model"].values():
+        return params
+    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    if "suggested" not in manifest:
+        raise DataError(f"{Path(data_dir) / 'manifest.json'}: suggested: missing (rerun the prepare_data stage)")
+    return {**params, "model": resolve_auto(params["model"], manifest["suggested"])}
+
+
+def load_split(data_dir: str | Path, split: str) -> dict:
+    """A prepared split's COCO dict."""
+    return json.loads((Path(data_dir) / f"{split}.json").read_text())
 
 
 def check_prepared(data_dir: str | Path) -> None:
