@@ -259,3 +259,36 @@ def test_train_base_resumes_after_kill(tmp_path):
     b = torch.load(ws / "runs/ref/model.pt", weights_only=True)["state_dict"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_editing_the_users_data_in_place_reruns_prepare_data(tmp_path):
+    """prepare_data declares the user's annotation files and image folders: an annotation edited
+    in place, or an image rewritten, reruns it (and so everything downstream)."""
+    import json
+    from PIL import Image
+    ws = workspace(tmp_path)
+    (ws / "img").mkdir()
+    images, anns = [], []
+    for i in range(1, 5):
+        Image.new("RGB", (64, 48), (40 * i, 0, 0)).save(ws / "img" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 48})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [4, 4, 20, 20]})
+    coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
+    (ws / "ann.json").write_text(json.dumps(coco))
+    write_yaml(ws / "mine.yaml", {"data": {"source": "coco", "minival_fraction": 0.25, "coco": {
+        "train_images": "img", "train_annotations": "ann.json", "val_images": "img", "val_annotations": "ann.json"}}})
+    args = ["--configfile", "mine.yaml", "--profile", "workflow/profiles/local", "prepare_data"]
+    run([str(BIN / "snakemake"), *args], ws)
+
+    def planned() -> bool:
+        return "Nothing to be done" not in run([str(BIN / "snakemake"), "-n", *args], ws).stdout
+
+    assert not planned()
+    coco["annotations"][0]["bbox"] = [5, 5, 20, 20]
+    (ws / "ann.json").write_text(json.dumps(coco))
+    assert planned()
+    run([str(BIN / "snakemake"), *args], ws)
+    assert not planned()
+    Image.new("RGB", (64, 48), (0, 200, 0)).save(ws / "img" / "3.png")
+    os.utime(ws / "img" / "3.png", ns=(time.time_ns() + 10**9,) * 2)  # a new modification time, whatever the clock
+    assert planned()

@@ -7,7 +7,9 @@ renamed at the end, so a failure leaves no output behind.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,31 @@ def resolved_params(params: dict, data_dir: str | Path) -> dict:
 def load_split(data_dir: str | Path, split: str) -> dict:
     """A prepared split's COCO dict."""
     return json.loads((Path(data_dir) / f"{split}.json").read_text())
+
+
+def user_data(params: dict) -> list[Path]:
+    """The user's annotation files and image folders (none for synthetic data)."""
+    if params["data"]["source"] != "coco":
+        return []
+    c = params["data"]["coco"]
+    return [Path(c[k]) for k in ("train_annotations", "train_images", "val_annotations", "val_images")]
+
+
+def user_data_fingerprint(params: dict) -> str:
+    """A hash of the user's data as it is now: each annotation file's bytes, and the name, size and
+    modification time of every file under the image folders (an image edited in place counts).
+    Snakemake reruns prepare_data (and what depends on it) when it changes."""
+    h = hashlib.sha256()
+    for path in user_data(params):
+        if path.is_file():
+            h.update(f"{path}:{file_sha256(path)}".encode())
+        elif path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    st = os.stat(os.path.join(root, name))
+                    h.update(f"{os.path.join(root, name)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def check_prepared(data_dir: str | Path) -> None:

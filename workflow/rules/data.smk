@@ -1,4 +1,10 @@
+from jdnas.data.prepare import user_data, user_data_fingerprint
+
+
 rule prepare_data:
+    # the user's annotation files and image folders (COCO source): editing them reruns what depends on them
+    input:
+        [str(p) for p in user_data(PARAMS)],
     output:
         stage_outputs("prepare_data"),
     conda:
@@ -8,5 +14,6 @@ rule prepare_data:
     threads: STAGES["prepare_data"].threads
     params:
         trigger=STAGES["prepare_data"].params_hash(PARAMS),
+        data=user_data_fingerprint(PARAMS),
     shell:
         stage_shell("prepare_data")
