@@ -1,8 +1,13 @@
-"""The `train_base` stage: train the base detector from scratch and evaluate it on val."""
+"""The `train_base` stage: train the base detector from scratch and evaluate it on val.
+
+With `train_base.eval_every` > 0 it also scores minival every so many iterations (console and
+TensorBoard) and keeps the weights with the best minival AP, so an overfitting run is seen and
+its last, worse weights are not what the rest of the workflow starts from."""
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -10,12 +15,14 @@ from typing import Any
 import torch
 
 from jdnas.data.dataset import CocoDetection
-from jdnas.engine import evaluate, resolve_device, train_detector
-from jdnas.io import write_json
+from jdnas.engine import evaluate, load_train_state, resolve_device, train_detector
+from jdnas.io import save_torch, write_json
 from jdnas.models.arch import resolve_arch
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import build_detector, head_config, save_detector
 from jdnas.tblog import TrainLog
+
+BEST_FORMAT = "jdnas-best-weights/1"
 
 
 def fingerprint(*parts: Any) -> str:
@@ -37,15 +44,60 @@ def train_base(params: dict, data_dir: str | Path, out_dir: str | Path) -> dict[
     fp = fingerprint(str(arch), model.head_cfg, cfg, params["seed"], manifest["splits"]["train"]["sha256"])
     state_path = out_dir / "train_state.pt"
     cpu0 = time.process_time()  # this process's CPU time: the compute unit pipelines are compared in
+    best = BestCheckpoint(out_dir, fp)
     with TrainLog(out_dir) as log:
+        def on_eval(it: int) -> None:
+            ap = evaluate(model, data_dir / "minival.json", params["eval"]["batch_size"], device)["AP"]
+            log.metrics({"AP": ap}, it, prefix="minival/")
+            print(f"train_base: iteration {it}: minival AP {ap:.2f}" + (" (best so far)" if best.offer(it, ap, model)
+                                                                       else f" (best {best.ap:.2f} at {best.it})"),
+                  file=sys.stderr, flush=True)
         summary = train_detector(model, train_set, cfg, state_path, params["seed"], device, fp, desc="train_base",
-                                 log=log)
+                                 log=log, on_eval=on_eval, eval_every=cfg["eval_every"])
+        kept = summary["iters"]
+        if cfg["eval_every"] > 0:
+            final = evaluate(model, data_dir / "minival.json", params["eval"]["batch_size"], device)["AP"]
+            log.metrics({"AP": final}, summary["iters"], prefix="minival/")
+            if best.it is not None and best.ap > final:
+                model.load_state_dict(best.state_dict())
+                kept = best.it
+            print(f"train_base: keeping iteration {kept} (minival AP {max(final, best.ap or final):.2f}; "
+                  f"last iteration {final:.2f})", file=sys.stderr)
         metrics = evaluate(model, data_dir / "val.json", params["eval"]["batch_size"], device)
         log.metrics(metrics, summary["iters"], prefix="val/")
-    metrics.update({"arch": str(arch), "params": count_params(model), "flops": count_flops(model),
+    metrics.update({"kept_iter": kept, "arch": str(arch), "params": count_params(model), "flops": count_flops(model),
                     "train_iters": summary["iters"], "train_seconds": summary["seconds"],
                     "train_cpu_seconds": round(time.process_time() - cpu0 + summary["resumed_cpu_seconds"], 2)})
     save_detector(out_dir / "model.pt", model.cpu(), stage="train_base", metrics=metrics)
     write_json(out_dir / "metrics.json", metrics)
     state_path.unlink(missing_ok=True)
+    best.clear()
     return metrics
+
+
+class BestCheckpoint:
+    """The weights with the best minival AP seen during training (out_dir/best.pt), resumable:
+    a rerun after a kill keeps what an earlier process found, if written for the same run."""
+
+    def __init__(self, out_dir: Path, fingerprint: str) -> None:
+        self.path, self.fp = out_dir / "best.pt", fingerprint
+        self.it: int | None = None
+        self.ap: float | None = None
+        saved = load_train_state(self.path, fingerprint, BEST_FORMAT, "train_base", quiet=True)
+        if saved is not None:
+            self.it, self.ap = int(saved["iter"]), float(saved["ap"])
+
+    def offer(self, it: int, ap: float, model: torch.nn.Module) -> bool:
+        """Keep the model's weights if `ap` beats the best so far; say whether it did."""
+        if self.ap is not None and ap <= self.ap:
+            return False
+        self.it, self.ap = it, ap
+        save_torch(self.path, {"format": BEST_FORMAT, "fingerprint": self.fp, "iter": it, "ap": ap,
+                               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
+        return True
+
+    def state_dict(self) -> dict:
+        return torch.load(self.path, map_location="cpu", weights_only=True)["model"]
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -120,10 +120,24 @@ def _is_hw(v: Any) -> bool:
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star")
 
 
+def _is_epochs(v: Any) -> bool:
+    parts = v.split() if isinstance(v, str) else []
+    try:
+        return len(parts) == 2 and parts[1] in ("epoch", "epochs") and 0 < float(parts[0]) < 1e6
+    except ValueError:
+        return False
+
+
+def iterations(default: int) -> Opt:
+    """An iteration count, or 'N epochs' (passes over the training images, resolved from the prepared data)."""
+    return Opt(default, lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or _is_epochs(v),
+               "an integer >= 1 or 'N epochs'")
+
+
 def train_schema(iters: int, lr: float, batch_size: int = 8) -> dict:
     """Optimiser and schedule settings shared by every training stage."""
     return {
-        "iters": integer(iters, 1),
+        "iters": iterations(iters),
         "batch_size": integer(batch_size, 1),
         "lr": number(lr, 0.0, lo_open=True),
         "momentum": number(0.9, 0.0, 1.0),
@@ -181,7 +195,9 @@ SCHEMA: dict = {
         "box_score_thresh": number(0.01, 0.0, 1.0),
     },
     # scales: input size x one of these per iteration (scale jitter; [1.0]: none)
-    "train_base": {**train_schema(iters=1500, lr=0.04), "scales": numbers([1.0], 0.1, 4.0)},
+    # eval_every: minival AP every this many iterations (0: never), logged; the best checkpoint is kept
+    "train_base": {**train_schema(iters=1500, lr=0.04), "scales": numbers([1.0], 0.1, 4.0),
+                   "eval_every": integer(0, 0)},
     "eval": {
         "batch_size": integer(16, 1),
     },

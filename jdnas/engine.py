@@ -78,10 +78,24 @@ def to_device(images: list, targets: list, device: torch.device) -> tuple[list, 
     return images, targets
 
 
+class _LogLines:
+    """A file for tqdm that writes each refresh as its own line: in a log file, `tail -f` and
+    `grep` see the progress instead of one ever-growing carriage-return line."""
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").strip()
+        if s:
+            sys.stderr.write(s + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def progress_bar(total: int, initial: int, desc: str) -> tqdm:
+    """A progress bar on a terminal; a progress line every 15 s in a log."""
     tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=tty,
-                mininterval=0.5 if tty else 15.0, file=sys.stderr)
+                mininterval=0.5 if tty else 15.0, file=sys.stderr if tty else _LogLines())
 
 
 def load_train_state(path: Path, fingerprint: str, format_tag: str, desc: str, quiet: bool = False) -> dict | None:
@@ -106,7 +120,8 @@ def load_train_state(path: Path, fingerprint: str, format_tag: str, desc: str, q
 def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any], state_path: str | Path,
                    seed: int, device: torch.device, fingerprint: str = "", loss_fn: LossFn = detection_loss,
                    desc: str = "train", stop_after: int | None = None,
-                   extra: torch.nn.Module | None = None, log: TrainLog | None = None) -> dict[str, Any]:
+                   extra: torch.nn.Module | None = None, log: TrainLog | None = None,
+                   on_eval: Callable[[int], None] | None = None, eval_every: int = 0) -> dict[str, Any]:
     """Train `model` for cfg['iters'] iterations, checkpointing to `state_path` and resuming from it.
 
     A saved state is resumed only if its `fingerprint` (arch, params, data) matches; otherwise
@@ -114,7 +129,9 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     call (used by tests and by callers that train in slices). `extra` holds trainable modules
     that live beside the model (e.g. KD adapters used by `loss_fn`): they are optimised and
     checkpointed with it. `log` receives each iteration's loss terms, total loss, lr and
-    images/s (TensorBoard; it never changes training). Returns a summary with the iterations
+    images/s (TensorBoard; it never changes training). `on_eval(it)` runs every `eval_every`
+    iterations with the model in eval mode and the RNG state saved (it never changes training
+    either). Returns a summary with the iterations
     done, the training seconds and CPU-seconds spent in total (resumed runs included), and the
     CPU-seconds earlier processes had spent (`resumed_cpu_seconds`: a caller timing its own
     process adds them, so a killed and resumed job counts all it spent).
@@ -184,6 +201,11 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
         bar.set_postfix({**{k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items()},
                          "img/s": f"{len(images) / dt:.1f}"}, refresh=False)
         bar.update(1)
+        if on_eval is not None and eval_every > 0 and it % eval_every == 0 and it < cfg["iters"]:
+            with torch.random.fork_rng(devices=[]):
+                model.eval()
+                on_eval(it)
+                trained.train()
         if it % cfg["checkpoint_every"] == 0 or it == total:
             save(it)
     bar.close()

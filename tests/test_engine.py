@@ -157,3 +157,31 @@ def test_an_altered_checkpoint_is_a_one_line_error(smoke_params, tmp_path, chang
     with pytest.raises(JdnasError) as e:
         load_detector(tmp_path / "m.pt")
     assert words in str(e.value) and str(tmp_path / "m.pt") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_train_base_scores_minival_as_it_trains_and_keeps_the_best(prepared, smoke_params, tmp_path, capsys):
+    from jdnas.base_detector import BestCheckpoint
+    torch.set_num_threads(1)
+    p = with_overrides(smoke_params, {"train_base": {"iters": 4, "eval_every": 2}})
+    metrics = train_base(p, prepared, tmp_path / "base")
+    err = capsys.readouterr().err
+    assert "train_base: iteration 2: minival AP" in err and "train_base: keeping iteration" in err
+    assert metrics["kept_iter"] in (2, 4) and not (tmp_path / "base" / "best.pt").exists()
+    # the best weights survive a restart and are replaced only by better ones
+    model = _model(smoke_params, 5)
+    best = BestCheckpoint(tmp_path, "fp")
+    assert best.offer(2, 10.0, model) and not best.offer(4, 9.0, model) and best.offer(6, 11.0, model)
+    again = BestCheckpoint(tmp_path, "fp")
+    assert (again.it, again.ap) == (6, 11.0) and again.state_dict().keys() == model.state_dict().keys()
+    assert BestCheckpoint(tmp_path, "other run").it is None
+
+
+def test_iterations_may_be_given_in_epochs(prepared, smoke_params):
+    from jdnas.data.prepare import resolved_params
+    p = with_overrides(smoke_params, {"train_base": {"iters": "2 epochs", "batch_size": 4},
+                                      "teacher_pool": {"train": {"iters": "0.5 epochs"}}})
+    images = json.loads((prepared / "manifest.json").read_text())["splits"]["train"]["images"]
+    r = resolved_params(p, prepared)
+    assert r["train_base"]["iters"] == math.ceil(2 * images / 4)
+    assert r["teacher_pool"]["train"]["iters"] == math.ceil(0.5 * images / p["teacher_pool"]["train"]["batch_size"])
+    assert r["train_student"] == p["train_student"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from jdnas.config import section
 from jdnas.data.coco import load_coco
 from jdnas.data.inspect import check_fit, data_stats, resolve_auto, snippet, suggest_model
 from jdnas.data.synthetic import generate_split
@@ -111,19 +113,29 @@ def data_fit(pool: dict, val: dict, minival: dict | None, model: dict) -> dict[s
             "model": {k: resolved[k] for k in suggested}, "warnings": check_fit(stats, resolved, counts)}
 
 
+TRAIN_SECTIONS = ("train_base", "train_student", "teacher_pool.train")
+
+
 def resolved_params(params: dict, data_dir: str | Path) -> dict:
-    """params with `auto` model values replaced by what the prepared data's manifest suggests."""
-    if "auto" not in params["model"].values():
+    """params with what depends on the prepared data filled in from its manifest: `auto` model
+    values (the suggested ones) and 'N epochs' iteration counts (N x training images / batch size)."""
+    epochs = any(isinstance(section(params, k)["iters"], str) for k in TRAIN_SECTIONS)
+    if "auto" not in params["model"].values() and not epochs:
         return params
-    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    path = Path(data_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
     if "suggested" not in manifest:
-        raise DataError(f"{Path(data_dir) / 'manifest.json'}: suggested: missing (rerun the prepare_data stage)")
-    return {**params, "model": resolve_auto(params["model"], manifest["suggested"])}
-
-
-def load_split(data_dir: str | Path, split: str) -> dict:
-    """A prepared split's COCO dict."""
-    return json.loads((Path(data_dir) / f"{split}.json").read_text())
+        raise DataError(f"{path}: suggested: missing (rerun the prepare_data stage)")
+    out = {**params, "model": resolve_auto(params["model"], manifest["suggested"])}
+    images = manifest["splits"]["train"]["images"]
+    for key in TRAIN_SECTIONS:
+        cfg = section(out, key)
+        if isinstance(cfg["iters"], str):
+            n = float(cfg["iters"].split()[0])
+            top, _, sub = key.partition(".")
+            new = {**cfg, "iters": max(1, math.ceil(n * images / cfg["batch_size"]))}
+            out = {**out, top: {**out[top], sub: new} if sub else new}
+    return out
 
 
 def user_data(params: dict) -> list[Path]:
@@ -149,6 +161,11 @@ def user_data_fingerprint(params: dict) -> str:
                     st = os.stat(os.path.join(root, name))
                     h.update(f"{os.path.join(root, name)}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def load_split(data_dir: str | Path, split: str) -> dict:
+    """A prepared split's COCO dict."""
+    return json.loads((Path(data_dir) / f"{split}.json").read_text())
 
 
 def check_prepared(data_dir: str | Path) -> None:
