@@ -36,7 +36,8 @@ from jdnas.latency import LatencyTable
 from jdnas.latency.measure import latency_images, measure_latency
 from jdnas.models.arch import Arch
 from jdnas.models.complexity import count_flops, count_params
-from jdnas.models.detector import Detector, build_detector, head_config, load_detector, read_checkpoint, save_detector
+from jdnas.models.detector import (Detector, build_detector, head_config, load_detector, read_checkpoint,
+                                   save_detector, set_input_size)
 from jdnas.morphism import Action, child_arch, legal_actions, morph_detector
 from jdnas.search import inputs_fingerprint, score
 from jdnas.tblog import TrainLog
@@ -89,10 +90,17 @@ def prune_actions(model: Detector, bounds: dict[str, Any], table: LatencyTable, 
 
 
 def iteration_cost(model: Detector, dataset: CocoDetection, cfg: dict[str, Any], device: torch.device,
-                   clock: Callable[[], float], iters: int = 3) -> float:
-    """Measured compute of one training iteration of `model` (on a copy: the model is untouched)."""
+                   clock: Callable[[], float], iters: int = 3, teacher: Detector | None = None) -> float:
+    """Measured compute of one training iteration of `model` (on a copy: the model is untouched),
+    with KD from `teacher` when given (its forward pass and the KD loss are part of the price)."""
     probe = copy.deepcopy(model).to(device).train()
-    opt = make_optimizer(probe, cfg)
+    loss_fn, extra = detection_loss, None
+    if teacher is not None:
+        from jdnas.distill import Distiller, Teacher
+        extra = Distiller(probe, Teacher(copy.deepcopy(teacher), device), cfg["kd_loss"], cfg["kd_weight"],
+                          cfg["kd_fg_weight"], cfg["kd_bg_weight"], cfg["kd_temperature"], 0)
+        loss_fn = extra.loss_fn
+    opt = make_optimizer(probe if extra is None else torch.nn.ModuleList([probe, extra]), cfg)
     batches = IterationSampler(len(dataset), cfg["batch_size"], iters + 1, seed=0)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -103,7 +111,7 @@ def iteration_cost(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
                 sync()
                 t0 = clock()
             images, targets = to_device(images, targets, device)
-            loss = sum(detection_loss(probe, images, targets).values())
+            loss = sum(loss_fn(probe, images, targets).values())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -111,19 +119,25 @@ def iteration_cost(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     return (clock() - t0) / iters
 
 
+def schedule_for(cfg: dict[str, Any], iters: int) -> dict[str, Any]:
+    """A training section with `iters` iterations (warm-up and checkpoints scaled to fit)."""
+    return {**cfg, "iters": iters, "warmup_iters": min(cfg["warmup_iters"], iters // 5),
+            "checkpoint_every": max(1, min(cfg["checkpoint_every"], iters))}
+
+
 class Budget:
     """The compute budget, spent step by step in the unit the joint search was measured in."""
 
-    def __init__(self, total: float, unit: str, shares: list[float]) -> None:
-        self.total, self.unit, self.spent = total, unit, 0.0
-        self.shares = dict(zip(STEPS, shares))
+    def __init__(self, total: float, unit: str, shares: list[float], steps: tuple[str, ...] = STEPS) -> None:
+        self.total, self.unit, self.spent, self.steps = total, unit, 0.0, steps
+        self.shares = dict(zip(steps, shares))
 
     def clock(self) -> float:
         return time.process_time() if self.unit == "cpu_seconds" else time.time()
 
     def share(self, step: str) -> float:
         """This step's part of what is left, by the shares of the steps not yet run."""
-        left = STEPS[STEPS.index(step):]
+        left = self.steps[self.steps.index(step):]
         return max(0.0, self.total - self.spent) * self.shares[step] / sum(self.shares[s] for s in left)
 
 
@@ -150,14 +164,12 @@ class Naive:
     def score(self, ap: float, latency_ms: float) -> float:
         return score(ap, latency_ms, self.target_ms, self.params["search"]["penalty"])
 
-    def iters_for(self, model: Detector, share: float, cfg: dict[str, Any]) -> tuple[int, float]:
-        """Iterations that fit in `share` (at least min_iters), and the measured cost per iteration."""
-        cost = iteration_cost(model, self.train_set, cfg, self.device, self.budget.clock)
+    def iters_for(self, model: Detector, share: float, cfg: dict[str, Any],
+                  teacher: Detector | None = None) -> tuple[int, float]:
+        """Iterations that fit in `share` (at least min_iters), and the measured cost per iteration
+        (with the teacher's forward pass when it distils)."""
+        cost = iteration_cost(model, self.train_set, cfg, self.device, self.budget.clock, teacher=teacher)
         return max(self.cfg["min_iters"], int(share / cost)), cost
-
-    def _schedule(self, cfg: dict[str, Any], iters: int) -> dict[str, Any]:
-        return {**cfg, "iters": iters, "warmup_iters": min(cfg["warmup_iters"], iters // 5),
-                "checkpoint_every": max(1, min(cfg["checkpoint_every"], iters))}
 
     def train_scratch(self, arch: Arch, share: float, out: Path, seed: int,
                       split: str) -> tuple[Detector, dict[str, Any], dict[str, Any]]:
@@ -167,7 +179,7 @@ class Naive:
             torch.manual_seed(seed)
             model = build_detector(arch, self.head)
         iters, cost = self.iters_for(model, share, self.params["train_base"])
-        cfg = self._schedule(self.params["train_base"], iters)
+        cfg = schedule_for(self.params["train_base"], iters)
         fp = fingerprint(str(arch), self.head, cfg, seed, "baseline")
         with TrainLog(out) as log:
             train_detector(model, self.train_set, cfg, out / "train_state.pt", seed, self.device, fp,
@@ -180,8 +192,11 @@ class Naive:
     def fine_tune(self, init: Path, share: float, out: Path, teacher: Path | None) -> dict[str, Any]:
         """`jdnas train` from `init` (with KD when a teacher is given) for what `share` buys."""
         from jdnas.student import train_student
-        iters, cost = self.iters_for(load_detector(init), share, self.params["train_student"])
-        params = {**self.params, "train_student": self._schedule(self.params["train_student"], iters)}
+        student = load_detector(init)
+        kd = teacher if teacher is not None and self.params["train_student"]["kd_weight"] > 0 else None
+        iters, cost = self.iters_for(student, share, self.params["train_student"],
+                                     kd and set_input_size(load_detector(kd), student.head_cfg))
+        params = {**self.params, "train_student": schedule_for(self.params["train_student"], iters)}
         metrics = train_student(params, self.data_dir, out, init, None, teacher, eval_split="val",
                                 seed=self.params["seed"])
         return {**metrics, "iters": iters, "cost_per_iter": round(cost, 4)}

@@ -162,16 +162,23 @@ def cmd_evaluate_final(args: argparse.Namespace) -> None:
 
 
 def cmd_baseline(args: argparse.Namespace) -> None:
-    from jdnas.baseline import run_baseline
     params = _params(args)
     _runtime(args, params)
-    print(json.dumps(run_baseline(params, args.data, args.latency_table, args.base, args.supernet,
-                                  args.search_summary, args.out)["final"]))
+    where = (args.data, args.latency_table, args.base, args.supernet, args.search_summary, args.out)
+    if args.pipeline == "naive":
+        from jdnas.baseline import run_baseline
+        result = run_baseline(params, *where)["final"]
+    else:
+        from jdnas.matched import run_matched
+        result = {k: v for k, v in run_matched(args.pipeline, params, *where).items() if k != "steps"}
+    print(json.dumps(result))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from jdnas.report import write_report
-    rows = write_report(args.runs, args.out, _params(args))
+    params = _params(args)
+    _runtime(args, params)
+    rows = write_report(args.runs, args.out, params, args.data)
     print(json.dumps(rows))
 
 
@@ -303,8 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency table: predicted latency per part (default: %(default)s)")
     p.add_argument("--out", default="runs/final", help="output folder (default: %(default)s)")
 
-    p = add("baseline", cmd_baseline, "stage baseline_naive: NAS -> retrain -> prune -> KD on the search's "
-            "latency target, with the compute the search spent", threads=True)
+    p = add("baseline", cmd_baseline, "stages baseline_naive, control, prune_kd: what a user would otherwise "
+            "do, on the search's latency target (jdnas/baseline.py, jdnas/matched.py)", threads=True)
+    p.add_argument("--pipeline", default="naive", choices=["naive", "control", "prune_kd"],
+                   help="naive: NAS -> retrain -> prune -> KD; control: the base fine-tuned; prune_kd: greedy "
+                        "pruning to the target, then KD (default: %(default)s)")
     p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
     p.add_argument("--latency-table", default="runs/latency/cpu/table.csv", help="(default: %(default)s)")
     p.add_argument("--base", default="runs/base/model.pt", help="base detector (default: %(default)s)")
@@ -316,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", cmd_report, "stage report: reports/report.md, summary.csv and plots from runs/",
             threads=True)
     p.add_argument("--runs", default="runs", help="runs folder (default: %(default)s)")
+    p.add_argument("--data", default="data/prepared",
+                   help="prepared data: every model is timed on its val images (default: %(default)s)")
     p.add_argument("--out", default="reports", help="output folder (default: %(default)s)")
 
     p = add("evaluate", cmd_evaluate, "COCO AP of a detector checkpoint on a prepared split", threads=True)

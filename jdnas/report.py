@@ -1,7 +1,10 @@
-"""The report: the joint search beside the naive NAS -> prune -> KD pipeline (DESIGN §10, §11).
+"""The report: the joint search beside what a user would otherwise do (DESIGN §10, §11).
 
-`write_report(runs, out, params)` reads the finished stages' artifacts under `runs/` and writes
-`out/summary.csv` (one row per model), `out/report.md` and the plots named in `PLOTS`.
+`write_report(runs, out, params, data)` reads the finished stages' artifacts under `runs/`,
+times every model of the table in one interleaved measurement on `data`'s val images, and
+writes `out/summary.csv` (rows `base`, `control`, `prune_kd`, `naive/<step>`, `joint/final`),
+`out/report.md` (opening with the verdict: joint vs prune_kd at the same target) and the plots
+named in `PLOTS`.
 """
 from __future__ import annotations
 
@@ -25,6 +28,15 @@ from jdnas.stages import REPORT_PLOTS  # noqa: E402
 PLOTS = REPORT_PLOTS  # the stage's declared outputs
 COLUMNS = ["model", "AP", "AP50", "latency_ms", "latency_source", "predicted_latency_ms", "params", "flops",
            "compute", "compute_unit", "cumulative_compute", "meets_target"]
+# where each row's model is, under runs/ (naive steps: baseline/steps/<step>/model.pt)
+MODEL_FILES = {"base": "base/model.pt", "control": "control/finetune/model.pt", "prune_kd": "prune_kd/kd/model.pt",
+               "joint/final": "final/model.pt"}
+COMPUTE_RULE = ("Compute is measured around everything a pipeline runs (training, its teachers' forward passes, "
+                "minival evaluations, pruning trials), in CPU-seconds on CPU and GPU-seconds on CUDA. A pipeline "
+                "that distils from the teacher pool is charged the pool's training: joint = pool + search jobs, "
+                "prune_kd = pool + its own; control and the naive pipeline's steps are their own. control and "
+                "prune_kd are given the joint search's total; the naive pipeline gets its own shares of the "
+                "search jobs' compute.")
 STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 9, "figure.dpi": 110}
 
 
@@ -72,6 +84,9 @@ class Runs:
     search: dict          # runs/search/summary.json
     pool: pd.DataFrame    # runs/teacher_pool/pool.csv
     baseline: dict        # runs/baseline/metrics.json
+    control: dict         # runs/control/summary.json
+    prune_kd: dict        # runs/prune_kd/summary.json
+    root: Path = Path("runs")
 
     @classmethod
     def load(cls, root: str | Path, rounds: int) -> "Runs":
@@ -80,7 +95,8 @@ class Runs:
         return cls(_json(root / "base" / "metrics.json"), _json(root / "final" / "metrics.json"),
                    [_json(s / f"round_{r}" / "state.json") for r in range(rounds + 1)],
                    _history(s / "history.csv"), _json(s / "summary.json"),
-                   _csv(root / "teacher_pool" / "pool.csv"), _json(root / "baseline" / "metrics.json"))
+                   _csv(root / "teacher_pool" / "pool.csv"), _json(root / "baseline" / "metrics.json"),
+                   _json(root / "control" / "summary.json"), _json(root / "prune_kd" / "summary.json"), root)
 
     @property
     def target_ms(self) -> float:
@@ -111,14 +127,42 @@ def summary_rows(r: Runs) -> dict[str, dict]:
     """
     rows = [_row("base", r.base, r.states[0]["latency_ms"], r.final["base"].get("latency_ms"),
                  r.base.get("train_cpu_seconds"), "cpu_seconds", r.base.get("train_cpu_seconds"), r.target_ms)]
+    for name, m in (("control", r.control), ("prune_kd", r.prune_kd)):
+        rows.append(_row(name, m, m["latency_ms"], None, m["compute"], m["compute_unit"], m["compute"], r.target_ms))
     total = 0.0
     for step in r.baseline["steps"]:
         total += step["compute"]
         rows.append(_row(f"naive/{step['step']}", step, step["latency_ms"], step.get("measured_latency_ms"),
                          step["compute"], r.unit, total, r.target_ms))
+    joint = r.prune_kd["joint_compute"]  # the pool's training + the search's jobs
     rows.append(_row("joint/final", r.final["final"], r.states[-1]["latency_ms"], r.final["final"].get("latency_ms"),
-                     r.search["compute"], r.search["compute_unit"], r.search["compute"], r.target_ms))
+                     joint, r.search["compute_unit"], joint, r.target_ms))
     return {row["model"]: row for row in rows}
+
+
+def model_files(r: Runs) -> dict[str, Path]:
+    """The checkpoint of every summary row, by row name."""
+    files = {name: r.root / f for name, f in MODEL_FILES.items()}
+    files.update({f"naive/{s['step']}": r.root / "baseline" / "steps" / s["step"] / "model.pt"
+                  for s in r.baseline["steps"]})
+    return files
+
+
+def measure_rows(rows: dict[str, dict], r: Runs, data: Path, params: dict) -> None:
+    """Replace every row's latency by one interleaved measurement of all the rows' models on val
+    images: what differs between the rows is then the models, not the machine's load."""
+    from jdnas.engine import resolve_device
+    from jdnas.latency.measure import latency_images, measure_latency
+    from jdnas.models.detector import load_detector
+    device = resolve_device(params["device"])
+    files = {name: f for name, f in model_files(r).items() if name in rows}
+    models = {name: load_detector(_need(f), device) for name, f in files.items()}
+    ev = params["teacher_pool"]["eval"]
+    images = latency_images(data / "val.json", models["base"].head_cfg["max_size"])
+    ms = measure_latency(models, images, ev["latency_runs"] * 4, ev["latency_threads"], device,
+                         params["latency"]["clock"])
+    for name, v in ms.items():
+        rows[name].update(latency_ms=v, latency_source="measured (one interleaved run)")
 
 
 # --- Pareto front and correlation ------------------------------------------------------------------
@@ -183,25 +227,30 @@ def plot_trajectory(r: Runs, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_ap_vs_latency(r: Runs, path: Path) -> None:
-    """Candidates' minival AP vs predicted latency with their Pareto front; base and finals on val."""
-    h, naive_final = r.history, r.baseline["final"]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    nas = pd.DataFrame(r.baseline.get("nas_candidates") or [], columns=["ap", "latency_ms"])
-    _scatter(ax, nas["latency_ms"], nas["ap"], marker="x", color="silver", label="naive NAS candidates")
-    _scatter(ax, h["latency_ms"], h["ap"], color="C0", alpha=0.7, label="joint candidates (minival AP)")
-    front = h.iloc[pareto_front(h["ap"], h["latency_ms"])]
-    ax.step(front["latency_ms"], front["ap"], where="post", color="C0", lw=1.5,
-            label="Pareto front (candidates)" if len(front) > 1 else "_nolegend_")
-    ax.axvline(r.target_ms, color="k", ls=":", label=f"latency target {r.target_ms:.2f} ms")
-    marks = [("base (val AP)", r.base.get("AP"), r.states[0]["latency_ms"], "D", "C2"),
-             ("naive final (val AP)", naive_final.get("AP"), naive_final["latency_ms"], "s", "C1"),
-             ("joint final (val AP)", r.final["final"].get("AP"), r.states[-1]["latency_ms"], "*", "C3")]
-    for label, ap, lat, marker, color in marks:
-        _scatter(ax, [_num(lat)], [_num(ap)], marker=marker, s=160, color=color, edgecolor="k", zorder=3, label=label)
-    ax.set(title="AP vs predicted latency", xlabel="predicted latency (ms)", ylabel="AP (%)")
+def target_measured_ms(r: Runs, rows: dict[str, dict]) -> float:
+    """The latency target on the measured axis: the target's ratio to the base's predicted latency,
+    times the base's measured latency."""
+    return r.target_ms / r.states[0]["latency_ms"] * rows["base"]["latency_ms"]
+
+
+def plot_ap_vs_latency(r: Runs, rows: dict[str, dict], path: Path) -> None:
+    """Every summary row: val AP vs latency (measured where measured), each point labelled, the
+    target as a line; the legend sits beside the axes so it never covers a point."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    style = {"base": ("D", "C2"), "control": ("o", "C7"), "prune_kd": ("^", "C1"), "joint/final": ("*", "C3")}
+    for i, (name, row) in enumerate(rows.items()):
+        marker, color = style.get(name, ("s", f"C{4 + i % 5}"))
+        x, y = _num(row["latency_ms"]), _num(row["AP"])
+        _scatter(ax, [x], [y], marker=marker, s=220 if name == "joint/final" else 110, color=color, edgecolor="k",
+                 zorder=3, label=f"{name} ({'meets' if row['meets_target'] else 'misses'} target)")
+        if np.isfinite(x) and np.isfinite(y):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    target = target_measured_ms(r, rows)
+    ax.axvline(target, color="k", ls=":", label=f"latency target ({target:.2f} ms)")
+    ax.set(title="Every pipeline's result: val AP vs latency",
+           xlabel=f"latency (ms per image, {rows['base']['latency_source']})", ylabel="val AP (%)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     _save(fig, path)
 
 
@@ -254,14 +303,25 @@ def _md_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _verdict(joint: dict, naive: dict) -> str:
-    diff = joint["AP"] - naive["AP"]
-    if math.isnan(diff):
-        return "AP joint − naive: unknown (an AP is undefined)."
-    who = "the joint search is better" if diff > 0 else "the naive pipeline is better" if diff < 0 else "a tie"
-    return (f"AP joint − naive = {joint['AP']:.2f} − {naive['AP']:.2f} = **{diff:+.2f} AP**: {who} "
-            f"(joint {'meets' if joint['meets_target'] else 'misses'} the target, "
-            f"naive {'meets' if naive['meets_target'] else 'misses'} it).")
+def _wins(a: dict, b: dict) -> bool:
+    """Whether row a beats row b at the same target: meeting it first, then AP, then latency."""
+    return (a["meets_target"], _num(a["AP"]), -_num(a["latency_ms"])) > \
+        (b["meets_target"], _num(b["AP"]), -_num(b["latency_ms"]))
+
+
+def verdict(rows: dict[str, dict]) -> str:
+    """One sentence from the table: joint search vs prune + KD at the same target."""
+    j, p = rows["joint/final"], rows["prune_kd"]
+
+    def pct(a: float, b: float) -> str:
+        return f"{100 * (a / b - 1):+.0f}%" if b else "–"
+    who = ("**the joint search wins**" if _wins(j, p) else "**prune + KD wins**" if _wins(p, j) else "**a tie**")
+    return (f"At the same latency target, the joint search vs pruning + KD: val AP {_fmt(_num(j['AP']))} vs "
+            f"{_fmt(_num(p['AP']))} (ΔAP {_num(j['AP']) - _num(p['AP']):+.2f}), latency {_fmt(_num(j['latency_ms']))} "
+            f"vs {_fmt(_num(p['latency_ms']))} ms ({pct(_num(j['latency_ms']), _num(p['latency_ms']))}), compute "
+            f"{_fmt(_num(j['compute']))} vs {_fmt(_num(p['compute']))} {j['compute_unit']} "
+            f"({pct(_num(j['compute']), _num(p['compute']))}); target met: {_fmt(bool(j['meets_target']))} vs "
+            f"{_fmt(bool(p['meets_target']))}: {who}.")
 
 
 def search_steps(r: Runs) -> list[dict]:
@@ -294,25 +354,25 @@ def latency_shares(r: Runs) -> list[dict]:
 
 
 def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
-    joint, naive = rows["joint/final"], rows[f"naive/{r.baseline['steps'][-1]['step']}"]
     b = r.baseline
     intro = [
         "# Joint-DetNAS report", "",
-        "Compared on the same data, latency target and compute budget: the base detector, the naive pipeline "
-        "(NAS → retrain → L1 prune → KD from the pool's largest teacher) step by step, and the joint search "
+        verdict(rows), "",
+        "Compared on the same data and latency target: the base detector; `control`, the base fine-tuned for "
+        "the joint search's compute (no action, no KD); `prune_kd`, the base pruned greedily over the same "
+        "whole-detector space to the target, then distilled from the pool's largest teacher, for the same "
+        "compute; the naive pipeline (NAS → retrain → prune → KD) step by step; and the joint search "
         "(hill climbing over student–teacher pairs, weight inheritance + KD). AP is COCO AP (%) on val; "
         "search-time AP is on minival.", "",
-        f"- Latency target: **{r.target_ms:.2f} ms** predicted on {device} (naive pipeline: "
-        f"{_num(b.get('latency_target_ms')):.2f} ms).",
-        f"- Compute: naive budget {_fmt(_num(b['budget']))} {b['compute_unit']}, spent {_fmt(_num(b['spent']))}; "
-        f"joint search spent {_fmt(joint['compute'])} {joint['compute_unit']} (its candidate jobs).",
+        f"- Latency target: **{r.target_ms:.2f} ms** predicted on {device} "
+        f"({r.search['target_ms'] / r.states[0]['latency_ms']:.2f}x the base's).",
+        f"- {COMPUTE_RULE}",
+        f"- Naive pipeline: budget {_fmt(_num(b['budget']))} {b['compute_unit']}, spent {_fmt(_num(b['spent']))}.",
         f"- Final student: predicted latency **{_fmt(_num(r.final['final'].get('predicted_latency_ratio')))}x** "
-        f"the base's (target {r.search['target_ms'] / r.states[0]['latency_ms']:.2f}x), measured "
-        f"**{_fmt(_num(r.final['final'].get('latency_ratio')))}x**; meets the target: "
-        f"**{_fmt(bool(r.final['final'].get('meets_target')))}**.",
-        f"- {_verdict(joint, naive)}", "",
+        f"the base's, measured **{_fmt(_num(rows['joint/final']['latency_ms']) / _num(rows['base']['latency_ms']))}x**;"
+        f" meets the target: **{_fmt(bool(r.final['final'].get('meets_target')))}**.", "",
         "## Models", "",
-        "latency_ms is measured where available (latency_source), else predicted; meets_target uses the "
+        "latency_ms: every model timed in one interleaved measurement (latency_source); meets_target uses the "
         "predicted latency; compute is what produced the model, cumulative_compute adds up its pipeline.", "",
         _md_table(list(rows.values()), COLUMNS), "",
         "## Teacher per round", "",
@@ -333,19 +393,23 @@ def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
     return "\n".join(intro + [f"![{c}]({p})\n" for c, p in zip(captions, PLOTS)])
 
 
-def write_report(runs: str | Path, out: str | Path, params: dict) -> dict:
+def write_report(runs: str | Path, out: str | Path, params: dict, data: str | Path | None = None) -> dict:
     """Write out/summary.csv, the plots in PLOTS and out/report.md (last); return the summary rows by model.
 
-    Reads params["search"]["rounds"] (which round states exist) and params["latency"]["device"] (a label).
+    With `data` (the prepared folder) every row's model is timed in one interleaved measurement;
+    without it the latencies the stages measured themselves are used. Reads params["search"]["rounds"]
+    (which round states exist), the device and latency settings.
     """
     out = Path(out)
     r = Runs.load(runs, int(params["search"]["rounds"]))
     rows = summary_rows(r)
+    if data is not None:
+        measure_rows(rows, r, Path(data), params)
     with atomic_path(out / "summary.csv") as tmp:
         pd.DataFrame(list(rows.values()), columns=COLUMNS).to_csv(tmp, index=False)
     with plt.rc_context(STYLE):
         plot_trajectory(r, out / PLOTS[0])
-        plot_ap_vs_latency(r, out / PLOTS[1])
+        plot_ap_vs_latency(r, rows, out / PLOTS[1])
         plot_teacher_pool(r, out / PLOTS[2])
         plot_student_vs_teacher(r, out / PLOTS[3])
     device = params.get("latency", {}).get("device", "the target device")

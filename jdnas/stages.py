@@ -27,6 +27,7 @@ FINAL = "runs/final"
 REPORT = "reports"
 REPORT_PLOTS = ("search_trajectory.png", "ap_vs_latency.png", "teacher_pool.png", "student_vs_teacher.png")
 TABLE = f"{LATENCY}/table.csv"
+MATCHED = {"control": ("finetune",), "prune_kd": ("prune", "kd")}  # baselines matched to the search's compute
 # inputs every search step reads; the Snakemake search rules add their round's files
 SEARCH_INPUTS = (DATA, f"{POOL}/supernet.pt", TABLE, f"{BASE}/model.pt")
 SEARCH_ARGS = f"--data {DATA} --supernet {POOL}/supernet.pt --latency-table {TABLE} --base {BASE}/model.pt"
@@ -135,12 +136,27 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         code=("jdnas/baseline.py", "jdnas/student.py", "jdnas/morphism.py", "jdnas/distill.py", "jdnas/engine.py",
               "jdnas/latency/measure.py"),
     ),
+    # the competitors matched to the joint search's compute (jdnas/matched.py)
+    *(StageDef(
+        name,
+        f"jdnas baseline --pipeline {name} --data {DATA} --latency-table {TABLE} --base {BASE}/model.pt "
+        f"--supernet {POOL}/supernet.pt --search-summary {SEARCH}/summary.json --out runs/{name}",
+        deps=(DATA, TABLE, f"{BASE}/model.pt", f"{POOL}/supernet.pt", f"{SEARCH}/summary.json"),
+        dir_outs=tuple(f"runs/{name}/{step}" for step in steps), metrics=(f"runs/{name}/summary.json",), persist=True,
+        params=("seed", "device", "eval", "baseline.min_iters", "search", "search_space", "train_student",
+                "teacher_pool.eval"),
+        code=("jdnas/matched.py", "jdnas/baseline.py", "jdnas/student.py", "jdnas/morphism.py", "jdnas/distill.py",
+              "jdnas/engine.py"),
+    ) for name, steps in MATCHED.items()),
     StageDef(
-        "report", f"jdnas report --runs runs --out {REPORT}",
-        deps=(f"{BASE}/metrics.json", f"{FINAL}/metrics.json", f"{SEARCH}/history.csv", f"{SEARCH}/summary.json",
-              f"{POOL}/pool.csv", f"{BASELINE}/metrics.json"),
+        "report", f"jdnas report --runs runs --data {DATA} --out {REPORT}",
+        deps=(DATA, f"{BASE}/metrics.json", f"{FINAL}/metrics.json", f"{SEARCH}/history.csv", f"{SEARCH}/summary.json",
+              f"{POOL}/pool.csv", f"{BASELINE}/metrics.json", "runs/control/summary.json",
+              "runs/prune_kd/summary.json"),
         outs=(f"{REPORT}/report.md", f"{REPORT}/summary.csv") + tuple(f"{REPORT}/{p}" for p in REPORT_PLOTS),
-        params=("search.rounds", "search.latency_target"), code=("jdnas/report.py",),
+        # it times every row's model in one interleaved measurement
+        params=("device", "search.rounds", "search.latency_target", "latency.clock", "teacher_pool.eval"),
+        code=("jdnas/report.py",),
     ),
 ]}
 

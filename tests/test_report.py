@@ -80,6 +80,14 @@ def make_runs(root: Path, candidates: list[tuple] | None = None, train_cpu_secon
         "nas_candidates": [{"arch": BASE, "ap": 10.0 + i, "latency_ms": 7.0 + i / 2, "compute": 50.0}
                            for i in range(4)],
         "steps": steps, "final": steps[-1]})
+
+    def matched(name: str, ap: float, lat: float, compute: float) -> dict:
+        return {"pipeline": name, "compute_unit": "cpu_seconds", "joint_compute": 600.0, "budget": 600.0,
+                "compute": compute, "latency_target_ms": TARGET, "arch": BASE, "head": HEAD, "AP": ap, "AP50": ap + 20,
+                "latency_ms": lat, "meets_target": lat <= TARGET, "params": 3_000_000, "flops": 2_000_000_000,
+                "steps": []}
+    _write(root / "control" / "summary.json", matched("control", 26.0, 10.0, 590.0))
+    _write(root / "prune_kd" / "summary.json", matched("prune_kd", 22.5, 7.95, 610.0))
     return root
 
 
@@ -94,16 +102,19 @@ def report(tmp_path):
 
 def test_summary_rows_follow_inputs(report):
     out, rows = report
-    assert list(rows) == ["base", "naive/nas", "naive/retrain", "naive/prune", "naive/kd", "joint/final"]
-    assert [rows[m]["AP"] for m in rows] == [25.0, 12.0, 19.0, 17.5, 22.0, 23.5]
+    assert list(rows) == ["base", "control", "prune_kd", "naive/nas", "naive/retrain", "naive/prune", "naive/kd",
+                          "joint/final"]
+    assert [rows[m]["AP"] for m in rows] == [25.0, 26.0, 22.5, 12.0, 19.0, 17.5, 22.0, 23.5]
     base, prune, joint = rows["base"], rows["naive/prune"], rows["joint/final"]
     # measured latency where there is one, predicted (round 0 / last round / the step's) otherwise
     assert (base["latency_ms"], base["latency_source"], base["predicted_latency_ms"]) == (10.3, "measured", 10.0)
     assert (prune["latency_ms"], prune["latency_source"]) == (8.5, "predicted")
     assert (joint["latency_ms"], joint["predicted_latency_ms"]) == (8.4, 7.9)
-    assert [rows[m]["meets_target"] for m in rows] == [False, True, True, False, False, True]
+    assert [rows[m]["meets_target"] for m in rows] == [False, False, True, True, True, False, False, True]
     assert [rows[m]["cumulative_compute"] for m in rows if m.startswith("naive")] == [300.0, 400.0, 450.0, 475.5]
-    assert (base["compute"], joint["compute"], joint["compute_unit"]) == (120.0, 480.0, "cpu_seconds")
+    # joint: the pool's training + the search's jobs, as prune_kd's summary counted it
+    assert (base["compute"], joint["compute"], joint["compute_unit"]) == (120.0, 600.0, "cpu_seconds")
+    assert (rows["control"]["compute"], rows["prune_kd"]["compute"]) == (590.0, 610.0)
     with (out / "summary.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [t["model"] for t in table] == list(rows) and float(table[-1]["AP"]) == 23.5
@@ -114,7 +125,12 @@ def test_report_md_states_the_comparison(report):
     out, _ = report
     md = (out / "report.md").read_text()
     assert "8.00 ms" in md
-    assert "23.50 − 22.00 = **+1.50 AP**: the joint search is better" in md
+    # it opens with the verdict, computed from the table: joint vs prune_kd
+    assert md.splitlines()[2] == (
+        "At the same latency target, the joint search vs pruning + KD: val AP 23.50 vs 22.50 (ΔAP +1.00), latency "
+        "8.40 vs 7.95 ms (+6%), compute 600.00 vs 610.00 cpu_seconds (-2%); target met: yes vs yes: "
+        "**the joint search wins**.")
+    assert "charged the pool's training" in md
     assert "| naive/kd |" in md and "| joint/final |" in md
     assert f"| 2 | {TEACHER} |" in md  # teacher per round
     for p in PLOTS:
@@ -176,3 +192,15 @@ def test_report_lists_search_steps_with_the_control_gain_and_latency_shares(tmp_
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Search steps" in md and "gain_over_control" in md and "## Where the latency goes" in md
     assert "meets the target: **yes**" in md
+
+
+def test_verdict_follows_the_table():
+    from jdnas.report import verdict
+    row = {"AP": 30.0, "latency_ms": 10.0, "compute": 100.0, "compute_unit": "cpu_seconds", "meets_target": True}
+    assert "**the joint search wins**" in verdict({"joint/final": row, "prune_kd": {**row, "AP": 29.0}})
+    assert "**prune + KD wins**" in verdict({"joint/final": row, "prune_kd": {**row, "AP": 31.0}})
+    # meeting the target beats AP; at equal AP the faster wins; all equal is a tie
+    assert "**prune + KD wins**" in verdict({"joint/final": {**row, "meets_target": False, "AP": 40.0},
+                                             "prune_kd": row})
+    assert "**the joint search wins**" in verdict({"joint/final": row, "prune_kd": {**row, "latency_ms": 11.0}})
+    assert "**a tie**" in verdict({"joint/final": row, "prune_kd": dict(row)})

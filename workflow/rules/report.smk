@@ -1,5 +1,6 @@
-# The naive NAS -> retrain -> prune -> KD pipeline (its budget is what the search spent), then
-# the report that puts it beside the joint search.
+# The naive NAS -> retrain -> prune -> KD pipeline (its budget is what the search spent), the
+# baselines matched to the search's compute (control, prune_kd), then the report that puts
+# them beside the joint search.
 from jdnas.stages import REPORT, REPORT_PLOTS
 
 
@@ -21,6 +22,44 @@ rule baseline_naive:
         trigger=STAGES["baseline_naive"].params_hash(PARAMS),
     shell:
         stage_shell("baseline_naive")
+
+
+rule control:
+    input:
+        stage_inputs("control"),
+    output:
+        # only the summary: the finished steps beside it are what a killed run resumes from
+        STAGES["control"].resolved(PARAMS).metrics,
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/control.log",
+    threads: STAGES["control"].threads
+    resources:
+        gpu=GPUS_PER_JOB,
+    params:
+        trigger=STAGES["control"].params_hash(PARAMS),
+    shell:
+        stage_shell("control")
+
+
+rule prune_kd:
+    input:
+        stage_inputs("prune_kd"),
+    output:
+        # only the summary: the finished steps beside it are what a killed run resumes from
+        STAGES["prune_kd"].resolved(PARAMS).metrics,
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/prune_kd.log",
+    threads: STAGES["prune_kd"].threads
+    resources:
+        gpu=GPUS_PER_JOB,
+    params:
+        trigger=STAGES["prune_kd"].params_hash(PARAMS),
+    shell:
+        stage_shell("prune_kd")
 
 
 rule report:

@@ -1,0 +1,203 @@
+"""Baselines matched to the joint search's compute: what a user with a trained detector and a
+latency target would otherwise do.
+
+- `control`: the base detector fine-tuned (the `train_student` recipe, no action, no KD) for
+  the joint search's whole compute. It shows what training longer alone buys.
+- `prune_kd`: greedy structured pruning of the base over the same whole-detector space as the
+  search (backbone blocks and channels, FPN width, box head, input size, proposals) until the
+  predicted latency meets the same target: each step takes the cut with the most predicted
+  latency saved per minival AP lost (channels ranked by the morphism's L1 importance; a cut
+  must save more than `search.latency_tolerance` while one does). Then it fine-tunes with KD
+  from the pool's largest member for the rest of its budget.
+
+Compute rule (the report states it): CPU-seconds on CPU, GPU-seconds on CUDA, measured around
+everything a pipeline runs (training with its teacher's forwards, minival evaluations, the
+pruning's trial evaluations). A pipeline that distils from the teacher pool is charged the
+pool's training compute: joint = pool + search jobs; prune_kd = pool + its own; control
+(no teacher) = its own. prune_kd and control each get the joint search's total.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from jdnas.baseline import Budget, iteration_cost, schedule_for
+from jdnas.data.dataset import CocoDetection
+from jdnas.engine import evaluate, resolve_device
+from jdnas.errors import JdnasError
+from jdnas.io import resume_dir, write_json
+from jdnas.latency import LatencyTable
+from jdnas.latency.measure import latency_images, measure_latency
+from jdnas.models.arch import Head
+from jdnas.models.complexity import count_flops, count_params
+from jdnas.models.detector import Detector, load_detector, read_checkpoint, save_detector, set_input_size
+from jdnas.morphism import child, legal_actions, morph_detector
+from jdnas.search import inputs_fingerprint
+
+CUT_KINDS = ("shallow", "prune", "slim", "fpn_prune", "head_prune", "resize", "proposals")
+
+
+def pool_compute(supernet: str | Path, unit: str) -> float:
+    """What training the teacher pool cost, in `unit` (from the supernet's meta)."""
+    from jdnas.teacher_pool import SUPERNET_FORMAT
+    meta = read_checkpoint(supernet, SUPERNET_FORMAT)["meta"]
+    return float(meta.get("cpu_seconds" if unit == "cpu_seconds" else "seconds", 0.0))
+
+
+def joint_compute(search_summary: str | Path, supernet: str | Path) -> tuple[float, float, str]:
+    """(the search jobs' compute, the pool's, unit) of the joint search."""
+    summary = json.loads(Path(search_summary).read_text())
+    unit = summary["compute_unit"]
+    return float(summary["compute"]), pool_compute(supernet, unit), unit
+
+
+class Matched:
+    """A pipeline of resumable steps under one compute budget (`<out>/<step>/metrics.json`)."""
+
+    name = ""
+    steps: tuple[str, ...] = ()
+
+    def __init__(self, params: dict, data_dir: str | Path, table: str | Path, base: str | Path,
+                 supernet: str | Path, search_summary: str | Path, out_dir: str | Path) -> None:
+        self.params, self.data_dir, self.out = params, Path(data_dir), Path(out_dir)
+        self.base, self.supernet = Path(base), Path(supernet)
+        self.device = resolve_device(params["device"])
+        self.table = LatencyTable.load(table)
+        self.inputs = [self.data_dir / "manifest.json", Path(table), self.base, self.supernet, Path(search_summary)]
+        summary = json.loads(Path(search_summary).read_text())
+        self.target_ms = float(summary["target_ms"])
+        search, pool, unit = joint_compute(search_summary, supernet)
+        self.joint = search + pool
+        self.charged = pool if self.uses_pool else 0.0  # compute charged before any step runs
+        self.budget = Budget(self.joint - self.charged, unit, [1.0] * len(self.steps), self.steps)
+        self.train_set = CocoDetection(self.data_dir / "train.json", max_size=read_checkpoint(base)["head"]["max_size"])
+
+    uses_pool = False
+
+    def step(self, name: str, run) -> dict[str, Any]:
+        """Run step `name` unless done; charge what it measurably spent to the budget."""
+        out = self.out / name
+        done = out / "metrics.json"
+        if not done.is_file():
+            share = self.budget.share(name)
+            t0, c0 = time.time(), self.budget.clock()
+            result = run(out, share)
+            write_json(done, {"step": name, **result, "share": round(share, 2),
+                              "compute": round(self.budget.clock() - c0 + result.pop("resumed_compute", 0.0), 2),
+                              "seconds": round(time.time() - t0, 2)})
+        result = json.loads(done.read_text())
+        self.budget.spent += result["compute"]
+        return result
+
+    def fine_tune(self, init: Path, share: float, out: Path, teacher: Path | None) -> dict[str, Any]:
+        """`jdnas train` from `init` (KD when a teacher is given) for the iterations `share` buys,
+        priced by a measured iteration that includes the teacher's forward pass."""
+        from jdnas.student import train_student
+        cfg = self.params["train_student"]
+        model = load_detector(init)
+        teacher_model = set_input_size(load_detector(teacher), model.head_cfg) if teacher and cfg["kd_weight"] > 0 else None
+        cost = iteration_cost(model, self.train_set, cfg, self.device, self.budget.clock, teacher=teacher_model)
+        iters = max(self.params["baseline"]["min_iters"], int(share / cost))
+        params = {**self.params, "train_student": schedule_for(cfg, iters)}
+        metrics = train_student(params, self.data_dir, out, init, None, teacher if cfg["kd_weight"] > 0 else None,
+                                eval_split="val", seed=self.params["seed"])
+        return {**metrics, "iters": iters, "cost_per_iter": round(cost, 4),
+                "resumed_compute": metrics.get("resumed_cpu_seconds", 0.0) if self.budget.unit == "cpu_seconds"
+                else 0.0}
+
+    def describe(self, model: Detector, metrics: dict[str, Any]) -> dict[str, Any]:
+        head = Head.of(model.head_cfg)
+        lat = self.table.predict(model.arch, head)
+        return {"arch": str(model.arch), "head": str(head),
+                **{k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
+                "latency_ms": round(lat, 4), "meets_target": lat <= self.target_ms,
+                "params": count_params(model), "flops": count_flops(model)}
+
+    def run(self) -> dict[str, Any]:
+        resume_dir(self.out, inputs_fingerprint(self.name, self.params, self.inputs))
+        steps = [self.step(s, getattr(self, s)) for s in self.steps]
+        final = steps[-1]
+        summary = {"pipeline": self.name, "compute_unit": self.budget.unit, "joint_compute": round(self.joint, 2),
+                   "charged_pool": round(self.charged, 2), "budget": round(self.budget.total, 2),
+                   "compute": round(self.charged + self.budget.spent, 2),
+                   "latency_target_ms": round(self.target_ms, 4), "steps": steps,
+                   **{k: final[k] for k in ("arch", "head", "AP", "AP50", "latency_ms", "meets_target",
+                                            "params", "flops")}}
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+
+class Control(Matched):
+    """The base, fine-tuned for the joint search's compute: no action, no KD."""
+
+    name, steps = "control", ("finetune",)
+
+    def finetune(self, out: Path, share: float) -> dict[str, Any]:
+        metrics = self.fine_tune(self.base, share, out, None)
+        return {**self.describe(load_detector(out / "model.pt"), metrics), "iters": metrics["iters"],
+                "cost_per_iter": metrics["cost_per_iter"], "resumed_compute": metrics["resumed_compute"]}
+
+
+class PruneKD(Matched):
+    """Greedy whole-detector pruning to the target, then KD from the pool's largest member."""
+
+    name, steps, uses_pool = "prune_kd", ("prune", "kd"), True
+
+    def prune(self, out: Path, share: float) -> dict[str, Any]:
+        model = load_detector(self.base)
+        base_head = Head.of(model.head_cfg)
+        bounds = {**self.params["search_space"],
+                  "actions": [a for a in self.params["search_space"]["actions"] if a in CUT_KINDS]}
+        minival = self.data_dir / "minival.json"
+        batch = self.params["eval"]["batch_size"]
+        ap = evaluate(model, minival, batch, self.device)["AP"]
+        lat = self.table.predict(model.arch, base_head)
+        plan = []
+        tol = self.params["search"]["latency_tolerance"]
+        while lat > self.target_ms:
+            head = Head.of(model.head_cfg)
+            options = {}
+            for a in legal_actions(model.arch, bounds, head, base_head):
+                arch, h = child(a, model.arch, head)
+                if self.table.covers(arch, h) and self.table.predict(arch, h) < lat:
+                    options[a] = self.table.predict(arch, h)
+            big = {a: ms for a, ms in options.items() if ms < lat * (1 - tol)}
+            options = big or options
+            if not options:
+                break
+            tried = []
+            for a, ms in options.items():  # each cut's AP right after it (no training): its cost
+                trial = morph_detector(model, a, seed=self.params["seed"])
+                trial_ap = evaluate(trial, minival, batch, self.device)["AP"]
+                tried.append(((lat - ms) / max(ap - trial_ap, 0.1), str(a), a, trial, trial_ap, ms))
+            _, _, action, model, ap, lat = max(tried, key=lambda t: (t[0], t[1]))
+            plan.append({"action": str(action), "minival_ap": ap, "latency_ms": round(lat, 4)})
+            print(f"prune_kd: {action}: predicted {lat:.2f} ms (target {self.target_ms:.2f}), minival AP {ap:.2f}",
+                  flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        save_detector(out / "model.pt", model.cpu(), stage="prune_kd", plan=plan)
+        metrics = evaluate(model, self.data_dir / "val.json", batch, self.device)
+        return {**self.describe(model, metrics), "plan": plan}
+
+    def kd(self, out: Path, share: float) -> dict[str, Any]:
+        from jdnas.teacher_pool import TeacherPool
+        pool = TeacherPool.load(self.supernet, self.data_dir, self.params)
+        out.mkdir(parents=True, exist_ok=True)
+        save_detector(out / "teacher.pt", pool.teacher(pool.space.largest()).cpu(), stage="prune_kd")
+        metrics = self.fine_tune(self.out / "prune" / "model.pt", share, out, out / "teacher.pt")
+        return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": str(pool.space.largest()),
+                "iters": metrics["iters"], "cost_per_iter": metrics["cost_per_iter"],
+                "resumed_compute": metrics["resumed_compute"]}
+
+
+PIPELINES = {"control": Control, "prune_kd": PruneKD}
+
+
+def run_matched(name: str, params: dict, data_dir: str | Path, table: str | Path, base: str | Path,
+                supernet: str | Path, search_summary: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Stage control or prune_kd -> `<out_dir>/summary.json` (and one folder per step)."""
+    if name not in PIPELINES:
+        raise JdnasError(f"unknown baseline {name!r} (one of {', '.join(PIPELINES)})")
+    return PIPELINES[name](params, data_dir, table, base, supernet, search_summary, out_dir).run()
