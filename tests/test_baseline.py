@@ -89,3 +89,27 @@ def test_iteration_cost_is_measured_on_a_copy(prepared, smoke_params):
     assert cost > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_kd_iterations_are_priced_with_the_teachers_forward(prepared, smoke_params, tmp_path):
+    """The compute a baseline plans for a KD fine-tune matches what training measures (within 10%),
+    because the probe iteration runs the teacher too; without it the plan is well short."""
+    import time
+    from jdnas.distill import Distiller, Teacher
+    from jdnas.engine import train_detector
+    torch.set_num_threads(1)
+    cfg = {**smoke_params["train_student"], "iters": 41, "checkpoint_every": 1000, "warmup_iters": 0}
+    data = CocoDetection(prepared / "train.json", max_size=smoke_params["model"]["max_size"])
+    # 128-px inputs: enough work per iteration that Python overheads do not dominate the timing
+    head = head_config({**smoke_params["model"], "min_size": 128, "max_size": 128}, data.labels.num_classes)
+    torch.manual_seed(0)
+    student, teacher = build_detector(resolve_arch("tiny", 0.5), head), build_detector(resolve_arch("r34", 0.5), head)
+    with_teacher = iteration_cost(student, data, cfg, torch.device("cpu"), time.process_time, iters=12, teacher=teacher)
+    alone = iteration_cost(student, data, cfg, torch.device("cpu"), time.process_time, iters=12)
+    kd = Distiller(student, Teacher(teacher), cfg["kd_loss"], cfg["kd_weight"], cfg["kd_fg_weight"],
+                   cfg["kd_bg_weight"], cfg["kd_temperature"], 0)
+    measured = train_detector(student, data, cfg, tmp_path / "state.pt", 0, torch.device("cpu"),
+                              loss_fn=kd.loss_fn, extra=kd, stop_after=cfg["iters"] - 1)["cpu_seconds"]
+    planned = with_teacher * (cfg["iters"] - 1)
+    assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
+    assert alone * (cfg["iters"] - 1) < 0.8 * measured  # the teacher's forward is a real part of the price
