@@ -6,6 +6,7 @@ Every subcommand validates its params before any work; a user error prints one l
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -362,6 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except JdnasError as e:
         print(f"jdnas: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"jdnas: error: the disk is full{where} (free some space and rerun: training resumes from its "
+              "last checkpoint)", file=sys.stderr)
         return 2
     return 0
 

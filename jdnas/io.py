@@ -4,6 +4,7 @@ A killed job therefore never leaves a half-written output that looks finished.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -55,9 +56,15 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
-    """torch.save, atomically."""
+    """torch.save, atomically. A write that fails on a full disk is an OSError(ENOSPC) naming the
+    file (torch reports it as a RuntimeError that does not say why)."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:
+            if "write" not in str(e).lower() or shutil.disk_usage(Path(tmp).parent).free > (64 << 20):
+                raise
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -50,3 +50,29 @@ def test_data_that_is_not_a_prepared_folder_is_one_line(tmp_path, capsys, cmd):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing/manifest.json: not found (--data must be a folder written by" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """torch.save on a full disk raises a RuntimeError that does not say why: the CLI says it."""
+    import shutil
+    from collections import namedtuple
+    import torch
+    from jdnas.models.arch import resolve_arch
+    from jdnas.models.detector import build_detector, head_config, save_detector
+    from jdnas.config import load_params
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(10, 10, 0))
+    model = build_detector(resolve_arch("tiny", 0.25), head_config(load_params([REPO / "params.yaml"])["model"], 3))
+
+    def cmd(args):
+        save_detector(tmp_path / "out" / "model.pt", model)
+    import jdnas.cli as cli
+    monkeypatch.setattr(cli, "cmd_arch", cmd)
+    assert main(["arch", "r18", "--params", str(REPO / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jdnas: error: the disk is full writing ") and "model.pt" in err[0]
+    assert not list((tmp_path / "out").glob("*"))  # nothing half-written left behind
