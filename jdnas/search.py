@@ -16,6 +16,7 @@ seed plus the round and candidate index: the same params give the same search.
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -114,7 +115,10 @@ class State:
 
 
 def score(ap: float, latency_ms: float, target_ms: float, penalty: float) -> float:
-    """AP minus `penalty` per unit of relative latency overshoot beyond the target."""
+    """AP minus `penalty` per unit of relative latency overshoot beyond the target; -inf when the
+    latency is not a finite number (a NaN overshoot must never look like none)."""
+    if not math.isfinite(latency_ms):
+        return -math.inf
     return ap - penalty * max(0.0, latency_ms / target_ms - 1.0)
 
 

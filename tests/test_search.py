@@ -18,6 +18,7 @@ def test_score_penalises_only_overshoot():
     assert score(30.0, 8.0, 10.0, 50.0) == 30.0
     assert score(30.0, 10.0, 10.0, 50.0) == 30.0
     assert score(30.0, 12.0, 10.0, 50.0) == pytest.approx(20.0)
+    assert score(30.0, float("nan"), 10.0, 50.0) == float("-inf") == score(30.0, float("inf"), 10.0, 50.0)
 
 
 def test_teacher_genome_round_trip_and_moves():
