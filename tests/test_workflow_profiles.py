@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, write_yaml
 from test_workflow import workspace
 
 SLURM = "workflow/profiles/slurm"
@@ -18,8 +18,8 @@ SLURM = "workflow/profiles/slurm"
 SLURM_COMMANDS = ("sbatch", "srun", "salloc", "scancel")
 # every rule of the workflow, by where it runs with `device: cuda`; a new rule must be added here
 GPU_RULES = {"train_base", "profile_latency", "train_teacher_pool", "eval_teacher_pool", "search_init",
-             "search_candidate", "evaluate_final", "baseline_naive"}
-CPU_RULES = {"prepare_data", "search_propose", "search_select", "search_history", "report", "all"}
+             "search_candidate", "evaluate_final", "baseline_naive", "control", "prune_kd", "report"}
+CPU_RULES = {"prepare_data", "search_propose", "search_select", "search_history", "all"}
 
 
 def planned_resources(dry_run: str) -> dict[str, list[dict[str, str]]]:
@@ -58,6 +58,13 @@ def ws(tmp_path_factory) -> Path:
         trap = ws / "slurm-bin" / cmd
         trap.write_text(f"#!/bin/sh\necho {cmd} >> '{ws / 'slurm-called'}'\nexit 1\n")
         trap.chmod(0o755)
+    # prepare_data declares the user's COCO files as inputs: stand-ins so the paper's config plans
+    coco = {}
+    for split in ("train", "val"):
+        (ws / "coco" / split).mkdir(parents=True)
+        (ws / "coco" / f"{split}.json").write_text("{}")
+        coco.update({f"{split}_images": f"coco/{split}", f"{split}_annotations": f"coco/{split}.json"})
+    write_yaml(ws / "coco_here.yaml", {"data": {"coco": coco}})
     return ws
 
 
@@ -76,7 +83,7 @@ def test_slurm_profile_requests_gpus_for_gpu_rules_only(ws):
 
 
 def test_slurm_profile_ddp_job_gets_all_its_gpus_on_one_node(ws):
-    jobs = dry_run(ws, "config/coco_r101.yaml", "config/gpu.yaml")
+    jobs = dry_run(ws, "config/coco_r101.yaml", "config/gpu.yaml", "coco_here.yaml")
     (pool,) = jobs["train_teacher_pool"]
     assert gpus(pool) == 8 and pool["nodes"] == "1"
 

@@ -75,6 +75,8 @@ rule report:
     log:
         "logs/report.log",
     threads: STAGES["report"].threads
+    resources:
+        gpu=GPUS_PER_JOB,  # it times every row's model on the run's device
     params:
         trigger=STAGES["report"].params_hash(PARAMS),
     shell:
