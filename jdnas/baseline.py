@@ -125,6 +125,31 @@ def schedule_for(cfg: dict[str, Any], iters: int) -> dict[str, Any]:
             "checkpoint_every": max(1, min(cfg["checkpoint_every"], iters))}
 
 
+def largest_teacher(supernet: str | Path, data_dir: str | Path, params: dict, out: Path, stage: str) -> str:
+    """Save the teacher pool's largest member (BN recalibrated) as a checkpoint at `out`; its Arch."""
+    from jdnas.teacher_pool import TeacherPool
+    pool = TeacherPool.load(supernet, data_dir, params)
+    save_detector(out, pool.teacher(pool.space.largest()).cpu(), stage=stage)
+    return str(pool.space.largest())
+
+
+def run_step(out: Path, budget: "Budget", run: Callable[[Path, float], dict[str, Any]]) -> dict[str, Any]:
+    """Run one pipeline step into `out` unless its metrics.json exists (a rerun resumes after the
+    last finished step), with its share of `budget`; charge what it measurably spent (plus what a
+    killed predecessor spent, `resumed_compute`) to the budget."""
+    done = out / "metrics.json"
+    if not done.is_file():
+        share = budget.share(out.name)
+        t0, c0 = time.time(), budget.clock()
+        result = run(out, share)
+        spent = budget.clock() - c0 + result.pop("resumed_compute", 0.0)
+        write_json(done, {"step": out.name, **result, "share": round(share, 2), "compute": round(spent, 2),
+                          "seconds": round(time.time() - t0, 2)})
+    result = json.loads(done.read_text())
+    budget.spent += result["compute"]
+    return result
+
+
 class Budget:
     """The compute budget, spent step by step in the unit the joint search was measured in."""
 
@@ -213,19 +238,7 @@ class Naive:
                 "params": count_params(model), "flops": count_flops(model)}
 
     def step(self, name: str, run: Callable[[Path, float], dict[str, Any]]) -> dict[str, Any]:
-        """Run step `name` unless its metrics.json exists; charge its measured compute to the budget."""
-        out = self.steps / name
-        done = out / "metrics.json"
-        if not done.is_file():
-            share = self.budget.share(name)
-            t0, c0 = time.time(), self.budget.clock()
-            result = run(out, share)
-            spent = self.budget.clock() - c0
-            write_json(done, {"step": name, **result, "share": round(share, 2), "compute": round(spent, 2),
-                              "seconds": round(time.time() - t0, 2)})
-        result = json.loads(done.read_text())
-        self.budget.spent += result["compute"]
-        return result
+        return run_step(self.steps / name, self.budget, run)
 
     # the four steps
     def nas(self, out: Path, share: float) -> dict[str, Any]:
@@ -273,12 +286,9 @@ class Naive:
                 "iters": metrics["iters"], "cost_per_iter": metrics["cost_per_iter"]}
 
     def kd(self, out: Path, share: float) -> dict[str, Any]:
-        from jdnas.teacher_pool import TeacherPool
-        pool = TeacherPool.load(self.supernet, self.data_dir, self.params)
-        out.mkdir(parents=True, exist_ok=True)
-        save_detector(out / "teacher.pt", pool.teacher(pool.space.largest()).cpu(), stage="baseline_kd")
+        teacher = largest_teacher(self.supernet, self.data_dir, self.params, out / "teacher.pt", "baseline_kd")
         metrics = self.fine_tune(self.steps / "prune" / "model.pt", share, out, out / "teacher.pt")
-        return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": str(pool.space.largest()),
+        return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": teacher,
                 "iters": metrics["iters"], "cost_per_iter": metrics["cost_per_iter"]}
 
     def run(self) -> dict[str, Any]:

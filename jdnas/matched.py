@@ -19,17 +19,15 @@ pool's training compute: joint = pool + search jobs; prune_kd = pool + its own; 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from jdnas.baseline import Budget, iteration_cost, schedule_for
+from jdnas.baseline import Budget, iteration_cost, largest_teacher, run_step, schedule_for
 from jdnas.data.dataset import CocoDetection
 from jdnas.engine import evaluate, resolve_device
 from jdnas.errors import JdnasError
 from jdnas.io import resume_dir, write_json
 from jdnas.latency import LatencyTable
-from jdnas.latency.measure import latency_images, measure_latency
 from jdnas.models.arch import Head
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, load_detector, read_checkpoint, save_detector, set_input_size
@@ -77,19 +75,7 @@ class Matched:
     uses_pool = False
 
     def step(self, name: str, run) -> dict[str, Any]:
-        """Run step `name` unless done; charge what it measurably spent to the budget."""
-        out = self.out / name
-        done = out / "metrics.json"
-        if not done.is_file():
-            share = self.budget.share(name)
-            t0, c0 = time.time(), self.budget.clock()
-            result = run(out, share)
-            write_json(done, {"step": name, **result, "share": round(share, 2),
-                              "compute": round(self.budget.clock() - c0 + result.pop("resumed_compute", 0.0), 2),
-                              "seconds": round(time.time() - t0, 2)})
-        result = json.loads(done.read_text())
-        self.budget.spent += result["compute"]
-        return result
+        return run_step(self.out / name, self.budget, run)
 
     def fine_tune(self, init: Path, share: float, out: Path, teacher: Path | None) -> dict[str, Any]:
         """`jdnas train` from `init` (KD when a teacher is given) for the iterations `share` buys,
@@ -182,12 +168,9 @@ class PruneKD(Matched):
         return {**self.describe(model, metrics), "plan": plan}
 
     def kd(self, out: Path, share: float) -> dict[str, Any]:
-        from jdnas.teacher_pool import TeacherPool
-        pool = TeacherPool.load(self.supernet, self.data_dir, self.params)
-        out.mkdir(parents=True, exist_ok=True)
-        save_detector(out / "teacher.pt", pool.teacher(pool.space.largest()).cpu(), stage="prune_kd")
+        teacher = largest_teacher(self.supernet, self.data_dir, self.params, out / "teacher.pt", "prune_kd")
         metrics = self.fine_tune(self.out / "prune" / "model.pt", share, out, out / "teacher.pt")
-        return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": str(pool.space.largest()),
+        return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": teacher,
                 "iters": metrics["iters"], "cost_per_iter": metrics["cost_per_iter"],
                 "resumed_compute": metrics["resumed_compute"]}
 
