@@ -80,6 +80,11 @@ def cmd_inspect_data(args: argparse.Namespace) -> None:
         print(f"warning: {w}")
 
 
+def cmd_import_torchvision(args: argparse.Namespace) -> None:
+    from jdnas.models.torchvision_import import import_torchvision
+    print(json.dumps(import_torchvision(args.src, args.out, _params(args)["model"])))
+
+
 def cmd_train_base(args: argparse.Namespace) -> None:
     from jdnas.base_detector import train_base
     params = _params(args)
@@ -254,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("inspect-data", cmd_inspect_data, "image and object sizes, objects per image, class counts; the model "
             "settings that fit them (what auto becomes) and warnings where the params disagree")
     p.add_argument("--data", default=None, help="a prepared data folder (default: the raw COCO files in the params)")
+
+    p = add("import-torchvision", cmd_import_torchvision, "convert a torchvision Faster R-CNN ResNet-FPN state_dict "
+            "(fasterrcnn_resnet50_fpn, resnet_fpn_backbone 18/34/50/101) into a jdnas checkpoint; input size, "
+            "anchors and thresholds from the params' model section")
+    p.add_argument("src", help="the torchvision state_dict (.pt / .pth; {'model': state_dict} also read)")
+    p.add_argument("--out", required=True, help="the jdnas checkpoint to write (loads with jdnas.load_detector)")
 
     p = add("train-base", cmd_train_base, "stage train_base: train and evaluate the base detector", threads=True)
     p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
