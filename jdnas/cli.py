@@ -27,12 +27,13 @@ def _params(args: argparse.Namespace) -> dict:
     return params
 
 
-def _runtime(args: argparse.Namespace, params: dict) -> None:
-    """Set torch's CPU threads; with `device: cuda`, lease a free GPU (see jdnas.gpu)."""
+def _runtime(args: argparse.Namespace, params: dict, gpu: bool = True) -> None:
+    """Set torch's CPU threads; with `device: cuda`, lease a free GPU (see jdnas.gpu) for a command
+    that uses one (`gpu`). `device: cuda:N` uses device N as given, leasing nothing."""
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
-    if params["device"] == "cuda" or os.environ.get("JDNAS_GPUS"):
+    if gpu and (params["device"] == "cuda" or os.environ.get("JDNAS_GPUS")):
         import time
         from jdnas.gpu import lease_gpu
         dev = lease_gpu()
@@ -130,7 +131,7 @@ def _search_context(args: argparse.Namespace, params: dict):
 def cmd_search_step(args: argparse.Namespace) -> None:
     from jdnas import search
     params = _params(args)
-    _runtime(args, params)
+    _runtime(args, params, gpu=args.step in ("init", "candidate"))  # propose, select, history: CPU only
     if args.step == "history":
         search.write_history(Path(args.root), params)
         return

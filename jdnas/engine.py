@@ -153,11 +153,14 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
         start, seconds = int(state["iter"]), float(state["seconds"])
         cpu_seconds = float(state.get("cpu_seconds", 0.0))
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:  # torchvision's samplers draw on the GPU
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         print(f"{desc}: resuming from {state_path} at iteration {start}/{cfg['iters']}", file=sys.stderr)
 
     def save(it: int) -> None:
         save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,
-                                "seconds": seconds, "cpu_seconds": cpu_seconds, "rng": torch.get_rng_state(), "model": model.state_dict(),
+                                "seconds": seconds, "cpu_seconds": cpu_seconds, "rng": torch.get_rng_state(),
+                                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "model": model.state_dict(),
                                 "optimizer": optimizer.state_dict(),
                                 **({"extra": extra.state_dict()} if extra is not None else {})})
         if log is not None:

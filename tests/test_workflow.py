@@ -124,8 +124,21 @@ def test_smoke_workflow_runs_the_whole_dag(smoke_run):
     # the report puts them side by side
     import pandas as pd
     rows = pd.read_csv(ws / "reports/summary.csv")
-    assert list(rows["model"]) == ["base", "naive/nas", "naive/retrain", "naive/prune", "naive/kd", "joint/final"]
+    assert list(rows["model"]) == ["base", "control", "prune_kd", "naive/nas", "naive/retrain", "naive/prune",
+                                   "naive/kd", "joint/final"]
     assert rows.set_index("model").loc["joint/final", "AP"] == pytest.approx(final["final"]["AP"])
+    assert rows["latency_source"].eq("measured (one interleaved run)").all()
+    # the matched baselines: the joint search's total (pool + search jobs) as budget, prune_kd charged the pool
+    control = json.loads((ws / "runs/control/summary.json").read_text())
+    prune_kd = json.loads((ws / "runs/prune_kd/summary.json").read_text())
+    assert control["joint_compute"] == prune_kd["joint_compute"] > search["compute"]
+    assert control["budget"] == control["joint_compute"] and control["charged_pool"] == 0
+    assert prune_kd["budget"] == pytest.approx(prune_kd["joint_compute"] - prune_kd["charged_pool"], abs=0.02)
+    assert [s["step"] for s in prune_kd["steps"]] == ["prune", "kd"] and prune_kd["steps"][0]["plan"]
+    assert prune_kd["compute"] == pytest.approx(prune_kd["charged_pool"] + sum(s["compute"] for s in prune_kd["steps"]),
+                                                abs=0.05)
+    md = (ws / "reports/report.md").read_text().splitlines()
+    assert md[2].startswith("At the same latency target, the joint search vs pruning + KD: val AP")
     from PIL import Image
     from jdnas.stages import REPORT_PLOTS
     for name in REPORT_PLOTS:

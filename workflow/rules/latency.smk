@@ -11,7 +11,7 @@ rule profile_latency:
     # to --cores; the local profile sets 1, as the CPU-time clock is robust to a neighbour
     threads: 1024
     resources:
-        gpu=1 if PARAMS["latency"]["device"].startswith("cuda") else 0,
+        gpu=1 if PARAMS["latency"]["device"] == "cuda" else 0,
     params:
         trigger=STAGES["profile_latency"].params_hash(PARAMS),
     shell:

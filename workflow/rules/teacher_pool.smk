@@ -11,7 +11,7 @@ rule train_teacher_pool:
         "logs/train_teacher_pool.log",
     threads: STAGES["train_teacher_pool"].threads
     resources:
-        gpu=PARAMS["teacher_pool"]["train"]["gpus"] if PARAMS["device"].startswith("cuda") else 0,
+        gpu=PARAMS["teacher_pool"]["train"]["gpus"] if PARAMS["device"] == "cuda" else 0,
     params:
         trigger=STAGES["train_teacher_pool"].params_hash(PARAMS),
     shell:
@@ -29,7 +29,7 @@ rule eval_teacher_pool:
         "logs/eval_teacher_pool.log",
     threads: STAGES["eval_teacher_pool"].threads
     resources:
-        gpu=1 if PARAMS["device"].startswith("cuda") else 0,
+        gpu=GPUS_PER_JOB,
     params:
         trigger=STAGES["eval_teacher_pool"].params_hash(PARAMS),
     shell:
