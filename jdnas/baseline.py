@@ -150,6 +150,23 @@ def run_step(out: Path, budget: "Budget", run: Callable[[Path, float], dict[str,
     return result
 
 
+def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: torch.device, budget: "Budget",
+              init: Path, share: float, out: Path, teacher: Path | None) -> dict[str, Any]:
+    """`jdnas train` from `init` (KD when a teacher is given) on val, for the iterations `share`
+    buys, priced by a measured iteration that includes the teacher's forward pass."""
+    from jdnas.student import train_student
+    cfg = params["train_student"]
+    student = load_detector(init)
+    kd = teacher if teacher is not None and cfg["kd_weight"] > 0 else None
+    cost = iteration_cost(student, train_set, cfg, device, budget.clock,
+                          teacher=kd and set_input_size(load_detector(kd), student.head_cfg))
+    iters = max(params["baseline"]["min_iters"], int(share / cost))
+    metrics = train_student({**params, "train_student": schedule_for(cfg, iters)}, data_dir, out, init, None, kd,
+                            eval_split="val", seed=params["seed"])
+    resumed = metrics.get("resumed_cpu_seconds", 0.0) if budget.unit == "cpu_seconds" else 0.0
+    return {**metrics, "iters": iters, "cost_per_iter": round(cost, 4), "resumed_compute": resumed}
+
+
 class Budget:
     """The compute budget, spent step by step in the unit the joint search was measured in."""
 
@@ -215,16 +232,8 @@ class Naive:
         return model, {"iters": iters, "cost_per_iter": round(cost, 4)}, metrics
 
     def fine_tune(self, init: Path, share: float, out: Path, teacher: Path | None) -> dict[str, Any]:
-        """`jdnas train` from `init` (with KD when a teacher is given) for what `share` buys."""
-        from jdnas.student import train_student
-        student = load_detector(init)
-        kd = teacher if teacher is not None and self.params["train_student"]["kd_weight"] > 0 else None
-        iters, cost = self.iters_for(student, share, self.params["train_student"],
-                                     kd and set_input_size(load_detector(kd), student.head_cfg))
-        params = {**self.params, "train_student": schedule_for(self.params["train_student"], iters)}
-        metrics = train_student(params, self.data_dir, out, init, None, teacher, eval_split="val",
-                                seed=self.params["seed"])
-        return {**metrics, "iters": iters, "cost_per_iter": round(cost, 4)}
+        return fine_tune(self.params, self.data_dir, self.train_set, self.device, self.budget, init, share, out,
+                         teacher)
 
     def describe(self, model: Detector, metrics: dict[str, Any]) -> dict[str, Any]:
         lat = self.table.predict(model.arch)
@@ -283,13 +292,13 @@ class Naive:
         save_detector(out / "pruned.pt", model, stage="baseline_prune", actions=[str(a) for a in plan])
         metrics = self.fine_tune(out / "pruned.pt", share, out, None)
         return {**self.describe(load_detector(out / "model.pt"), metrics), "actions": [str(a) for a in plan],
-                "iters": metrics["iters"], "cost_per_iter": metrics["cost_per_iter"]}
+                **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
     def kd(self, out: Path, share: float) -> dict[str, Any]:
         teacher = largest_teacher(self.supernet, self.data_dir, self.params, out / "teacher.pt", "baseline_kd")
         metrics = self.fine_tune(self.steps / "prune" / "model.pt", share, out, out / "teacher.pt")
         return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": teacher,
-                "iters": metrics["iters"], "cost_per_iter": metrics["cost_per_iter"]}
+                **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
     def run(self) -> dict[str, Any]:
         resume_dir(self.steps, inputs_fingerprint("baseline_naive", self.params, self.inputs))

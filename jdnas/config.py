@@ -330,7 +330,8 @@ def check_consistency(p: dict, source: str) -> None:
         for key, value in p["data"]["coco"].items():
             if value is None:
                 raise ConfigError(f"{source}: data.coco.{key} is required when data.source is coco")
-    if "auto" not in (p["model"]["min_size"], p["model"]["max_size"]) and p["model"]["min_size"] > p["model"]["max_size"]:
+    sizes = p["model"]["min_size"], p["model"]["max_size"]
+    if "auto" not in sizes and sizes[0] > sizes[1]:
         raise ConfigError(f"{source}: model.min_size must be <= model.max_size")
     space = p["search_space"]
     for key in ("min_depth", "max_depth"):

@@ -160,7 +160,8 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     def save(it: int) -> None:
         save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,
                                 "seconds": seconds, "cpu_seconds": cpu_seconds, "rng": torch.get_rng_state(),
-                                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "model": model.state_dict(),
+                                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                                "model": model.state_dict(),
                                 "optimizer": optimizer.state_dict(),
                                 **({"extra": extra.state_dict()} if extra is not None else {})})
         if log is not None:

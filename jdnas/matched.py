@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jdnas.baseline import Budget, iteration_cost, largest_teacher, run_step, schedule_for
+from jdnas.baseline import Budget, fine_tune, largest_teacher, run_step
 from jdnas.data.dataset import CocoDetection
 from jdnas.engine import evaluate, resolve_device
 from jdnas.errors import JdnasError
@@ -30,7 +30,7 @@ from jdnas.io import resume_dir, write_json
 from jdnas.latency import LatencyTable
 from jdnas.models.arch import Head
 from jdnas.models.complexity import count_flops, count_params
-from jdnas.models.detector import Detector, load_detector, read_checkpoint, save_detector, set_input_size
+from jdnas.models.detector import Detector, load_detector, read_checkpoint, save_detector
 from jdnas.morphism import child, legal_actions, morph_detector
 from jdnas.search import inputs_fingerprint
 
@@ -78,20 +78,8 @@ class Matched:
         return run_step(self.out / name, self.budget, run)
 
     def fine_tune(self, init: Path, share: float, out: Path, teacher: Path | None) -> dict[str, Any]:
-        """`jdnas train` from `init` (KD when a teacher is given) for the iterations `share` buys,
-        priced by a measured iteration that includes the teacher's forward pass."""
-        from jdnas.student import train_student
-        cfg = self.params["train_student"]
-        model = load_detector(init)
-        teacher_model = set_input_size(load_detector(teacher), model.head_cfg) if teacher and cfg["kd_weight"] > 0 else None
-        cost = iteration_cost(model, self.train_set, cfg, self.device, self.budget.clock, teacher=teacher_model)
-        iters = max(self.params["baseline"]["min_iters"], int(share / cost))
-        params = {**self.params, "train_student": schedule_for(cfg, iters)}
-        metrics = train_student(params, self.data_dir, out, init, None, teacher if cfg["kd_weight"] > 0 else None,
-                                eval_split="val", seed=self.params["seed"])
-        return {**metrics, "iters": iters, "cost_per_iter": round(cost, 4),
-                "resumed_compute": metrics.get("resumed_cpu_seconds", 0.0) if self.budget.unit == "cpu_seconds"
-                else 0.0}
+        return fine_tune(self.params, self.data_dir, self.train_set, self.device, self.budget, init, share, out,
+                         teacher)
 
     def describe(self, model: Detector, metrics: dict[str, Any]) -> dict[str, Any]:
         head = Head.of(model.head_cfg)
@@ -122,8 +110,8 @@ class Control(Matched):
 
     def finetune(self, out: Path, share: float) -> dict[str, Any]:
         metrics = self.fine_tune(self.base, share, out, None)
-        return {**self.describe(load_detector(out / "model.pt"), metrics), "iters": metrics["iters"],
-                "cost_per_iter": metrics["cost_per_iter"], "resumed_compute": metrics["resumed_compute"]}
+        return {**self.describe(load_detector(out / "model.pt"), metrics),
+                **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
 
 class PruneKD(Matched):
@@ -171,8 +159,7 @@ class PruneKD(Matched):
         teacher = largest_teacher(self.supernet, self.data_dir, self.params, out / "teacher.pt", "prune_kd")
         metrics = self.fine_tune(self.out / "prune" / "model.pt", share, out, out / "teacher.pt")
         return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": teacher,
-                "iters": metrics["iters"], "cost_per_iter": metrics["cost_per_iter"],
-                "resumed_compute": metrics["resumed_compute"]}
+                **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
 
 PIPELINES = {"control": Control, "prune_kd": PruneKD}

@@ -271,7 +271,9 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
               "score": round(ctx.score(metrics["AP"], lat), 4),
               "student_params": metrics["params"], "student_flops": metrics["flops"],
               "teacher_params": count_params(teacher), "teacher_flops": count_flops(teacher),
-              "seconds": round(time.time() - t0, 2), "cpu_seconds": round(time.process_time() - cpu0 + metrics["resumed_cpu_seconds"], 2),
+              # a resumed job adds what its killed predecessor's training spent
+              "seconds": round(time.time() - t0, 2),
+              "cpu_seconds": round(time.process_time() - cpu0 + metrics["resumed_cpu_seconds"], 2),
               "started": t0, "finished": time.time()}
     (out / "teacher.pt").unlink()  # rebuilt from the pool on demand; not worth the disk
     write_json(out / "result.json", result)

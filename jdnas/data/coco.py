@@ -140,7 +140,8 @@ def load_coco(ann_path: str | Path, image_dir: str | Path, out_of_image: str = "
         if not isinstance(c["name"], str) or not c["name"].strip():
             raise DataError(f"{src}: categories id={c['id']}: name must be a non-empty string, got {c['name']!r}")
         if c["name"] in names:
-            raise DataError(f"{src}: categories id={c['id']}: name {c['name']!r} is also category id={names[c['name']]}")
+            raise DataError(f"{src}: categories id={c['id']}: name {c['name']!r} is also category "
+                            f"id={names[c['name']]}")
         names[c["name"]] = c["id"]
     by_id = {img["id"]: img for img in images}
     cat_ids = {c["id"] for c in cats}
