@@ -44,18 +44,12 @@ def pool_compute(supernet: str | Path, unit: str) -> float:
     return float(meta.get("cpu_seconds" if unit == "cpu_seconds" else "seconds", 0.0))
 
 
-def joint_compute(search_summary: str | Path, supernet: str | Path) -> tuple[float, float, str]:
-    """(the search jobs' compute, the pool's, unit) of the joint search."""
-    summary = json.loads(Path(search_summary).read_text())
-    unit = summary["compute_unit"]
-    return float(summary["compute"]), pool_compute(supernet, unit), unit
-
-
 class Matched:
     """A pipeline of resumable steps under one compute budget (`<out>/<step>/metrics.json`)."""
 
     name = ""
     steps: tuple[str, ...] = ()
+    uses_pool = False  # distils from the teacher pool: charged its training
 
     def __init__(self, params: dict, data_dir: str | Path, table: str | Path, base: str | Path,
                  supernet: str | Path, search_summary: str | Path, out_dir: str | Path) -> None:
@@ -65,14 +59,13 @@ class Matched:
         self.table = LatencyTable.load(table)
         self.inputs = [self.data_dir / "manifest.json", Path(table), self.base, self.supernet, Path(search_summary)]
         summary = json.loads(Path(search_summary).read_text())
-        self.target_ms = float(summary["target_ms"])
-        search, pool, unit = joint_compute(search_summary, supernet)
-        self.joint = search + pool
+        self.target_ms, unit = float(summary["target_ms"]), summary["compute_unit"]
+        pool = pool_compute(supernet, unit)
+        self.joint = float(summary["compute"]) + pool  # the joint search: its jobs + the pool it draws from
         self.charged = pool if self.uses_pool else 0.0  # compute charged before any step runs
         self.budget = Budget(self.joint - self.charged, unit, [1.0] * len(self.steps), self.steps)
-        self.train_set = CocoDetection(self.data_dir / "train.json", max_size=read_checkpoint(base)["head"]["max_size"])
-
-    uses_pool = False
+        max_size = read_checkpoint(base)["head"]["max_size"]
+        self.train_set = CocoDetection(self.data_dir / "train.json", max_size=max_size)
 
     def step(self, name: str, run) -> dict[str, Any]:
         return run_step(self.out / name, self.budget, run)
