@@ -247,6 +247,7 @@ def plot_ap_vs_latency(r: Runs, rows: dict[str, dict], path: Path) -> None:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
     target = target_measured_ms(r, rows)
     ax.axvline(target, color="k", ls=":", label=f"latency target ({target:.2f} ms)")
+    ax.margins(x=0.1, y=0.08)  # room for the labels of the points at the edges
     ax.set(title="Every pipeline's result: val AP vs latency",
            xlabel=f"latency (ms per image, {rows['base']['latency_source']})", ylabel="val AP (%)")
     ax.grid(alpha=0.3)
