@@ -237,7 +237,7 @@ def cmd_predict_latency(args: argparse.Namespace) -> None:
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> None:
     from jdnas.stages import dvc_yaml
-    sys.stdout.write(dvc_yaml())
+    sys.stdout.write(dvc_yaml(params=_params(args)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default=None, help="Head string, e.g. F64-R256-I128/128-P100 (default: the table's base)")
     p.add_argument("--table", default="runs/latency/cpu/table.csv", help="latency table (default: %(default)s)")
 
-    add("dvc-yaml", cmd_dvc_yaml, "print dvc.yaml, generated from the stage definitions")
+    add("dvc-yaml", cmd_dvc_yaml, "print dvc.yaml, generated from the stage definitions (with a COCO source in "
+        "the params, its files are prepare_data's deps)")
     return parser
 
 

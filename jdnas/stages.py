@@ -167,12 +167,17 @@ def search_step(step: str, r: int | str = "", k: int | str = "") -> str:
     return f"jdnas search-step {step}{where} {SEARCH_ARGS}"
 
 
-def dvc_yaml(param_file: str = "params.yaml") -> str:
-    """dvc.yaml rendered from STAGES."""
+def dvc_yaml(param_file: str = "params.yaml", params: dict | None = None) -> str:
+    """dvc.yaml rendered from STAGES. Given the params (DVC reads params.yaml only), a COCO source's
+    annotation files and image folders become deps of prepare_data: DVC hashes their content, so
+    editing them in place reruns it and what depends on it."""
+    from jdnas.data.prepare import user_data
     stages = {}
     for s in STAGES.values():
         entry: dict = {"cmd": s.shell([param_file], s.threads and str(s.threads))}
         deps = list(s.deps) + list(s.code)
+        if s.name == "prepare_data" and params is not None:
+            deps += [str(p) for p in user_data(params)]
         if deps:
             entry["deps"] = deps
         entry["params"] = list(s.params)

@@ -42,6 +42,16 @@ def test_dvc_yaml_is_generated_from_stages():
     assert (REPO / "dvc.yaml").read_text() == dvc_yaml(), "run `jdnas dvc-yaml > dvc.yaml`"
 
 
+def test_dvc_yaml_declares_the_users_coco_files(smoke_params):
+    import yaml
+    from conftest import with_overrides
+    coco = {"train_images": "/d/tr", "train_annotations": "/d/tr.json", "val_images": "/d/va",
+            "val_annotations": "/d/va.json"}
+    stages = yaml.safe_load(dvc_yaml(params=with_overrides(smoke_params, {"data": {"source": "coco", "coco": coco}})))
+    assert set(coco.values()) <= set(stages["stages"]["prepare_data"]["deps"])
+    assert not set(coco.values()) & set(yaml.safe_load(dvc_yaml(params=smoke_params))["stages"]["prepare_data"]["deps"])
+
+
 def test_snakemake_dry_run_lists_every_stage(tmp_path):
     ws = workspace(tmp_path)
     out = run(["snakemake", "-n", "--profile", "workflow/profiles/local"], ws).stdout
