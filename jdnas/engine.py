@@ -100,15 +100,19 @@ def progress_bar(total: int, initial: int, desc: str) -> tqdm:
 
 def load_train_state(path: Path, fingerprint: str, format_tag: str, desc: str, quiet: bool = False) -> dict | None:
     """The training state saved at `path` if it was written for this run (same format and
-    fingerprint), else None: a state for other params, or one a crash left unreadable, is
-    ignored with a message and training starts afresh (a rerun never stays stuck on it)."""
+    fingerprint), else None: a state for other params is ignored with a message, one a crash left
+    unreadable is set aside as `<name>.corrupt` with a warning; training then starts afresh (a
+    rerun never stays stuck on it)."""
     if not path.is_file():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or unpicklable content
         if not quiet:
-            print(f"{desc}: ignoring {path}: unreadable ({type(e).__name__}); starting afresh", file=sys.stderr)
+            aside = path.with_name(path.name + ".corrupt")
+            path.replace(aside)  # kept for a look, out of the way of the next save
+            print(f"{desc}: warning: {path} is unreadable ({type(e).__name__}): moved to {aside}; starting afresh",
+                  file=sys.stderr)
         return None
     if isinstance(state, dict) and state.get("format") == format_tag and state.get("fingerprint") == fingerprint:
         return state

@@ -83,6 +83,7 @@ def test_an_unreadable_training_state_is_ignored_not_fatal(prepared, smoke_param
                          tmp_path / "s.pt", seed=1, device=torch.device("cpu"), fingerprint="x")
     assert out["iters"] == 1 and "unreadable" in capsys.readouterr().err
     assert torch.load(tmp_path / "s.pt", weights_only=True)["iter"] == 1  # replaced by a good state
+    assert (tmp_path / "s.pt.corrupt").read_bytes().startswith(b"PK")  # the bad one, set aside
 
 
 def test_scale_jitter_draws_a_size_per_iteration_for_every_model_and_restores_it(smoke_params):
