@@ -152,36 +152,17 @@ def measure_rows(rows: dict[str, dict], r: Runs, data: Path, params: dict) -> No
     """Replace every row's latency by one interleaved measurement of all the rows' models on val
     images: what differs between the rows is then the models, not the machine's load."""
     from jdnas.engine import resolve_device
-    from jdnas.latency.measure import latency_images, measure_latency
+    from jdnas.latency.measure import compare_on_val
     from jdnas.models.detector import load_detector
     device = resolve_device(params["device"])
     files = {name: f for name, f in model_files(r).items() if name in rows}
     models = {name: load_detector(_need(f), device) for name, f in files.items()}
-    ev = params["teacher_pool"]["eval"]
-    images = latency_images(data / "val.json", models["base"].head_cfg["max_size"])
-    ms = measure_latency(models, images, ev["latency_runs"] * 4, ev["latency_threads"], device,
-                         params["latency"]["clock"])
+    ms = compare_on_val(models, data, params, device, models["base"].head_cfg["max_size"])
     for name, v in ms.items():
         rows[name].update(latency_ms=v, latency_source="measured (one interleaved run)")
 
 
-# --- Pareto front and correlation ------------------------------------------------------------------
-def pareto_front(ap: Sequence[float], latency_ms: Sequence[float]) -> list[int]:
-    """Indices of the points no other point beats (AP >= and latency <=, one strictly), by latency.
-
-    NaN points are never on the front; of exact duplicates only the first is kept.
-    """
-    ap, lat = np.asarray(ap, dtype=float), np.asarray(latency_ms, dtype=float)
-    order = sorted((i for i in range(len(ap)) if np.isfinite(ap[i]) and np.isfinite(lat[i])),
-                   key=lambda i: (lat[i], -ap[i], i))
-    front, best = [], -math.inf
-    for i in order:
-        if ap[i] > best:
-            front.append(i)
-            best = ap[i]
-    return front
-
-
+# --- correlation -------------------------------------------------------------------------------------
 def _pearson(x: pd.Series, y: pd.Series) -> float:
     if len(x) < 3 or x.std() == 0 or y.std() == 0:
         return float("nan")

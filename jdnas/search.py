@@ -394,18 +394,15 @@ def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, b
     from jdnas.engine import evaluate, resolve_device
     from jdnas.models.complexity import count_flops, count_params
     from jdnas.models.detector import load_detector, save_detector
-    from jdnas.latency.measure import latency_images, measure_latency
+    from jdnas.latency.measure import compare_on_val
     device = resolve_device(params["device"])
     state = json.loads(Path(state_path).read_text())
-    ev = params["teacher_pool"]["eval"]
     models = {"final": load_detector(Path(state_path).parent / "student.pt", device),
               "base": load_detector(base, device)}
     round0 = json.loads((Path(state_path).parent.parent / "round_0" / "state.json").read_text())
     table = LatencyTable.load(latency_table)
-    images = latency_images(Path(data_dir) / "val.json", models["base"].head_cfg["max_size"])
     # both timed in the same interleaved rounds: what differs between them is the models
-    latency = measure_latency(models, images, ev["latency_runs"] * 4, ev["latency_threads"], device,
-                              params["latency"]["clock"])
+    latency = compare_on_val(models, data_dir, params, device, models["base"].head_cfg["max_size"])
     summary: dict[str, Any] = {}
     for name, model in models.items():
         m = evaluate(model, Path(data_dir) / "val.json", params["eval"]["batch_size"], device)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from jdnas.errors import JdnasError
-from jdnas.report import PLOTS, correlations, pareto_front, write_report
+from jdnas.report import PLOTS, correlations, write_report
 from jdnas.search import HISTORY_COLUMNS
 
 BASE = "S16:2x16m16-2x32m32-2x64m64-2x128m128"
@@ -160,15 +160,6 @@ def test_missing_input_names_the_file(tmp_path):
         write_report(runs, tmp_path / "out", PARAMS)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out" / "report.md").exists()
-
-
-def test_pareto_front():
-    #         0     1     2     3     4     5     6           7
-    ap = [30.0, 35.0, 28.0, 35.0, 20.0, 40.0, 50.0, 30.0]
-    lat = [10.0, 12.0, 11.0, 15.0, 8.0, 20.0, float("nan"), 10.0]
-    # 2 is beaten by 0, 3 by 1 (same AP, slower), 6 is NaN, 7 duplicates 0
-    assert pareto_front(ap, lat) == [4, 0, 1, 5]
-    assert pareto_front([], []) == [] and pareto_front([1.0], [2.0]) == [0]
 
 
 def test_correlations():

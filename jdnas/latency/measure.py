@@ -162,3 +162,14 @@ def measure_latency(models: Mapping[str, torch.nn.Module], images: list[torch.Te
     finally:
         torch.set_num_threads(old_threads)
     return {name: round(v / len(images), 3) for name, v in ms.items()}
+
+
+def compare_on_val(models: Mapping[str, torch.nn.Module], data_dir: str | Path, params: dict,
+                   device: torch.device, max_size: int) -> dict[str, float]:
+    """Every model timed in the same interleaved rounds on the prepared val images (4x the
+    pool's `latency_runs`): what differs between their latencies is then the models, not the
+    machine's load. Used where models are compared: evaluate_final and the report."""
+    ev = params["teacher_pool"]["eval"]
+    images = latency_images(Path(data_dir) / "val.json", max_size)
+    return measure_latency(models, images, ev["latency_runs"] * 4, ev["latency_threads"], device,
+                           params["latency"]["clock"])
