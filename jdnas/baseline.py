@@ -1,20 +1,21 @@
 """The naive pipeline (DESIGN §10): NAS, then retrain, then prune, then KD, one step after another.
 
-It runs on the joint search's prepared data, latency table and latency target, with a compute
-budget equal to what the joint search's candidate jobs measurably spent
-(`runs/search/summary.json`: CPU-seconds on CPU, GPU-seconds on CUDA). Each step gets its
-share of the budget still left; its iteration count is that share divided by a measured cost
-per iteration, so the total spent lands near the budget (both are reported).
+What the paper compares with, given a real training budget of its own (its iterations come from
+`baseline`; its compute is measured and reported, not matched to the search's). It runs on the
+search's prepared data, latency table and latency target (`search.latency_target` x the base's
+predicted latency), and needs nothing from the search, so it can run beside it.
 
 1. nas: random archs of the search's space (random walks of legal actions from the base arch),
-   each trained from scratch on a proxy schedule and scored on minival like the search scores;
-2. retrain: the best one from scratch on the rest of the schedule;
+   each trained from scratch with the base's recipe shortened to `baseline.nas_iters` (a proxy
+   schedule), scored on minival like the search scores;
+2. retrain: the best one from scratch with the base's full recipe (`train_base`);
 3. prune: L1 channel pruning (the morphism's prune/slim) until the predicted latency meets the
-   target, then a fine-tune;
-4. kd: distillation from the teacher pool's largest member.
+   target, then a fine-tune of `baseline.prune_iters`;
+4. kd: `baseline.kd_iters` of distillation from the teacher pool's largest member.
 
 Every step writes `runs/baseline/steps/<step>/` (model.pt, metrics.json), so a killed run resumes
-from the last finished step; `runs/baseline/metrics.json` sums them up.
+from the last finished step; `runs/baseline/metrics.json` sums them up. The pieces (`Budget`,
+`run_step`, `fine_tune`) also serve the compute-matched baselines (jdnas/matched.py).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from jdnas.errors import JdnasError
 from jdnas.io import resume_dir, write_json
 from jdnas.latency import LatencyTable
 from jdnas.latency.measure import latency_images, measure_latency
-from jdnas.models.arch import Arch
+from jdnas.models.arch import Arch, Head
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import (Detector, build_detector, head_config, load_detector, read_checkpoint,
                                    save_detector, set_input_size)
@@ -151,26 +152,29 @@ def run_step(out: Path, budget: "Budget", run: Callable[[Path, float], dict[str,
 
 
 def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: torch.device, budget: "Budget",
-              init: Path, share: float, out: Path, teacher: Path | None) -> dict[str, Any]:
-    """`jdnas train` from `init` (KD when a teacher is given) on val, for the iterations `share`
-    buys, priced by a measured iteration that includes the teacher's forward pass."""
+              init: Path, share: float, out: Path, teacher: Path | None, iters: int | None = None) -> dict[str, Any]:
+    """`jdnas train` from `init` (KD when a teacher is given) on val, for `iters` iterations or, if
+    None, for those `share` buys, priced by a measured iteration that includes the teacher's forward pass."""
     from jdnas.student import train_student
     cfg = params["train_student"]
-    student = load_detector(init)
     kd = teacher if teacher is not None and cfg["kd_weight"] > 0 else None
-    cost = iteration_cost(student, train_set, cfg, device, budget.clock,
-                          teacher=kd and set_input_size(load_detector(kd), student.head_cfg))
-    iters = max(params["baseline"]["min_iters"], int(share / cost))
+    cost = None
+    if iters is None:
+        student = load_detector(init)
+        cost = iteration_cost(student, train_set, cfg, device, budget.clock,
+                              teacher=kd and set_input_size(load_detector(kd), student.head_cfg))
+        iters = max(params["baseline"]["min_iters"], int(share / cost))
     metrics = train_student({**params, "train_student": schedule_for(cfg, iters)}, data_dir, out, init, None, kd,
                             eval_split="val", seed=params["seed"])
     resumed = metrics.get("resumed_cpu_seconds", 0.0) if budget.unit == "cpu_seconds" else 0.0
-    return {**metrics, "iters": iters, "cost_per_iter": round(cost, 4), "resumed_compute": resumed}
+    return {**metrics, "iters": iters, "cost_per_iter": cost and round(cost, 4), "resumed_compute": resumed}
 
 
 class Budget:
-    """The compute budget, spent step by step in the unit the joint search was measured in."""
+    """Compute spent step by step, in the unit the joint search was measured in; with a `total`,
+    the budget each step gets its share of (None: metered only)."""
 
-    def __init__(self, total: float, unit: str, shares: list[float], steps: tuple[str, ...] = STEPS) -> None:
+    def __init__(self, total: float | None, unit: str, shares: list[float], steps: tuple[str, ...] = STEPS) -> None:
         self.total, self.unit, self.spent, self.steps = total, unit, 0.0, steps
         self.shares = dict(zip(steps, shares))
 
@@ -179,6 +183,8 @@ class Budget:
 
     def share(self, step: str) -> float:
         """This step's part of what is left, by the shares of the steps not yet run."""
+        if self.total is None:
+            return 0.0
         left = self.steps[self.steps.index(step):]
         return max(0.0, self.total - self.spent) * self.shares[step] / sum(self.shares[s] for s in left)
 
@@ -188,39 +194,33 @@ class Naive:
     """Runs the four steps; each step's result is kept in `<out>/<step>/` and reused on a rerun."""
 
     def __init__(self, params: dict, data_dir: str | Path, table: str | Path, base: str | Path,
-                 supernet: str | Path, search_summary: str | Path, out_dir: str | Path) -> None:
+                 supernet: str | Path, out_dir: str | Path) -> None:
+        from jdnas.search import compute_spent
         self.params, self.cfg = params, params["baseline"]
         self.data_dir, self.out = Path(data_dir), Path(out_dir)
         self.steps = self.out / "steps"  # one folder per step: a DVC output that survives reruns
         self.supernet = Path(supernet)
         self.device = resolve_device(params["device"])
         self.table = LatencyTable.load(table)
-        self.base_arch = Arch.from_json(read_checkpoint(base)["arch"])
-        self.inputs = [self.data_dir / "manifest.json", Path(table), Path(base), self.supernet, Path(search_summary)]
-        summary = json.loads(Path(search_summary).read_text())
-        self.target_ms = float(summary["target_ms"])
-        self.budget = Budget(float(summary["compute"]), summary["compute_unit"], self.cfg["shares"])
+        ckpt = read_checkpoint(base)
+        self.base_arch = Arch.from_json(ckpt["arch"])
+        self.inputs = [self.data_dir / "manifest.json", Path(table), Path(base), self.supernet]
+        # the search's target: its ratio x the base's predicted latency
+        self.target_ms = params["search"]["latency_target"] * self.table.predict(self.base_arch, Head.of(ckpt["head"]))
+        self.budget = Budget(None, compute_spent(0.0, 0.0, params["device"])[1], [1.0] * len(STEPS))
         self.train_set = CocoDetection(self.data_dir / "train.json", max_size=params["model"]["max_size"])
         self.head = head_config(params["model"], self.train_set.labels.num_classes)
 
     def score(self, ap: float, latency_ms: float) -> float:
         return score(ap, latency_ms, self.target_ms, self.params["search"]["penalty"])
 
-    def iters_for(self, model: Detector, share: float, cfg: dict[str, Any],
-                  teacher: Detector | None = None) -> tuple[int, float]:
-        """Iterations that fit in `share` (at least min_iters), and the measured cost per iteration
-        (with the teacher's forward pass when it distils)."""
-        cost = iteration_cost(model, self.train_set, cfg, self.device, self.budget.clock, teacher=teacher)
-        return max(self.cfg["min_iters"], int(share / cost)), cost
-
-    def train_scratch(self, arch: Arch, share: float, out: Path, seed: int,
+    def train_scratch(self, arch: Arch, iters: int, out: Path, seed: int,
                       split: str) -> tuple[Detector, dict[str, Any], dict[str, Any]]:
-        """A fresh detector of `arch` trained with the base's recipe for what `share` buys, and its
+        """A fresh detector of `arch` trained with the base's recipe for `iters` iterations, and its
         metrics on `split` (TensorBoard events in out/tb)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_detector(arch, self.head)
-        iters, cost = self.iters_for(model, share, self.params["train_base"])
         cfg = schedule_for(self.params["train_base"], iters)
         fp = fingerprint(str(arch), self.head, cfg, seed, "baseline")
         with TrainLog(out) as log:
@@ -229,11 +229,11 @@ class Naive:
             metrics = evaluate(model, self.data_dir / f"{split}.json", self.params["eval"]["batch_size"], self.device)
             log.metrics(metrics, iters, prefix=f"{split}/")
         (out / "train_state.pt").unlink(missing_ok=True)
-        return model, {"iters": iters, "cost_per_iter": round(cost, 4)}, metrics
+        return model, {"iters": iters}, metrics
 
-    def fine_tune(self, init: Path, share: float, out: Path, teacher: Path | None) -> dict[str, Any]:
-        return fine_tune(self.params, self.data_dir, self.train_set, self.device, self.budget, init, share, out,
-                         teacher)
+    def fine_tune(self, init: Path, iters: int, out: Path, teacher: Path | None) -> dict[str, Any]:
+        return fine_tune(self.params, self.data_dir, self.train_set, self.device, self.budget, init, 0.0, out,
+                         teacher, iters=iters)
 
     def describe(self, model: Detector, metrics: dict[str, Any]) -> dict[str, Any]:
         lat = self.table.predict(model.arch)
@@ -259,11 +259,10 @@ class Naive:
         candidates: list[dict[str, Any]] = []
         for i, arch in enumerate(archs):
             done = out / f"cand_{i}" / "result.json"
-            if not done.is_file():  # each candidate: an equal part of the NAS share still left
-                part = max(0.0, share - sum(c["compute"] for c in candidates)) / (len(archs) - i)
+            if not done.is_file():
                 c0 = self.budget.clock()
-                model, info, m = self.train_scratch(arch, part, out / f"cand_{i}", self.params["seed"] + i,
-                                                    "minival")
+                model, info, m = self.train_scratch(arch, self.cfg["nas_iters"], out / f"cand_{i}",
+                                                    self.params["seed"] + i, "minival")
                 save_detector(out / f"cand_{i}" / "model.pt", model.cpu(), stage="baseline_nas", metrics=m)
                 lat = self.table.predict(arch)
                 write_json(done, {"arch": str(arch), "ap": m["AP"], "latency_ms": round(lat, 4),
@@ -278,7 +277,8 @@ class Naive:
 
     def retrain(self, out: Path, share: float) -> dict[str, Any]:
         arch = Arch.parse(json.loads((self.steps / "nas" / "metrics.json").read_text())["arch"])
-        model, info, metrics = self.train_scratch(arch, share, out, self.params["seed"], "val")
+        model, info, metrics = self.train_scratch(arch, self.params["train_base"]["iters"], out, self.params["seed"],
+                                                  "val")
         save_detector(out / "model.pt", model.cpu(), stage="baseline_retrain", metrics=metrics)
         return {**self.describe(model, metrics), **info}
 
@@ -290,27 +290,30 @@ class Naive:
             model = morph_detector(model, action)
         out.mkdir(parents=True, exist_ok=True)
         save_detector(out / "pruned.pt", model, stage="baseline_prune", actions=[str(a) for a in plan])
-        metrics = self.fine_tune(out / "pruned.pt", share, out, None)
+        metrics = self.fine_tune(out / "pruned.pt", self.cfg["prune_iters"], out, None)
         return {**self.describe(load_detector(out / "model.pt"), metrics), "actions": [str(a) for a in plan],
                 **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
     def kd(self, out: Path, share: float) -> dict[str, Any]:
         teacher = largest_teacher(self.supernet, self.data_dir, self.params, out / "teacher.pt", "baseline_kd")
-        metrics = self.fine_tune(self.steps / "prune" / "model.pt", share, out, out / "teacher.pt")
+        metrics = self.fine_tune(self.steps / "prune" / "model.pt", self.cfg["kd_iters"], out, out / "teacher.pt")
         return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": teacher,
                 **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
     def run(self) -> dict[str, Any]:
         resume_dir(self.steps, inputs_fingerprint("baseline_naive", self.params, self.inputs))
         steps = [self.step(name, getattr(self, name)) for name in STEPS]
-        summary = {"compute_unit": self.budget.unit, "budget": round(self.budget.total, 2),
-                   "spent": round(self.budget.spent, 2), "latency_target_ms": round(self.target_ms, 4),
+        summary = {"compute_unit": self.budget.unit, "spent": round(self.budget.spent, 2),
+                   "iters": {"nas": self.cfg["nas_iters"] * len(steps[0]["candidates"]),
+                             "retrain": self.params["train_base"]["iters"], "prune": self.cfg["prune_iters"],
+                             "kd": self.cfg["kd_iters"]},
+                   "latency_target_ms": round(self.target_ms, 4),
                    "nas_candidates": steps[0]["candidates"], "steps": steps, "final": steps[-1]}
         write_json(self.out / "metrics.json", summary)
         return summary
 
 
 def run_baseline(params: dict, data_dir: str | Path, table: str | Path, base: str | Path, supernet: str | Path,
-                 search_summary: str | Path, out_dir: str | Path) -> dict[str, Any]:
+                 out_dir: str | Path) -> dict[str, Any]:
     """Stage baseline_naive: the four steps -> `<out_dir>/metrics.json`."""
-    return Naive(params, data_dir, table, base, supernet, search_summary, out_dir).run()
+    return Naive(params, data_dir, table, base, supernet, out_dir).run()

@@ -131,7 +131,7 @@ def _search_context(args: argparse.Namespace, params: dict):
 def cmd_search_step(args: argparse.Namespace) -> None:
     from jdnas import search
     params = _params(args)
-    _runtime(args, params, gpu=args.step in ("init", "candidate"))  # propose, select, history: CPU only
+    _runtime(args, params, gpu=args.step in ("init", "candidate", "finish"))  # propose, select, history: CPU only
     if args.step == "history":
         search.write_history(Path(args.root), params)
         return
@@ -144,6 +144,8 @@ def cmd_search_step(args: argparse.Namespace) -> None:
         out = search.write_proposals(ctx, args.round)
     elif args.step == "candidate":
         out = search.run_candidate(ctx, args.round, args.index)
+    elif args.step == "finish":
+        out = search.finish(ctx)
     else:
         out = search.select(ctx, args.round)
     print(json.dumps(out, default=lambda o: o.__dict__))
@@ -171,13 +173,14 @@ def cmd_evaluate_final(args: argparse.Namespace) -> None:
 def cmd_baseline(args: argparse.Namespace) -> None:
     params = _params(args)
     _runtime(args, params)
-    where = (args.data, args.latency_table, args.base, args.supernet, args.search_summary, args.out)
+    where = (args.data, args.latency_table, args.base, args.supernet)
     if args.pipeline == "naive":
         from jdnas.baseline import run_baseline
-        result = run_baseline(params, *where)["final"]
+        result = run_baseline(params, *where, args.out)["final"]
     else:
         from jdnas.matched import run_matched
-        result = {k: v for k, v in run_matched(args.pipeline, params, *where).items() if k != "steps"}
+        result = {k: v for k, v in run_matched(args.pipeline, params, *where, args.search_summary, args.out).items()
+                  if k != "steps"}
     print(json.dumps(result))
 
 
@@ -304,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--root", default="runs/search", help="search folder (default: %(default)s)")
 
     p = add("search-step", cmd_search_step, "one job of the joint search (Snakemake runs these): init, "
-            "propose, candidate, select, history", threads=True)
-    p.add_argument("step", choices=["init", "propose", "candidate", "select", "history"])
+            "propose, candidate, select, finish, history", threads=True)
+    p.add_argument("step", choices=["init", "propose", "candidate", "select", "finish", "history"])
     p.add_argument("--round", type=int, default=None, help="search round r >= 1")
     p.add_argument("--index", type=int, default=0, help="candidate index k (step candidate)")
     search_args(p)
@@ -333,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default="runs/base/model.pt", help="base detector (default: %(default)s)")
     p.add_argument("--supernet", default="runs/teacher_pool/supernet.pt", help="(default: %(default)s)")
     p.add_argument("--search-summary", default="runs/search/summary.json",
-                   help="the search's latency target and measured compute (default: %(default)s)")
+                   help="control, prune_kd: the search's latency target and measured compute (default: %(default)s)")
     p.add_argument("--out", default="runs/baseline", help="output folder (default: %(default)s)")
 
     p = add("report", cmd_report, "stage report: reports/report.md, summary.csv and plots from runs/",

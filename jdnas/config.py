@@ -252,6 +252,7 @@ SCHEMA: dict = {
         "rounds": integer(3, 1),
         "candidates": integer(2, 1),
         "patience": integer(2, 1),
+        "final_iters": integer(0, 0),
         "latency_target": number(0.8, 0.0, 10.0, lo_open=True),
         "penalty": number(50.0, 0.0),
         "latency_tolerance": number(0.08, 0.0, 1.0),
@@ -261,7 +262,9 @@ SCHEMA: dict = {
     },
     "baseline": {
         "nas_candidates": integer(3, 1),
-        "shares": numbers([0.4, 0.3, 0.15, 0.15], 0.0, 1.0, min_len=4),
+        "nas_iters": integer(300, 1),
+        "prune_iters": integer(200, 1),
+        "kd_iters": integer(300, 1),
         "min_iters": integer(10, 1),
     },
     "teacher_pool": {
@@ -347,9 +350,6 @@ def check_consistency(p: dict, source: str) -> None:
     sc = p["search"]
     if sc["teacher_keep"] + sc["teacher_mutate"] + sc["teacher_resample"] <= 0:
         raise ConfigError(f"{source}: search.teacher_keep/mutate/resample: at least one must be > 0")
-    shares = p["baseline"]["shares"]
-    if len(shares) != 4 or sum(shares) <= 0:
-        raise ConfigError(f"{source}: baseline.shares needs 4 fractions (nas, retrain, prune, kd) with a sum > 0")
     lat = p["latency"]
     if lat["device"] == "cpu" and lat["clock"] == "cpu_time" and lat["threads"] != 1:
         raise ConfigError(f"{source}: latency.clock = 'cpu_time' times one thread: set latency.threads to 1 "

@@ -127,13 +127,22 @@ def round_dir(r: int, root: Path = SEARCH) -> Path:
 
 
 def read_state(r: int, root: Path = SEARCH) -> State:
-    obj = json.loads((round_dir(r, root) / "state.json").read_text())
+    return load_state(round_dir(r, root) / "state.json")
+
+
+def load_state(path: Path) -> State:
+    obj = json.loads(Path(path).read_text())
     obj.pop("meets_target", None)
     return State(**obj)
 
 
-def _write_state(state: State, student_src: Path, root: Path) -> None:
-    d = round_dir(state.round, root)
+def finish_dir(root: Path = SEARCH) -> Path:
+    """The search's last step: its winner fine-tuned on (see `finish`)."""
+    return root / "finish"
+
+
+def _write_state(state: State, student_src: Path, root: Path, d: Path | None = None) -> None:
+    d = d or round_dir(state.round, root)
     d.mkdir(parents=True, exist_ok=True)
     if student_src.resolve() != (d / "student.pt").resolve():
         with atomic_path(d / "student.pt") as tmp:
@@ -253,31 +262,67 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
         write_json(out / "result.json", result)
         return result
     c = Candidate(**cands[k])
-    t0, cpu0 = time.time(), time.process_time()
-    teacher_arch = Teacher.parse(c.teacher).arch(ctx.space)
-    pool = TeacherPool.load(ctx.supernet, ctx.data_dir, ctx.params)
-    teacher = pool.teacher(teacher_arch).cpu()
-    teacher_ap = evaluate(teacher, ctx.data_dir / "minival.json", ctx.params["eval"]["batch_size"],
-                          resolve_device(ctx.params["device"]))["AP"]
-    save_detector(out / "teacher.pt", teacher, stage="search", teacher=c.teacher)
-    metrics = train_student(ctx.params, ctx.data_dir, out, round_dir(r - 1, ctx.root) / "student.pt",
-                            c.action, out / "teacher.pt", eval_split="minival", seed=c.seed)
-    arch, head = Arch.parse(metrics["arch"]), Head.parse(metrics["head"])
-    lat = ctx.latency(arch, head)
-    result = {"round": r, "index": k, "skipped": False, "control": c.action == CONTROL, "action": c.action,
-              "teacher": c.teacher, "teacher_arch": str(teacher_arch), "teacher_ap": teacher_ap,
-              "student_arch": str(arch), "student_head": str(head), "ap": metrics["AP"], "ap50": metrics["AP50"],
-              "latency_ms": round(lat, 4), "meets_target": lat <= ctx.target_ms,
-              "score": round(ctx.score(metrics["AP"], lat), 4),
-              "student_params": metrics["params"], "student_flops": metrics["flops"],
-              "teacher_params": count_params(teacher), "teacher_flops": count_flops(teacher),
-              # a resumed job adds what its killed predecessor's training spent
-              "seconds": round(time.time() - t0, 2),
-              "cpu_seconds": round(time.process_time() - cpu0 + metrics["resumed_cpu_seconds"], 2),
-              "started": t0, "finished": time.time()}
-    (out / "teacher.pt").unlink()  # rebuilt from the pool on demand; not worth the disk
+    result = {"round": r, "index": k, "skipped": False, "control": c.action == CONTROL,
+              **_train_with_teacher(ctx, ctx.params, out, round_dir(r - 1, ctx.root) / "student.pt", c.action,
+                                    c.teacher, c.seed)}
     write_json(out / "result.json", result)
     return result
+
+
+def _train_with_teacher(ctx: Context, params: dict, out: Path, init: Path, action: str, teacher_name: str,
+                        seed: int) -> dict[str, Any]:
+    """Extract the teacher from the pool, train `init` after `action` with KD from it (out/model.pt),
+    score it on minival; the result fields of a candidate, with the compute it spent."""
+    from jdnas.engine import evaluate, resolve_device
+    from jdnas.models.complexity import count_flops, count_params
+    from jdnas.models.detector import save_detector
+    from jdnas.student import train_student
+    from jdnas.teacher_pool import TeacherPool
+    t0, cpu0 = time.time(), time.process_time()
+    teacher_arch = Teacher.parse(teacher_name).arch(ctx.space)
+    pool = TeacherPool.load(ctx.supernet, ctx.data_dir, params)
+    teacher = pool.teacher(teacher_arch).cpu()
+    teacher_ap = evaluate(teacher, ctx.data_dir / "minival.json", params["eval"]["batch_size"],
+                          resolve_device(params["device"]))["AP"]
+    save_detector(out / "teacher.pt", teacher, stage="search", teacher=teacher_name)
+    metrics = train_student(params, ctx.data_dir, out, init, action, out / "teacher.pt", eval_split="minival",
+                            seed=seed)
+    arch, head = Arch.parse(metrics["arch"]), Head.parse(metrics["head"])
+    lat = ctx.latency(arch, head)
+    (out / "teacher.pt").unlink()  # rebuilt from the pool on demand; not worth the disk
+    return {"action": action, "teacher": teacher_name, "teacher_arch": str(teacher_arch), "teacher_ap": teacher_ap,
+            "student_arch": str(arch), "student_head": str(head), "ap": metrics["AP"], "ap50": metrics["AP50"],
+            "latency_ms": round(lat, 4), "meets_target": lat <= ctx.target_ms,
+            "score": round(ctx.score(metrics["AP"], lat), 4),
+            "student_params": metrics["params"], "student_flops": metrics["flops"],
+            "teacher_params": count_params(teacher), "teacher_flops": count_flops(teacher),
+            "iters": metrics["train_iters"],
+            # a resumed job adds what its killed predecessor's training spent
+            "seconds": round(time.time() - t0, 2),
+            "cpu_seconds": round(time.process_time() - cpu0 + metrics["resumed_cpu_seconds"], 2),
+            "started": t0, "finished": time.time()}
+
+
+def finish(ctx: Context) -> State:
+    """The search's winner trained on for `search.final_iters` iterations with KD from its teacher
+    (same recipe as a candidate; the architecture and the teacher stay): the rounds spend most of
+    their compute on candidates that lose, so the student they hand back has had only its own
+    rounds' fine-tunes. 0 iterations: the winner as the rounds left it. Writes finish/state.json,
+    student.pt and result.json (its compute: it counts in the search's)."""
+    last = read_state(ctx.cfg["rounds"], ctx.root)
+    d = finish_dir(ctx.root)
+    src = round_dir(last.round, ctx.root) / "student.pt"
+    iters = ctx.cfg["final_iters"]
+    result: dict[str, Any] = {"iters": 0, "seconds": 0.0, "cpu_seconds": 0.0}
+    state = last
+    if iters > 0:
+        params = {**ctx.params, "train_student": {**ctx.params["train_student"], "iters": iters}}
+        result = _train_with_teacher(ctx, params, d, src, CONTROL, last.teacher, ctx.params["seed"] * 1_000_003 - 1)
+        state = State(**{**asdict(last), "ap": result["ap"], "ap50": result["ap50"], "score": result["score"]})
+        src = d / "model.pt"
+    write_json(d / "result.json", result)
+    _write_state(state, src, ctx.root, d)
+    return state
 
 
 def pick(results: list[dict], target_ms: float, penalty: float, tolerance: float, under: bool) -> dict:
@@ -329,7 +374,7 @@ def compute_spent(cpu_seconds: float, seconds: float, device: str) -> tuple[floa
 
 def write_history(root: Path, params: dict, out: Path | None = None) -> pd.DataFrame:
     """history.csv: one row per trained candidate, with whether its round accepted it; and
-    summary.json: the latency target and the compute all candidate jobs spent."""
+    summary.json: the latency target and the compute all candidate jobs and `finish` spent."""
     rounds = params["search"]["rounds"]
     rows = []
     for r in range(1, rounds + 1):
@@ -342,12 +387,15 @@ def write_history(root: Path, params: dict, out: Path | None = None) -> pd.DataF
     df = pd.DataFrame(rows, columns=HISTORY_COLUMNS).sort_values(["round", "index"])
     with atomic_path(out or root / "history.csv") as tmp:
         df.to_csv(tmp, index=False)
-    cpu, wall = float(df["cpu_seconds"].fillna(0).sum()), float(df["seconds"].fillna(0).sum())
+    fin = json.loads((finish_dir(root) / "result.json").read_text())
+    cpu = float(df["cpu_seconds"].fillna(0).sum()) + fin["cpu_seconds"]
+    wall = float(df["seconds"].fillna(0).sum()) + fin["seconds"]
     compute, unit = compute_spent(cpu, wall, params["device"])
     write_json(root / "summary.json", {
         "rounds": rounds, "candidates_trained": len(df), "accepted": int(df["accepted"].sum()),
         "target_ms": params["search"]["latency_target"] * read_state(0, root).latency_ms,
-        "penalty": params["search"]["penalty"], "cpu_seconds": round(cpu, 2), "seconds": round(wall, 2),
+        "penalty": params["search"]["penalty"], "final_iters": fin["iters"],
+        "final_cpu_seconds": fin["cpu_seconds"], "final_minival_ap": fin.get("ap"), "cpu_seconds": round(cpu, 2), "seconds": round(wall, 2),
         "compute": round(compute, 2), "compute_unit": unit})
     return df
 
@@ -383,8 +431,10 @@ def run_search(ctx: Context) -> State:
             if not (round_dir(r, ctx.root) / f"cand_{i}" / "result.json").is_file():
                 run_candidate(ctx, r, i)
         select(ctx, r)
+    if not (finish_dir(ctx.root) / "state.json").is_file():
+        finish(ctx)
     write_history(ctx.root, ctx.params)
-    return read_state(rounds, ctx.root)
+    return load_state(finish_dir(ctx.root) / "state.json")
 
 
 def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, base: str | Path,

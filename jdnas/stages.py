@@ -117,22 +117,22 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
     ),
     StageDef(
         "evaluate_final",
-        f"jdnas evaluate-final --data {DATA} --state {SEARCH}/round_${{search.rounds}}/state.json "
+        f"jdnas evaluate-final --data {DATA} --state {SEARCH}/finish/state.json "
         f"--base {BASE}/model.pt --latency-table {TABLE} --out {FINAL}",
-        deps=(DATA, f"{SEARCH}/round_${{search.rounds}}/state.json", f"{BASE}/model.pt", TABLE),
+        deps=(DATA, f"{SEARCH}/finish/state.json", f"{BASE}/model.pt", TABLE),
         outs=(f"{FINAL}/model.pt",), metrics=(f"{FINAL}/metrics.json",),
-        params=("seed", "device", "eval", "teacher_pool.eval", "search.rounds", "latency.clock"),
+        params=("seed", "device", "eval", "teacher_pool.eval", "latency.clock"),
         code=("jdnas/search.py", "jdnas/engine.py", "jdnas/latency"),
     ),
-    # the naive pipeline: its budget is what the search spent (summary.json), so it runs after it
+    # the naive pipeline: a budget of its own (params baseline), so it needs nothing from the search
     StageDef(
         "baseline_naive",
         f"jdnas baseline --data {DATA} --latency-table {TABLE} --base {BASE}/model.pt "
-        f"--supernet {POOL}/supernet.pt --search-summary {SEARCH}/summary.json --out {BASELINE}",
-        deps=(DATA, TABLE, f"{BASE}/model.pt", f"{POOL}/supernet.pt", f"{SEARCH}/summary.json"),
+        f"--supernet {POOL}/supernet.pt --out {BASELINE}",
+        deps=(DATA, TABLE, f"{BASE}/model.pt", f"{POOL}/supernet.pt"),
         dir_outs=(f"{BASELINE}/steps",), metrics=(f"{BASELINE}/metrics.json",), persist=True,
-        params=("seed", "device", "model", "eval", "baseline", "search", "search_space", "train_base",
-                "train_student", "teacher_pool.eval", "latency.clock"),
+        params=("seed", "device", "model", "eval", "baseline", "search.latency_target", "search.penalty",
+                "search.rounds", "search_space", "train_base", "train_student", "teacher_pool.eval", "latency.clock"),
         code=("jdnas/baseline.py", "jdnas/student.py", "jdnas/morphism.py", "jdnas/distill.py", "jdnas/engine.py",
               "jdnas/latency/measure.py"),
     ),

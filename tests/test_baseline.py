@@ -76,6 +76,7 @@ def test_budget_shares_what_is_left():
     b.spent = 120.0
     assert b.share("kd") == 0.0
     assert Budget(1.0, "gpu_seconds", [1, 1, 1, 1]).clock() > 1e9  # GPU-seconds: wall clock
+    assert Budget(None, "cpu_seconds", [1, 1, 1, 1]).share("nas") == 0.0  # metered only (the naive pipeline)
 
 
 def test_iteration_cost_is_measured_on_a_copy(prepared, smoke_params):
@@ -93,23 +94,31 @@ def test_iteration_cost_is_measured_on_a_copy(prepared, smoke_params):
 
 def test_kd_iterations_are_priced_with_the_teachers_forward(prepared, smoke_params, tmp_path):
     """The compute a baseline plans for a KD fine-tune matches what training measures (within 10%),
-    because the probe iteration runs the teacher too; without it the plan is well short."""
+    because the probe iteration runs the teacher too; without it the plan is well short. Probe and
+    training alternate three times and their medians are compared, so a load that comes and goes
+    on a shared machine hits both alike."""
+    import copy
+    import statistics
     import time
     from jdnas.distill import Distiller, Teacher
     from jdnas.engine import train_detector
     torch.set_num_threads(1)
-    cfg = {**smoke_params["train_student"], "iters": 41, "checkpoint_every": 1000, "warmup_iters": 0}
+    cfg = {**smoke_params["train_student"], "iters": 25, "checkpoint_every": 1000, "warmup_iters": 0}
     data = CocoDetection(prepared / "train.json", max_size=smoke_params["model"]["max_size"])
     # 128-px inputs: enough work per iteration that Python overheads do not dominate the timing
     head = head_config({**smoke_params["model"], "min_size": 128, "max_size": 128}, data.labels.num_classes)
     torch.manual_seed(0)
     student, teacher = build_detector(resolve_arch("tiny", 0.5), head), build_detector(resolve_arch("r34", 0.5), head)
-    with_teacher = iteration_cost(student, data, cfg, torch.device("cpu"), time.process_time, iters=12, teacher=teacher)
-    alone = iteration_cost(student, data, cfg, torch.device("cpu"), time.process_time, iters=12)
-    kd = Distiller(student, Teacher(teacher), cfg["kd_loss"], cfg["kd_weight"], cfg["kd_fg_weight"],
-                   cfg["kd_bg_weight"], cfg["kd_temperature"], 0)
-    measured = train_detector(student, data, cfg, tmp_path / "state.pt", 0, torch.device("cpu"),
-                              loss_fn=kd.loss_fn, extra=kd, stop_after=cfg["iters"] - 1)["cpu_seconds"]
-    planned = with_teacher * (cfg["iters"] - 1)
-    assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
-    assert alone * (cfg["iters"] - 1) < 0.8 * measured  # the teacher's forward is a real part of the price
+    cpu = torch.device("cpu")
+    planned, measured, alone = [], [], []
+    for rep in range(3):
+        planned.append(iteration_cost(student, data, cfg, cpu, time.process_time, iters=12, teacher=teacher))
+        alone.append(iteration_cost(student, data, cfg, cpu, time.process_time, iters=12))
+        trained = copy.deepcopy(student)
+        kd = Distiller(trained, Teacher(teacher), cfg["kd_loss"], cfg["kd_weight"], cfg["kd_fg_weight"],
+                       cfg["kd_bg_weight"], cfg["kd_temperature"], 0)
+        measured.append(train_detector(trained, data, cfg, tmp_path / f"state{rep}.pt", 0, cpu, loss_fn=kd.loss_fn,
+                                       extra=kd, stop_after=cfg["iters"] - 1)["cpu_seconds"] / (cfg["iters"] - 1))
+    planned_, measured_ = statistics.median(planned), statistics.median(measured)
+    assert abs(planned_ - measured_) <= 0.10 * measured_, (planned, measured)
+    assert statistics.median(alone) < 0.8 * measured_  # the teacher's forward is a real part of the price

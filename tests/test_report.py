@@ -76,7 +76,8 @@ def make_runs(root: Path, candidates: list[tuple] | None = None, train_cpu_secon
     steps = [step("nas", 12.0, 7.8, 9.0, 300.0), step("retrain", 19.0, 7.8, 9.1, 100.0),
              step("prune", 17.5, 8.5, None, 50.0), step("kd", 22.0, 8.5, 9.6, 25.5)]
     _write(root / "baseline" / "metrics.json", {
-        "compute_unit": "cpu_seconds", "budget": 500.0, "spent": 475.5, "latency_target_ms": TARGET,
+        "compute_unit": "cpu_seconds", "spent": 475.5, "iters": {"nas": 300, "retrain": 100, "prune": 20, "kd": 30},
+        "latency_target_ms": TARGET,
         "nas_candidates": [{"arch": BASE, "ap": 10.0 + i, "latency_ms": 7.0 + i / 2, "compute": 50.0}
                            for i in range(4)],
         "steps": steps, "final": steps[-1]})

@@ -116,12 +116,17 @@ def test_select_moves_to_the_winner_and_stops_on_patience(tmp_path):
     _write_round(tmp_path, 3, None, [{"round": 3, "index": 0, "skipped": True}])
     s3 = select(_Ctx(tmp_path, patience=1), 3)
     assert s3.stopped and s3.stale == 1 and s3.ap == 13.0  # a stopped search passes its state through
+    (tmp_path / "finish").mkdir()
+    (tmp_path / "finish" / "result.json").write_text(json.dumps({"iters": 5, "seconds": 2.0, "cpu_seconds": 1.5,
+                                                                 "ap": 14.0}))
     df = write_history(tmp_path, {"device": "cpu", "search": {"rounds": 3, "latency_target": 0.8, "penalty": 50.0}})
     assert list(df["accepted"]) == [False, True, True, False] and list(df["control"]) == [True, False, True, False]
     assert (tmp_path / "history.csv").is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["compute_unit"] == "cpu_seconds" and summary["compute"] == summary["cpu_seconds"] == 4 * 0.5
-    assert summary["seconds"] == 4.0 and summary["candidates_trained"] == 4 and summary["accepted"] == 2
+    # the candidates' compute and the final fine-tune's
+    assert summary["compute_unit"] == "cpu_seconds" and summary["compute"] == summary["cpu_seconds"] == 4 * 0.5 + 1.5
+    assert summary["seconds"] == 6.0 and summary["candidates_trained"] == 4 and summary["accepted"] == 2
+    assert summary["final_iters"] == 5 and summary["final_minival_ap"] == 14.0
     assert summary["target_ms"] == pytest.approx(0.8 * 10.0)
 
 

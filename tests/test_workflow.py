@@ -107,7 +107,8 @@ def test_smoke_workflow_runs_the_whole_dag(smoke_run):
     ws = smoke_run
     for path in ["data/prepared/manifest.json", "runs/base/model.pt", "runs/base/metrics.json",
                  "runs/teacher_pool/pool.csv", "runs/latency/cpu/table.csv", "runs/search/round_0/state.json",
-                 "runs/search/round_2/state.json", "runs/search/history.csv", "runs/final/model.pt",
+                 "runs/search/round_2/state.json", "runs/search/finish/state.json", "runs/search/history.csv",
+                 "runs/final/model.pt",
                  "runs/final/metrics.json", "logs/prepare_data.log", "logs/train_base.log"]:
         assert (ws / path).is_file(), path
     import json
@@ -122,11 +123,13 @@ def test_smoke_workflow_runs_the_whole_dag(smoke_run):
     assert {h["round"] for h in history if h["control"]} == {h["round"] for h in history}  # a control every round
     assert isinstance(final["final"]["meets_target"], bool) and final["final"]["predicted_breakdown_ms"]["total"] > 0
     assert "## Search steps" in (ws / "reports/report.md").read_text()
-    # the naive pipeline: four steps on the search's target, with the compute the search spent
+    # the naive pipeline: four steps on the search's target, with iterations of its own, its compute measured
     search = json.loads((ws / "runs/search/summary.json").read_text())
+    assert search["final_iters"] == 4 and search["final_cpu_seconds"] > 0  # the winner trained on, counted
     naive = json.loads((ws / "runs/baseline/metrics.json").read_text())
     assert [s["step"] for s in naive["steps"]] == ["nas", "retrain", "prune", "kd"]
-    assert naive["budget"] == search["compute"] > 0 and naive["compute_unit"] == search["compute_unit"]
+    assert naive["compute_unit"] == search["compute_unit"] and naive["spent"] > 0
+    assert naive["iters"] == {"nas": 2 * 3, "retrain": 8, "prune": 2, "kd": 3}  # config/smoke.yaml
     assert naive["spent"] == pytest.approx(sum(s["compute"] for s in naive["steps"]))
     assert naive["latency_target_ms"] == pytest.approx(search["target_ms"], abs=1e-4)
     assert load_detector(ws / "runs/baseline/steps/kd/model.pt").arch == load_detector(

@@ -16,13 +16,14 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from jdnas.errors import JdnasError
 from jdnas.io import save_torch
 from jdnas.models.arch import Arch
 from jdnas.models.backbone import ResNetBackbone
+from jdnas.models.roi_align import FastMultiScaleRoIAlign
 
 CHECKPOINT_FORMAT = "jdnas-detector/1"
 # model params that describe the head (everything but the base arch choice)
@@ -75,7 +76,7 @@ def build_detector(arch: Arch, head_cfg: dict[str, Any]) -> Detector:
     backbone = BackboneWithFPN(arch, c["fpn_channels"])
     anchors = AnchorGenerator(sizes=tuple((int(s),) for s in c["anchor_sizes"][:5]),
                               aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-    pooler = MultiScaleRoIAlign(featmap_names=FPN_LEVELS, output_size=7, sampling_ratio=2)
+    pooler = FastMultiScaleRoIAlign(featmap_names=FPN_LEVELS, output_size=7, sampling_ratio=2)
     rep = c["representation_size"]
     model = Detector(
         backbone,

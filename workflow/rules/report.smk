@@ -1,4 +1,4 @@
-# The naive NAS -> retrain -> prune -> KD pipeline (its budget is what the search spent), the
+# The naive NAS -> retrain -> prune -> KD pipeline (a budget of its own, from params), the
 # baselines matched to the search's compute (control, prune_kd), then the report that puts
 # them beside the joint search.
 from jdnas.stages import REPORT, REPORT_PLOTS

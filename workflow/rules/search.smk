@@ -1,4 +1,5 @@
-# The joint search as a static DAG: per round, propose -> the control + K candidate jobs -> select.
+# The joint search as a static DAG: per round, propose -> the control + K candidate jobs -> select;
+# then finish (the winner trained on, search.final_iters).
 # R and K come from params, so `snakemake -n` plans the whole search; a round after an early
 # stop passes its state through. Round r depends on round r-1 only through its files.
 from jdnas.stages import SEARCH, SEARCH_INPUTS, fill, search_step
@@ -94,9 +95,31 @@ rule search_select:
         search_shell("select", "{wildcards.r}")
 
 
+rule search_finish:
+    input:
+        SEARCH_DEPS,
+        f"{SEARCH}/round_{ROUNDS}/state.json",
+    output:
+        f"{SEARCH}/finish/state.json",
+        f"{SEARCH}/finish/student.pt",
+        f"{SEARCH}/finish/result.json",
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/search/finish.log",
+    threads: SEARCH_THREADS
+    resources:
+        gpu=GPUS_PER_JOB,
+    params:
+        trigger=STAGES["search"].params_hash(PARAMS),
+    shell:
+        search_shell("finish")
+
+
 rule search_history:
     input:
         [f"{SEARCH}/round_{r}/state.json" for r in range(1, ROUNDS + 1)],
+        f"{SEARCH}/finish/result.json",
     output:
         f"{SEARCH}/history.csv",
         f"{SEARCH}/summary.json",
