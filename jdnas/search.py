@@ -317,7 +317,8 @@ def finish(ctx: Context) -> State:
     state = last
     if iters > 0:
         params = {**ctx.params, "train_student": {**ctx.params["train_student"], "iters": iters}}
-        result = _train_with_teacher(ctx, params, d, src, CONTROL, last.teacher, ctx.params["seed"] * 1_000_003 - 1)
+        seed = ctx.params["seed"] * 1_000_003 + 1_000_002  # the last of this seed's block (candidates: r * 101 + k)
+        result = _train_with_teacher(ctx, params, d, src, CONTROL, last.teacher, seed)
         state = State(**{**asdict(last), "ap": result["ap"], "ap50": result["ap50"], "score": result["score"]})
         src = d / "model.pt"
     write_json(d / "result.json", result)
