@@ -157,6 +157,7 @@ SCHEMA: dict = {
     "data": {
         "source": choice("synthetic", ("synthetic", "coco")),
         "out_of_image": choice("clip", ("clip", "reject")),
+        "max_image_pixels": integer(50_000_000, 1),
         "minival_fraction": number(0.15, 0.0, 0.9, lo_open=True),
         "synthetic": {
             "train_images": integer(600, 2),

@@ -118,13 +118,25 @@ def _bad_image(path: Path, kind: str) -> None:
 
 @pytest.mark.parametrize("kind, words", [("truncated", "cannot be read as an image"),
                                          ("16-bit", "has pixel mode I;16"),
-                                         ("bomb", "is too large to decode safely")])
+                                         ("bomb", "is 20000x20000 = 400,000,000 pixels, above data.max_image_pixels")])
 def test_images_are_decoded_in_full_at_load(tmp_path, kind, words):
     ann = _write(tmp_path, _good(tmp_path))
     _bad_image(tmp_path / "img" / "2.png", kind)
     with pytest.raises(DataError, match=f"images id=2: .*2.png {words}") as e:
         load_coco(ann, tmp_path / "img")
     assert "\n" not in str(e.value)
+
+
+def test_image_pixel_limit_is_a_param(tmp_path):
+    """The limit is checked on the annotation's size and on the file's header, before decoding."""
+    ann = _write(tmp_path, _good(tmp_path))
+    load_coco(ann, tmp_path / "img", max_pixels=40 * 30)
+    with pytest.raises(DataError, match=r"images id=\d+: .* is 40x30 = 1,200 pixels, above data.max_image_pixels = "
+                                        r"1,199: too large"):
+        load_coco(ann, tmp_path / "img", max_pixels=40 * 30 - 1)
+    _bad_image(tmp_path / "img" / "2.png", "bomb")
+    with pytest.raises(DataError, match="is 40x30 = 1,200 pixels"):  # the annotation's size is checked first
+        load_coco(ann, tmp_path / "img", max_pixels=1000)
 
 
 def test_box_partly_outside_is_clipped_or_rejected(tmp_path):

@@ -88,19 +88,33 @@ def _check_box(src: str, ann: dict, img: dict, policy: str) -> tuple[list[float]
     return [x0, y0, x1 - x0, y1 - y0], True
 
 
-def _check_image_file(src: str, img: dict, image_dir: Path) -> None:
+MAX_IMAGE_PIXELS = 50_000_000  # data.max_image_pixels' default: 7071 x 7071
+
+
+def _too_large(where: str, w: int, h: int, max_pixels: int) -> DataError:
+    return DataError(f"{where} is {w}x{h} = {w * h:,} pixels, above data.max_image_pixels = {max_pixels:,}: "
+                     "too large to decode safely (raise the limit if the image is genuine)")
+
+
+def _check_image_file(src: str, img: dict, image_dir: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     path = image_dir / img["file_name"]
     if not path.is_file():
         raise DataError(f"{src}: images id={img['id']}: file_name '{img['file_name']}' not found in {image_dir}")
     where = f"{src}: images id={img['id']}: {path}"
+    if img["width"] * img["height"] > max_pixels:
+        raise _too_large(where, img["width"], img["height"], max_pixels)
+    pil_limit = Image.MAX_IMAGE_PIXELS
     try:
+        Image.MAX_IMAGE_PIXELS = None  # our limit, checked on the header before any pixel is decoded
         with Image.open(path) as im:
+            if im.size[0] * im.size[1] > max_pixels:
+                raise _too_large(where, *im.size, max_pixels)
             im.load()  # a full decode: a truncated file fails here, not at some training iteration
             size, mode = im.size, im.mode
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{where} is too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{where} cannot be read as an image ({e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
     if mode not in IMAGE_MODES:
         raise DataError(f"{where} has pixel mode {mode} (e.g. 16-bit): convert it to 8-bit RGB or grayscale")
     if size != (img["width"], img["height"]):
@@ -108,8 +122,9 @@ def _check_image_file(src: str, img: dict, image_dir: Path) -> None:
 
 
 def load_coco(ann_path: str | Path, image_dir: str | Path, out_of_image: str = "clip",
-              check_images: bool = True) -> tuple[dict[str, Any], int]:
-    """Load and validate a COCO file. Returns (cleaned dataset dict, number of clipped boxes)."""
+              check_images: bool = True, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[dict[str, Any], int]:
+    """Load and validate a COCO file (with `check_images`, decode every image, refusing any over
+    `max_pixels`). Returns (cleaned dataset dict, number of clipped boxes)."""
     ann_path, image_dir = Path(ann_path), Path(image_dir)
     src = str(ann_path)
     data = read_json(ann_path)
@@ -166,7 +181,7 @@ def load_coco(ann_path: str | Path, image_dir: str | Path, out_of_image: str = "
                            else box[2] * box[3], "iscrowd": int(ann.get("iscrowd", 0))})
     if check_images:
         for img in images:
-            _check_image_file(src, img, image_dir)
+            _check_image_file(src, img, image_dir, max_pixels)
     clean = {
         "images": [{k: img[k] for k in REQUIRED["images"]} for img in images],
         "annotations": clean_anns,

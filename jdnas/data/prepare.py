@@ -68,8 +68,10 @@ def prepare_data(params: dict, out_dir: str | Path = DEFAULT_OUT) -> dict[str, A
             roots = {"train": "images", "val": "images"}
         else:
             c = d["coco"]
-            pool, clip_train = load_coco(c["train_annotations"], c["train_images"], d["out_of_image"])
-            val, clip_val = load_coco(c["val_annotations"], c["val_images"], d["out_of_image"])
+            pool, clip_train = load_coco(c["train_annotations"], c["train_images"], d["out_of_image"],
+                                         max_pixels=d["max_image_pixels"])
+            val, clip_val = load_coco(c["val_annotations"], c["val_images"], d["out_of_image"],
+                                      max_pixels=d["max_image_pixels"])
             if sorted(x["id"] for x in pool["categories"]) != sorted(x["id"] for x in val["categories"]):
                 raise DataError(f"{c['val_annotations']}: categories: ids differ from those of "
                                 f"{c['train_annotations']}")
