@@ -12,9 +12,11 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
+
+from jdnas.errors import JdnasError
 
 
 @contextmanager
@@ -53,6 +55,22 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def load_json(path: str | Path, required: Iterable[str] = ()) -> Any:
+    """A JSON artifact a stage wrote, read back; a `JdnasError` naming the file when it is missing,
+    is not JSON or lacks one of the `required` keys (a damaged or hand-edited artifact)."""
+    path = Path(path)
+    if not path.is_file():
+        raise JdnasError(f"{path}: file not found")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise JdnasError(f"{path}: not valid JSON ({e})") from None
+    for key in required:
+        if not isinstance(obj, dict) or key not in obj:
+            raise JdnasError(f"{path}: missing key '{key}' (a damaged artifact: rerun the stage that wrote it)")
+    return obj
 
 
 def save_torch(path: str | Path, obj: Any) -> None:

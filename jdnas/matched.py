@@ -18,7 +18,6 @@ pool's training compute: joint = pool + search jobs; prune_kd = pool + its own; 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from jdnas.baseline import Budget, fine_tune, largest_teacher, run_step
 from jdnas.data.dataset import CocoDetection
 from jdnas.engine import evaluate, resolve_device
 from jdnas.errors import JdnasError
-from jdnas.io import resume_dir, write_json
+from jdnas.io import load_json, resume_dir, write_json
 from jdnas.latency import LatencyTable
 from jdnas.models.arch import Head
 from jdnas.models.complexity import count_flops, count_params
@@ -58,7 +57,7 @@ class Matched:
         self.device = resolve_device(params["device"])
         self.table = LatencyTable.load(table)
         self.inputs = [self.data_dir / "manifest.json", Path(table), self.base, self.supernet, Path(search_summary)]
-        summary = json.loads(Path(search_summary).read_text())
+        summary = load_json(search_summary, ["target_ms", "compute", "compute_unit"])
         self.target_ms, unit = float(summary["target_ms"]), summary["compute_unit"]
         pool = pool_compute(supernet, unit)
         self.joint = float(summary["compute"]) + pool  # the joint search: its jobs + the pool it draws from

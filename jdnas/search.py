@@ -15,18 +15,17 @@ seed plus the round and candidate index: the same params give the same search.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from jdnas.io import atomic_path, resume_dir, write_json
+from jdnas.io import atomic_path, load_json, resume_dir, write_json
 from jdnas.latency import LatencyTable, NotCovered
 from jdnas.models.arch import Arch, Head
 from jdnas.models.elastic import PoolSpace
@@ -131,9 +130,9 @@ def read_state(r: int, root: Path = SEARCH) -> State:
 
 
 def load_state(path: Path) -> State:
-    obj = json.loads(Path(path).read_text())
-    obj.pop("meets_target", None)
-    return State(**obj)
+    names = [f.name for f in fields(State)]
+    obj = load_json(path, [f.name for f in fields(State) if f.default is MISSING])
+    return State(**{k: v for k, v in obj.items() if k in names})
 
 
 def finish_dir(root: Path = SEARCH) -> Path:
@@ -256,7 +255,7 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     from jdnas.student import train_student
     from jdnas.teacher_pool import TeacherPool
     out = round_dir(r, ctx.root) / f"cand_{k}"
-    cands = json.loads((round_dir(r, ctx.root) / "proposals.json").read_text())
+    cands = load_json(round_dir(r, ctx.root) / "proposals.json")
     if k >= len(cands):  # early stop, or fewer distinct candidates than K
         result = {"round": r, "index": k, "skipped": True}
         write_json(out / "result.json", result)
@@ -351,7 +350,8 @@ def select(ctx: Context, r: int) -> State:
     """Move to the round's winner (see `pick`; the control keeps the architecture, trained on);
     stop after R rounds, or after `patience` rounds in which the architecture did not change."""
     prev = read_state(r - 1, ctx.root)
-    results = [json.loads(p.read_text()) for p in sorted(round_dir(r, ctx.root).glob("cand_*/result.json"))]
+    results = [load_json(p, ["index", "skipped"])
+               for p in sorted(round_dir(r, ctx.root).glob("cand_*/result.json"))]
     done = [x for x in results if not x.get("skipped")]
     if done:
         best = pick(done, ctx.target_ms, ctx.cfg["penalty"], ctx.cfg["latency_tolerance"], prev.meets_target)
@@ -381,14 +381,14 @@ def write_history(root: Path, params: dict, out: Path | None = None) -> pd.DataF
     for r in range(1, rounds + 1):
         accepted = read_state(r, root).accepted
         for p in sorted(round_dir(r, root).glob("cand_*/result.json")):
-            x = json.loads(p.read_text())
+            x = load_json(p, ["index"])
             if not x.get("skipped"):
                 rows.append({**{k: x[k] for k in HISTORY_COLUMNS if k in x},
                              "accepted": accepted == f"cand_{x['index']}"})
     df = pd.DataFrame(rows, columns=HISTORY_COLUMNS).sort_values(["round", "index"])
     with atomic_path(out or root / "history.csv") as tmp:
         df.to_csv(tmp, index=False)
-    fin = json.loads((finish_dir(root) / "result.json").read_text())
+    fin = load_json(finish_dir(root) / "result.json", ["iters", "seconds", "cpu_seconds"])
     cpu = float(df["cpu_seconds"].fillna(0).sum()) + fin["cpu_seconds"]
     wall = float(df["seconds"].fillna(0).sum()) + fin["seconds"]
     compute, unit = compute_spent(cpu, wall, params["device"])
@@ -447,10 +447,11 @@ def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, b
     from jdnas.models.detector import load_detector, save_detector
     from jdnas.latency.measure import compare_on_val
     device = resolve_device(params["device"])
-    state = json.loads(Path(state_path).read_text())
+    state = asdict(load_state(Path(state_path)))
+    state["meets_target"] = state["latency_ms"] <= state["target_ms"]
     models = {"final": load_detector(Path(state_path).parent / "student.pt", device),
               "base": load_detector(base, device)}
-    round0 = json.loads((Path(state_path).parent.parent / "round_0" / "state.json").read_text())
+    round0 = asdict(load_state(Path(state_path).parent.parent / "round_0" / "state.json"))
     table = LatencyTable.load(latency_table)
     # both timed in the same interleaved rounds: what differs between them is the models
     latency = compare_on_val(models, data_dir, params, device, models["base"].head_cfg["max_size"])

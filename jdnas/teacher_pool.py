@@ -243,9 +243,18 @@ def save_supernet(path: str | Path, supernet: Supernet, **meta: Any) -> None:
 def load_supernet(path: str | Path) -> Supernet:
     """Rebuild a Supernet from supernet.pt (loaded with weights_only=True)."""
     ckpt = read_checkpoint(path, SUPERNET_FORMAT, " (run the train_teacher_pool stage)")
-    with torch.random.fork_rng(devices=[]):  # building draws initial weights; leave the caller's RNG alone
-        supernet = Supernet(PoolSpace.from_json(ckpt["space"]), ckpt["head"])
-    supernet.load_state_dict(ckpt["state_dict"])
+    for key in ("space", "head", "state_dict"):
+        if key not in ckpt:
+            raise JdnasError(f"{path}: {key}: missing from the supernet checkpoint")
+    try:
+        with torch.random.fork_rng(devices=[]):  # building draws initial weights; leave the caller's RNG alone
+            supernet = Supernet(PoolSpace.from_json(ckpt["space"]), ckpt["head"])
+    except Exception as e:  # noqa: BLE001 - a malformed space or head
+        raise JdnasError(f"{path}: space/head: cannot build the supernet ({type(e).__name__}: {e})") from None
+    try:
+        supernet.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:  # missing, unexpected or misshapen tensors
+        raise JdnasError(f"{path}: state_dict: does not match its space ({str(e).splitlines()[0]})") from None
     supernet.meta = ckpt.get("meta", {})
     return supernet
 

@@ -71,6 +71,43 @@ CASES = {
     "empty images": (_mutate(lambda d: d.update(images=[], annotations=[])), "empty dataset (no images)"),
     "empty annotations": (_mutate(lambda d: d.update(annotations=[])), "empty dataset (no annotations)"),
     "missing image file": (_mutate(lambda d: d["images"][0].update(file_name="nope.png")), "images id=1: file_name 'nope.png' not found"),
+    # the file's shape
+    "top level a list": (lambda d: [d], "top level must be an object"),
+    "images not a list": (_mutate(lambda d: d.update(images={"1": d["images"][0]})), "images: must be a list"),
+    "annotation not an object": (_mutate(lambda d: d["annotations"].__setitem__(0, 5)), "annotations[0]: must be an object"),
+    "category not an object": (_mutate(lambda d: d["categories"].__setitem__(1, "dog")), "categories[1]: must be an object"),
+    "no images key": (_mutate(lambda d: d.pop("images")), "missing key 'images'"),
+    "no annotations key": (_mutate(lambda d: d.pop("annotations")), "missing key 'annotations'"),
+    "empty categories": (_mutate(lambda d: d.update(categories=[])), "categories: empty (no categories)"),
+    # ids
+    "record without id": (_mutate(lambda d: d["images"][0].pop("id")), "images [0]: missing key 'id'"),
+    "image id a string": (_mutate(lambda d: d["images"][0].update(id="1")), "images[0]: id must be an integer, got '1'"),
+    "image id a bool": (_mutate(lambda d: d["images"][0].update(id=True)), "images[0]: id must be an integer, got True"),
+    "ann id a float": (_mutate(lambda d: d["annotations"][0].update(id=10.5)), "annotations[0]: id must be an integer"),
+    "category id null": (_mutate(lambda d: d["categories"][0].update(id=None)), "categories[0]: id must be an integer"),
+    "image_id a bool": (_mutate(lambda d: d["annotations"][0].update(image_id=True)), "annotations id=10: image_id must be an integer"),
+    "category_id a string": (_mutate(lambda d: d["annotations"][1].update(category_id="9")), "annotations id=11: category_id must be an integer"),
+    # image records
+    "image missing file_name": (_mutate(lambda d: d["images"][0].pop("file_name")), "images id=1: missing key 'file_name'"),
+    "width zero": (_mutate(lambda d: d["images"][0].update(width=0)), "images id=1: width must be a positive integer"),
+    "height a float": (_mutate(lambda d: d["images"][1].update(height=30.0)), "images id=2: height must be a positive integer"),
+    "width a string": (_mutate(lambda d: d["images"][0].update(width="40")), "images id=1: width must be a positive integer"),
+    "file_name empty": (_mutate(lambda d: d["images"][0].update(file_name="")), "images id=1: file_name must be a non-empty string"),
+    "file_name a number": (_mutate(lambda d: d["images"][1].update(file_name=2)), "images id=2: file_name must be a non-empty string"),
+    # categories
+    "category missing name": (_mutate(lambda d: d["categories"][0].pop("name")), "categories id=7: missing key 'name'"),
+    "category name blank": (_mutate(lambda d: d["categories"][1].update(name="  ")), "categories id=9: name must be a non-empty string"),
+    # annotation fields
+    "ann missing category_id": (_mutate(lambda d: d["annotations"][0].pop("category_id")), "annotations id=10: missing key 'category_id'"),
+    "area negative": (_mutate(lambda d: d["annotations"][0].update(area=-1)), "annotations id=10: area must be a finite number >= 0"),
+    "area nan": (_mutate(lambda d: d["annotations"][0].update(area=float("nan"))), "annotations id=10: area must be a finite number"),
+    "iscrowd 2": (_mutate(lambda d: d["annotations"][0].update(iscrowd=2)), "annotations id=10: iscrowd must be 0 or 1"),
+    "iscrowd a bool": (_mutate(lambda d: d["annotations"][0].update(iscrowd=True)), "annotations id=10: iscrowd must be 0 or 1"),
+    "bbox a string": (_mutate(lambda d: d["annotations"][0].update(bbox="1,2,3,4")), "annotations id=10: bbox must be 4 finite numbers"),
+    "bbox null": (_mutate(lambda d: d["annotations"][1].update(bbox=None)), "annotations id=11: bbox must be 4 finite numbers"),
+    "bbox with a bool": (_mutate(lambda d: d["annotations"][0].update(bbox=[True, 1, 5, 5])), "annotations id=10: bbox must be 4 finite numbers"),
+    "bbox with a numeric string": (_mutate(lambda d: d["annotations"][0].update(bbox=["1", 2, 3, 4])), "annotations id=10: bbox must be 4 finite numbers"),
+    "bbox of five": (_mutate(lambda d: d["annotations"][0].update(bbox=[1, 2, 3, 4, 5])), "annotations id=10: bbox must be 4 finite numbers"),
 }
 
 

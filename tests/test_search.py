@@ -155,3 +155,32 @@ def test_candidate_actions_are_predicted_first_and_respect_the_target(smoke_para
     under = _state(student_arch=str(base), student_head=str(head), latency_ms=full, target_ms=1.001 * full)
     acts = candidate_actions(under, p, table, head)
     assert acts and all(child_ms(a) <= 1.001 * full for a in acts) and "deepen(0)" not in acts
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"{bad", "not valid JSON"),
+    (b"\xff\xfe\x00", "not valid JSON"),
+    (b'{"round": 0}', "missing key 'student_arch'"),
+    (b"[1, 2]", "missing key 'round'"),
+    (None, "file not found"),
+])
+def test_a_damaged_search_state_is_one_line(tmp_path, content, words):
+    """A state.json that is not what select wrote (truncated, hand-edited, gone): one line naming it."""
+    from jdnas.errors import JdnasError
+    from jdnas.search import load_state
+    path = tmp_path / "state.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(JdnasError, match=words) as e:
+        load_state(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_damaged_search_summary_stops_a_matched_baseline(tmp_path):
+    from jdnas.errors import JdnasError
+    from jdnas.matched import run_matched
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"target_ms": 5.0, "compute_unit": "cpu_seconds"}))
+    with pytest.raises(JdnasError, match=r"summary.json: missing key 'compute'"):
+        run_matched("control", {"device": "cpu"}, tmp_path, "config/latency/smoke_cpu.csv", tmp_path / "b.pt",
+                    tmp_path / "s.pt", summary, tmp_path / "out")

@@ -319,6 +319,22 @@ def test_supernet_checkpoint_round_trip(smoke_params, tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("alter, words", [
+    (lambda c: c.pop("space"), "space: missing from the supernet checkpoint"),
+    (lambda c: c.update(space={"base": "nonsense"}), "space/head: cannot build the supernet"),
+    (lambda c: c["state_dict"].pop(next(iter(c["state_dict"]))), "state_dict: does not match its space"),
+    (lambda c: c.update(format="jdnas-detector/1"), "format: not a jdnas-supernet/1 checkpoint"),
+])
+def test_an_altered_supernet_is_a_one_line_error(smoke_params, tmp_path, alter, words):
+    save_supernet(tmp_path / "s.pt", _trained_supernet(_space("r18"), smoke_params, steps=1))
+    ckpt = torch.load(tmp_path / "s.pt", weights_only=True)
+    alter(ckpt)
+    torch.save(ckpt, tmp_path / "s.pt")
+    with pytest.raises(JdnasError, match=words) as e:
+        load_supernet(tmp_path / "s.pt")
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("override, message", [
     ({"teacher_pool": {"space": {"min_depths": [1, 1, 1]}}}, "teacher_pool.space.min_depths"),
     ({"teacher_pool": {"space": {"min_depths": [1, 9, 1, 1]}}}, "teacher_pool.space.min_depths"),
