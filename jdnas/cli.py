@@ -86,6 +86,11 @@ def cmd_import_torchvision(args: argparse.Namespace) -> None:
     print(json.dumps(import_torchvision(args.src, args.out, _params(args)["model"])))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from jdnas.export import export_checkpoint
+    print(json.dumps(export_checkpoint(args.ckpt, args.out)))
+
+
 def cmd_train_base(args: argparse.Namespace) -> None:
     from jdnas.base_detector import train_base
     params = _params(args)
@@ -269,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
             "anchors and thresholds from the params' model section")
     p.add_argument("src", help="the torchvision state_dict (.pt / .pth; {'model': state_dict} also read)")
     p.add_argument("--out", required=True, help="the jdnas checkpoint to write (loads with jdnas.load_detector)")
+
+    p = add("export", cmd_export, "export a jdnas checkpoint (base, candidate, final student) to ONNX with a dynamic "
+            "image size; onnxruntime's detections are checked against PyTorch's")
+    p.add_argument("ckpt", help="a jdnas detector checkpoint (e.g. runs/final/model.pt)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
 
     p = add("train-base", cmd_train_base, "stage train_base: train and evaluate the base detector", threads=True)
     p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")

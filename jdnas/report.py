@@ -26,8 +26,8 @@ from jdnas.io import atomic_path  # noqa: E402
 from jdnas.stages import REPORT_PLOTS  # noqa: E402
 
 PLOTS = REPORT_PLOTS  # the stage's declared outputs
-COLUMNS = ["model", "AP", "AP50", "latency_ms", "latency_source", "predicted_latency_ms", "params", "flops",
-           "compute", "compute_unit", "cumulative_compute", "meets_target"]
+COLUMNS = ["model", "AP", "AP50", "latency_ms", "latency_source", "predicted_latency_ms", "latency_onnxruntime_ms",
+           "params", "flops", "compute", "compute_unit", "cumulative_compute", "meets_target"]
 # where each row's model is, under runs/ (naive steps: baseline/steps/<step>/model.pt)
 MODEL_FILES = {"base": "base/model.pt", "control": "control/finetune/model.pt", "prune_kd": "prune_kd/kd/model.pt",
                "joint/final": "final/model.pt"}
@@ -115,7 +115,8 @@ def _row(model: str, m: dict, predicted: Any, measured: Any, compute: Any, unit:
     return {"model": model, "AP": _num(m.get("AP")), "AP50": _num(m.get("AP50")),
             "latency_ms": predicted if math.isnan(measured) else measured,
             "latency_source": "predicted" if math.isnan(measured) else "measured",
-            "predicted_latency_ms": predicted, "params": m.get("params"), "flops": m.get("flops"),
+            "predicted_latency_ms": predicted, "latency_onnxruntime_ms": _num(m.get("latency_onnxruntime_ms")),
+            "params": m.get("params"), "flops": m.get("flops"),
             "compute": _num(compute), "compute_unit": unit, "cumulative_compute": _num(cumulative),
             "meets_target": bool(predicted <= target_ms)}
 
@@ -126,7 +127,8 @@ def summary_rows(r: Runs) -> dict[str, dict]:
     Compute is what produced the model: the base's training CPU-seconds, each naive step's own
     compute (cumulative_compute adds up the pipeline so far), the search's candidate jobs.
     """
-    rows = [_row("base", r.base, r.states[0]["latency_ms"], r.final["base"].get("latency_ms"),
+    base = {**r.base, "latency_onnxruntime_ms": r.final["base"].get("latency_onnxruntime_ms")}  # evaluate_final's
+    rows = [_row("base", base, r.states[0]["latency_ms"], r.final["base"].get("latency_ms"),
                  r.base.get("train_cpu_seconds"), "cpu_seconds", r.base.get("train_cpu_seconds"), r.target_ms)]
     for name, m in (("control", r.control), ("prune_kd", r.prune_kd)):
         rows.append(_row(name, m, m["latency_ms"], None, m["compute"], m["compute_unit"], m["compute"], r.target_ms))
@@ -357,7 +359,11 @@ def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
         f"({', '.join(f'{k} {v:,} it' for k, v in b.get('iters', {}).items())}).",
         f"- Final student: predicted latency **{_fmt(_num(r.final['final'].get('predicted_latency_ratio')))}x** "
         f"the base's, measured **{_fmt(_num(rows['joint/final']['latency_ms']) / _num(rows['base']['latency_ms']))}x**;"
-        f" meets the target: **{_fmt(bool(r.final['final'].get('meets_target')))}**.", "",
+        f" meets the target: **{_fmt(bool(r.final['final'].get('meets_target')))}**. Exported to ONNX "
+        f"(`runs/final/model.onnx`) and timed under onnxruntime on the CPU: "
+        f"**{_fmt(_num(r.final['final'].get('latency_ratio_onnxruntime')))}x** the base's "
+        f"({_fmt(_num(r.final['final'].get('latency_onnxruntime_ms')))} vs "
+        f"{_fmt(_num(r.final['base'].get('latency_onnxruntime_ms')))} ms).", "",
         "## Models", "",
         "latency_ms: every model timed in one interleaved measurement (latency_source); meets_target uses the "
         "predicted latency; compute is what produced the model, cumulative_compute adds up its pipeline.", "",

@@ -120,9 +120,9 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         f"jdnas evaluate-final --data {DATA} --state {SEARCH}/finish/state.json "
         f"--base {BASE}/model.pt --latency-table {TABLE} --out {FINAL}",
         deps=(DATA, f"{SEARCH}/finish/state.json", f"{BASE}/model.pt", TABLE),
-        outs=(f"{FINAL}/model.pt",), metrics=(f"{FINAL}/metrics.json",),
+        outs=(f"{FINAL}/model.pt", f"{FINAL}/model.onnx"), metrics=(f"{FINAL}/metrics.json",),
         params=("seed", "device", "eval", "teacher_pool.eval", "latency.clock"),
-        code=("jdnas/search.py", "jdnas/engine.py", "jdnas/latency"),
+        code=("jdnas/search.py", "jdnas/engine.py", "jdnas/latency", "jdnas/export.py"),
     ),
     # the naive pipeline: a budget of its own (params baseline), so it needs nothing from the search
     StageDef(

@@ -47,9 +47,10 @@ def make_runs(root: Path, candidates: list[tuple] | None = None, train_cpu_secon
     _write(root / "final" / "metrics.json", {
         "final": _metrics(23.5, arch="S16:1x16m16-2x32m24-2x64m64-1x128m128", params=3_000_000,
                           flops=1_800_000_000, latency_ms=8.4, latency_ratio=0.8155, predicted_latency_ratio=0.79,
+                          latency_onnxruntime_ms=6.0, latency_ratio_onnxruntime=0.75,
                           meets_target=True, predicted_breakdown_ms={**BREAKDOWN, "rpn": 1.0, "total": 9.0}),
         "base": _metrics(25.0, arch=BASE, params=5_000_000, flops=2_500_000_000, latency_ms=10.3,
-                         predicted_breakdown_ms=BREAKDOWN)})
+                         latency_onnxruntime_ms=8.0, predicted_breakdown_ms=BREAKDOWN)})
     states = [(0, 22.0, 10.0, 10.0, None), (1, 20.0, 9.0, 13.75, "cand_0"), (2, 21.0, 7.9, 21.0, "cand_0"),
               (3, 21.0, 7.9, 21.0, None)]
     for r, ap, lat, sc, acc in states:
@@ -111,6 +112,9 @@ def test_summary_rows_follow_inputs(report):
     assert (base["latency_ms"], base["latency_source"], base["predicted_latency_ms"]) == (10.3, "measured", 10.0)
     assert (prune["latency_ms"], prune["latency_source"]) == (8.5, "predicted")
     assert (joint["latency_ms"], joint["predicted_latency_ms"]) == (8.4, 7.9)
+    # the deployed (ONNX) latency where evaluate_final measured it: base and final
+    assert (base["latency_onnxruntime_ms"], joint["latency_onnxruntime_ms"]) == (8.0, 6.0)
+    assert math.isnan(prune["latency_onnxruntime_ms"])
     assert [rows[m]["meets_target"] for m in rows] == [False, False, True, True, True, False, False, True]
     assert [rows[m]["cumulative_compute"] for m in rows if m.startswith("naive")] == [300.0, 400.0, 450.0, 475.5]
     # joint: the pool's training + the search's jobs, as prune_kd's summary counted it

@@ -140,9 +140,10 @@ def latency_images(split: str | Path, max_size: int, n: int = 8) -> list[torch.T
 
 
 @torch.inference_mode()
-def measure_latency(models: Mapping[str, torch.nn.Module], images: list[torch.Tensor], runs: int,
+def measure_latency(models: Mapping[str, Callable[[list], object]], images: list[torch.Tensor], runs: int,
                     threads: int, device: torch.device, clock: str = "cpu_time") -> dict[str, float]:
-    """Median milliseconds per image of each model's eval forward over `images`.
+    """Median milliseconds per image of each model's eval forward over `images` (a detector, or
+    any callable taking a list of images, such as `jdnas.export.OnnxDetector`).
 
     The models' timed calls are interleaved in shuffled rounds, so load from other jobs falls
     on all of them alike; on CPU with `threads` torch threads and, with one thread, `clock`
@@ -151,7 +152,8 @@ def measure_latency(models: Mapping[str, torch.nn.Module], images: list[torch.Te
     """
     images = [x.to(device) for x in images]
     for m in models.values():
-        m.to(device).eval()
+        if isinstance(m, torch.nn.Module):
+            m.to(device).eval()
     builders = {name: (lambda m=m: (lambda: [m([x]) for x in images])) for name, m in models.items()}
     old_threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -164,7 +166,7 @@ def measure_latency(models: Mapping[str, torch.nn.Module], images: list[torch.Te
     return {name: round(v / len(images), 3) for name, v in ms.items()}
 
 
-def compare_on_val(models: Mapping[str, torch.nn.Module], data_dir: str | Path, params: dict,
+def compare_on_val(models: Mapping[str, Callable[[list], object]], data_dir: str | Path, params: dict,
                    device: torch.device, max_size: int) -> dict[str, float]:
     """Every model timed in the same interleaved rounds on the prepared val images (4x the
     pool's `latency_runs`): what differs between their latencies is then the models, not the
