@@ -2,7 +2,8 @@
 
 With `train_base.eval_every` > 0 it also scores minival every so many iterations (console and
 TensorBoard) and keeps the weights with the best minival AP, so an overfitting run is seen and
-its last, worse weights are not what the rest of the workflow starts from."""
+its last, worse weights are not what the rest of the workflow starts from. With
+`model.checkpoint` the stage trains nothing: it adopts that detector (`adopt_base`)."""
 from __future__ import annotations
 
 import hashlib
@@ -30,10 +31,31 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def adopt_base(params: dict, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """The base detector is `model.checkpoint` as given: checked against the data (class count),
+    evaluated on val, written as out_dir/model.pt and metrics.json (no training, no compute)."""
+    from jdnas.errors import JdnasError
+    from jdnas.models.detector import load_detector
+    src = params["model"]["checkpoint"]
+    model = load_detector(src, resolve_device(params["device"]))
+    classes = CocoDetection(data_dir / "train.json").labels.num_classes
+    if model.head_cfg["num_classes"] != classes:
+        raise JdnasError(f"{src}: model.checkpoint predicts {model.head_cfg['num_classes'] - 1} classes but "
+                         f"{data_dir} has {classes - 1}")
+    metrics = evaluate(model, data_dir / "val.json", params["eval"]["batch_size"], resolve_device(params["device"]))
+    metrics.update({"checkpoint": str(src), "kept_iter": None, "arch": str(model.arch), "params": count_params(model),
+                    "flops": count_flops(model), "train_iters": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0})
+    save_detector(out_dir / "model.pt", model.cpu(), stage="train_base", metrics=metrics, source=str(src))
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
 def train_base(params: dict, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Build the base detector from params, train it, write model.pt and metrics.json (and TensorBoard
-    events of the training and the val AP in out_dir/tb)."""
+    events of the training and the val AP in out_dir/tb); with `model.checkpoint`, adopt that one."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if params["model"]["checkpoint"]:
+        return adopt_base(params, data_dir, out_dir)
     device = resolve_device(params["device"])
     cfg = params["train_base"]
     train_set = CocoDetection(data_dir / "train.json", max_size=params["model"]["max_size"])

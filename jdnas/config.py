@@ -178,7 +178,10 @@ SCHEMA: dict = {
         },
     },
     "model": {
-        "base": text("r18", words="a preset (tiny, r18, r34, r50, r101) or an Arch string"),
+        "base": text("r18", words="a preset (tiny, r18, r34, r50, r101), an Arch string or a checkpoint path"),
+        # a detector to start from (jdnas import-torchvision, or another run's model.pt): train_base
+        # adopts it instead of training, and its arch and head replace model.base and the head keys
+        "checkpoint": text(None, nullable=True, words="a jdnas detector checkpoint (.pt)"),
         "width": number(0.25, 0.0, 8.0, lo_open=True),
         "fpn_channels": integer(64, 4),
         # auto: from the data (`jdnas inspect-data` prints what auto becomes and why)
@@ -376,6 +379,40 @@ def check_consistency(p: dict, source: str) -> None:
                           f"{list(base.depths)}")
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+
+
+def resolve_checkpoint(p: dict, source: str) -> None:
+    """A base detector given as a checkpoint (`model.checkpoint`, or `model.base: PATH.pt`): its
+    arch and head replace `model.base` and the model section's head keys, so that every stage
+    (latency table, pool, search, baselines) works on the detector the run starts from."""
+    m = p["model"]
+    if m["base"].endswith(CHECKPOINT_SUFFIXES):
+        if m["checkpoint"] not in (None, m["base"]):
+            raise ConfigError(f"{source}: model.base = {m['base']!r} and model.checkpoint = {m['checkpoint']!r}: "
+                              "give the checkpoint once")
+        m["checkpoint"] = m["base"]
+    if m["checkpoint"] is None:
+        return
+    from jdnas.errors import JdnasError
+    from jdnas.models.arch import Arch
+    from jdnas.models.detector import HEAD_KEYS, read_checkpoint
+    try:
+        ckpt = read_checkpoint(m["checkpoint"], hint=" (model.checkpoint)")
+    except JdnasError as e:
+        raise ConfigError(f"{source}: model.checkpoint: {e}") from None
+    head = ckpt.get("head")
+    missing = [k for k in ("arch", "head", "state_dict") if k not in ckpt]
+    missing += [] if missing else [f"head.{k}" for k in HEAD_KEYS if not isinstance(head, dict) or k not in head]
+    if missing:
+        raise ConfigError(f"{source}: model.checkpoint: {m['checkpoint']}: {missing[0]}: missing from the checkpoint")
+    try:
+        m["base"] = str(Arch.from_json(ckpt["arch"]))
+    except Exception as e:  # noqa: BLE001 - any malformed Arch JSON
+        raise ConfigError(f"{source}: model.checkpoint: {m['checkpoint']}: arch: not a valid Arch ({e})") from None
+    m.update({k: head[k] for k in HEAD_KEYS})
+
+
 def check_teacher_pool(p: dict, source: str) -> None:
     """The pool space must fit its largest member; phases must come in order; DDP needs CUDA."""
     from jdnas.models.arch import resolve_arch
@@ -424,6 +461,7 @@ def load_params(files: Iterable[str | Path]) -> dict:
         except yaml.YAMLError as e:
             raise ConfigError(f"{f}: invalid YAML: {str(e).splitlines()[0]}") from None
         params = merge(params, content, source=str(f))
+    resolve_checkpoint(params, " + ".join(map(str, files)) or "defaults")
     check_consistency(params, " + ".join(map(str, files)) or "defaults")
     check_teacher_pool(params, " + ".join(map(str, files)) or "defaults")
     return params

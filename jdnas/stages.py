@@ -169,8 +169,8 @@ def search_step(step: str, r: int | str = "", k: int | str = "") -> str:
 
 def dvc_yaml(param_file: str = "params.yaml", params: dict | None = None) -> str:
     """dvc.yaml rendered from STAGES. Given the params (DVC reads params.yaml only), a COCO source's
-    annotation files and image folders become deps of prepare_data: DVC hashes their content, so
-    editing them in place reruns it and what depends on it."""
+    annotation files and image folders become deps of prepare_data, and `model.checkpoint` one of
+    train_base: DVC hashes their content, so editing them in place reruns what depends on them."""
     from jdnas.data.prepare import user_data
     stages = {}
     for s in STAGES.values():
@@ -178,6 +178,8 @@ def dvc_yaml(param_file: str = "params.yaml", params: dict | None = None) -> str
         deps = list(s.deps) + list(s.code)
         if s.name == "prepare_data" and params is not None:
             deps += [str(p) for p in user_data(params)]
+        if s.name == "train_base" and params is not None and params["model"]["checkpoint"]:
+            deps.append(params["model"]["checkpoint"])  # the detector it adopts
         if deps:
             entry["deps"] = deps
         entry["params"] = list(s.params)

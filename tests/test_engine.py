@@ -8,9 +8,9 @@ from jdnas.base_detector import train_base
 from jdnas.data.dataset import CocoDetection
 from jdnas.engine import coco_metrics, evaluate, lr_factor, resolve_device, train_detector
 from jdnas.errors import JdnasError
-from jdnas.models.arch import resolve_arch
-from jdnas.models.detector import (build_detector, head_config, jittered_input, load_detector, read_checkpoint,
-                                   save_detector, snap_size)
+from jdnas.models.arch import Arch, resolve_arch
+from jdnas.models.detector import (HEAD_KEYS, build_detector, head_config, jittered_input, load_detector,
+                                   read_checkpoint, save_detector, snap_size)
 from conftest import with_overrides
 
 
@@ -118,6 +118,34 @@ def test_train_base_writes_loadable_checkpoint_and_metrics(prepared, smoke_param
     assert str(model.arch) == metrics["arch"]
     again = evaluate(model, prepared / "val.json", 8, torch.device("cpu"))
     assert again["AP"] == metrics["AP"]
+
+
+def test_a_base_checkpoint_is_adopted_not_trained(base_ckpt, prepared, tmp_path):
+    """model.base: PATH (or model.checkpoint) starts the run from that detector: params take its arch
+    and head, train_base copies it (no training) and scores it; a wrong class count is one line."""
+    from jdnas.config import load_params
+    from jdnas.errors import ConfigError, JdnasError
+    from conftest import REPO
+    ckpt = read_checkpoint(base_ckpt)
+    (tmp_path / "start.yaml").write_text(f"model:\n  base: {base_ckpt}\n  fpn_channels: 999\n  min_size: auto\n")
+    p = load_params([REPO / "params.yaml", REPO / "config" / "smoke.yaml", tmp_path / "start.yaml"])
+    assert p["model"]["checkpoint"] == str(base_ckpt) and p["model"]["base"] == str(Arch.from_json(ckpt["arch"]))
+    assert all(p["model"][k] == ckpt["head"][k] for k in HEAD_KEYS)  # the checkpoint's head wins
+    metrics = train_base(p, prepared, tmp_path / "base")
+    assert metrics["train_iters"] == 0 and metrics["train_cpu_seconds"] == 0.0
+    assert metrics["checkpoint"] == str(base_ckpt)
+    for a, b in zip(load_detector(base_ckpt).state_dict().values(),
+                    load_detector(tmp_path / "base" / "model.pt").state_dict().values()):
+        assert torch.equal(a, b)
+    assert metrics["AP"] == evaluate(load_detector(base_ckpt), prepared / "val.json", 8, torch.device("cpu"))["AP"]
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    (tmp_path / "junk.yaml").write_text(f"model:\n  checkpoint: {tmp_path / 'junk.pt'}\n")
+    with pytest.raises(ConfigError, match="model.checkpoint: .*junk.pt: not a readable checkpoint"):
+        load_params([REPO / "params.yaml", tmp_path / "junk.yaml"])
+    other = build_detector(Arch.from_json(ckpt["arch"]), {**ckpt["head"], "num_classes": 3})
+    save_detector(tmp_path / "other.pt", other)
+    with pytest.raises(JdnasError, match="other.pt: model.checkpoint predicts 2 classes but .* has 4"):
+        train_base({**p, "model": {**p["model"], "checkpoint": str(tmp_path / "other.pt")}}, prepared, tmp_path / "o")
 
 
 def test_checkpoint_round_trip_preserves_outputs(smoke_params, tmp_path):

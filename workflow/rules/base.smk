@@ -1,6 +1,8 @@
 rule train_base:
     input:
         STAGES["train_base"].deps,
+        # model.checkpoint: the detector it adopts (replacing the file reruns it and what follows)
+        [PARAMS["model"]["checkpoint"]] if PARAMS["model"]["checkpoint"] else [],
     output:
         stage_outputs("train_base"),
     conda:
