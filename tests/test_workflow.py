@@ -62,6 +62,18 @@ def test_snakemake_dry_run_lists_every_stage(tmp_path):
         assert f"rule {rule}:" in out
 
 
+def test_a_checkpoint_base_is_train_bases_input_in_both_runners(tmp_path, base_ckpt, smoke_params):
+    """model.base: PATH plans train_base on that file (Snakemake input, DVC dep)."""
+    import yaml
+    from jdnas.config import load_params
+    ws = workspace(tmp_path)
+    write_yaml(ws / "start.yaml", {"model": {"base": str(base_ckpt)}})
+    out = run(["snakemake", "-n", "train_base", "--configfile", "config/smoke.yaml", "start.yaml"], ws).stdout
+    assert "rule train_base:" in out and str(base_ckpt) in out
+    params = load_params([ws / "params.yaml", ws / "config/smoke.yaml", ws / "start.yaml"])
+    assert str(base_ckpt) in yaml.safe_load(dvc_yaml(params=params))["stages"]["train_base"]["deps"]
+
+
 def test_snakemake_rejects_bad_params(tmp_path):
     ws = workspace(tmp_path)
     write_yaml(ws / "bad.yaml", {"train_base": {"iters": 0}})

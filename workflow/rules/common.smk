@@ -3,7 +3,7 @@ import os
 import shlex
 import sys
 
-from jdnas.config import defaults, load_params, merge
+from jdnas.config import defaults, load_params, merge, resolve_checkpoint
 from jdnas.errors import JdnasError
 from jdnas.stages import STAGES
 
@@ -15,7 +15,9 @@ shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(os.path.dirname(sys.e
 PARAM_FILES = ["params.yaml"] + [str(f) for f in (workflow.overwrite_configfiles or [])]
 try:
     PARAMS = load_params(PARAM_FILES)
-    if merge(defaults(), config, source="snakemake config") != PARAMS:
+    merged = merge(defaults(), config, source="snakemake config")
+    resolve_checkpoint(merged, "snakemake config")  # as load_params does
+    if merged != PARAMS:
         raise JdnasError("--config overrides do not reach the jdnas commands: put them in a YAML file "
                          "and pass --configfile FILE")
 except JdnasError as e:
