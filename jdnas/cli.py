@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
             "anchors and thresholds from the params' model section")
     p.add_argument("src", help="the torchvision state_dict (.pt / .pth; {'model': state_dict} also read)")
     p.add_argument("--out", required=True, help="the jdnas checkpoint to write (loads with jdnas.load_detector)")
+    p.add_argument("--data", default=None, help="prepared data folder: model settings given as auto are taken "
+                   "from it (what `jdnas inspect-data` suggests)")
 
     p = add("export", cmd_export, "export a jdnas checkpoint (base, candidate, final student) to ONNX with a dynamic "
             "image size; onnxruntime's detections are checked against PyTorch's")

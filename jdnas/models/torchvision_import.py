@@ -86,7 +86,7 @@ def import_torchvision(src: str | Path, dst: str | Path, model_params: dict[str,
                        int(sd["roi_heads.box_predictor.cls_score.weight"].shape[0]))
     if "auto" in (head["min_size"], head["max_size"], head["anchor_sizes"]):
         raise JdnasError("params: model.min_size, max_size and anchor_sizes must be numbers to import a detector "
-                         "(auto needs a prepared dataset)")
+                         "(auto needs the data: pass --data data/prepared after `jdnas prepare-data`)")
     model = build_detector(arch, head)
     converted = convert_state_dict(sd)
     target = model.state_dict()
