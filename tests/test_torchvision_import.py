@@ -70,3 +70,20 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
         assert not (tmp_path / "out.pt").exists()
+
+
+def test_auto_model_settings_come_from_the_prepared_data(tmp_path, prepared, capsys):
+    """With `auto` input size and anchors the import needs the data: --data resolves them."""
+    torch.save(torchvision_detector("resnet18").state_dict(), tmp_path / "tv.pt")
+    (tmp_path / "auto.yaml").write_text("model:\n  min_size: auto\n  max_size: auto\n  anchor_sizes: auto\n")
+    params = ["--params", str(REPO / "params.yaml"), "--params", str(tmp_path / "auto.yaml")]
+    assert main(["import-torchvision", str(tmp_path / "tv.pt"), "--out", str(tmp_path / "jd.pt"), *params]) == 2
+    assert "pass --data data/prepared" in capsys.readouterr().err
+    assert main(["import-torchvision", str(tmp_path / "tv.pt"), "--out", str(tmp_path / "jd.pt"), *params,
+                 "--data", str(prepared)]) == 0
+    from jdnas.data.prepare import resolved_params
+    from jdnas.config import load_params
+    want = resolved_params(load_params([REPO / "params.yaml", tmp_path / "auto.yaml"]), prepared)["model"]
+    head = load_detector(tmp_path / "jd.pt").head_cfg
+    assert (head["min_size"], head["max_size"], head["anchor_sizes"]) == (
+        want["min_size"], want["max_size"], want["anchor_sizes"])
