@@ -37,7 +37,7 @@ from jdnas.latency.parts import HeadParts, backbone_call, calibrated_detector, d
 from jdnas.latency.space import (FIXED_PARTS, HEAD_PARTS, Entry, LatencySpace, arch_entries, e2e_entry,
                                  grid_entries, head_entries, head_space_from_params, network_input_size,
                                  spaces_from_params)
-from jdnas.latency.table import BREAKDOWN, LatencyTable
+from jdnas.latency.table import BREAKDOWN, DECIMALS, LatencyTable
 from jdnas.latency.validate import fmt, plot_validation, summarize, validation_archs
 from jdnas.models.arch import Arch, Head, resolve_arch
 from jdnas.models.detector import head_config
@@ -253,7 +253,8 @@ def time_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable |
     builders.update(extra or {})
     slots.update({k: extra_slots for k in extra or {}})
     timed = prof.measure(builders, "profile_latency", slots)
-    raw = {**reused, **{k[1]: v for k, v in timed.items() if k[0] == "entry"}}
+    # fresh timings at the precision the cache keeps: a rerun from the cache builds the same table
+    raw = {**reused, **{k[1]: round(v, DECIMALS) for k, v in timed.items() if k[0] == "entry"}}
     table, info = finish_table(prof, raw, calibration)
     info["entries_timed"], info["entries_reused"] = len(missing), len(reused)
     return table, info, raw, {k: v for k, v in timed.items() if k[0] != "entry"}

@@ -26,6 +26,7 @@ from jdnas.models.arch import Arch, Head
 KEY_FIELDS = tuple(f.name for f in fields(Entry))
 COLUMNS = KEY_FIELDS + ("ms", "isolated_ms", "settings")
 BREAKDOWN = ("stem", "backbone", "fpn", "rpn", "roi_heads", "transform", "glue")
+DECIMALS = 6  # milliseconds are written with this many decimals (a cached timing is read back at it)
 
 
 class NotCovered(JdnasError):
@@ -165,8 +166,8 @@ class LatencyTable:
     def rows(self) -> Iterable[dict]:
         for e in sorted(self.ms):
             iso = self.isolated.get(e)
-            yield {**{f: getattr(e, f) for f in KEY_FIELDS}, "ms": f"{self.ms[e]:.6f}",
-                   "isolated_ms": "" if iso is None else f"{iso:.6f}", "settings": self.settings.get(e, "")}
+            yield {**{f: getattr(e, f) for f in KEY_FIELDS}, "ms": f"{self.ms[e]:.{DECIMALS}f}",
+                   "isolated_ms": "" if iso is None else f"{iso:.{DECIMALS}f}", "settings": self.settings.get(e, "")}
 
     def save(self, path: str | Path) -> None:
         """Write the table as CSV (sorted rows), atomically."""
