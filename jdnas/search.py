@@ -396,8 +396,8 @@ def write_history(root: Path, params: dict, out: Path | None = None) -> pd.DataF
         "rounds": rounds, "candidates_trained": len(df), "accepted": int(df["accepted"].sum()),
         "target_ms": params["search"]["latency_target"] * read_state(0, root).latency_ms,
         "penalty": params["search"]["penalty"], "final_iters": fin["iters"],
-        "final_cpu_seconds": fin["cpu_seconds"], "final_minival_ap": fin.get("ap"), "cpu_seconds": round(cpu, 2), "seconds": round(wall, 2),
-        "compute": round(compute, 2), "compute_unit": unit})
+        "final_cpu_seconds": fin["cpu_seconds"], "final_minival_ap": fin.get("ap"),
+        "cpu_seconds": round(cpu, 2), "seconds": round(wall, 2), "compute": round(compute, 2), "compute_unit": unit})
     return df
 
 
