@@ -234,7 +234,8 @@ SCHEMA: dict = {
         "min_input_ratio": number(0.5, 0.0, 1.0, lo_open=True),
     },
     "latency": {
-        "device": text("cpu", pattern=_is_device, words="cpu, cuda or cuda:N"),
+        "device": text("cpu", pattern=lambda v: v == "onnxruntime" or _is_device(v),
+                       words="cpu, cuda, cuda:N or onnxruntime"),
         "threads": integer(1, 1),
         "clock": choice("cpu_time", ("cpu_time", "wall")),
         "warmup": integer(3, 0),
@@ -355,7 +356,7 @@ def check_consistency(p: dict, source: str) -> None:
     if sc["teacher_keep"] + sc["teacher_mutate"] + sc["teacher_resample"] <= 0:
         raise ConfigError(f"{source}: search.teacher_keep/mutate/resample: at least one must be > 0")
     lat = p["latency"]
-    if lat["device"] == "cpu" and lat["clock"] == "cpu_time" and lat["threads"] != 1:
+    if lat["device"] in ("cpu", "onnxruntime") and lat["clock"] == "cpu_time" and lat["threads"] != 1:
         raise ConfigError(f"{source}: latency.clock = 'cpu_time' times one thread: set latency.threads to 1 "
                           "or latency.clock to wall")
     if any(r <= 0 for r in lat["space"]["width_ratios"]):

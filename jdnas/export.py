@@ -7,11 +7,13 @@ TorchScript-based exporter (opset 17); the result is checked against PyTorch on 
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from jdnas.errors import JdnasError
 from jdnas.io import atomic_path
@@ -21,18 +23,51 @@ OPSET = 17
 OUTPUTS = ("boxes", "labels", "scores")
 
 
+def session(model: str | Path | bytes, threads: int = 1) -> Any:
+    """An onnxruntime CPU session with `threads` intra-op threads (1: it runs on the calling
+    thread, so that thread's CPU time is its cost) for an ONNX file or serialized model."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    try:
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable models
+        where = "the exported model" if isinstance(model, bytes) else model
+        raise JdnasError(f"{where}: not a loadable ONNX model ({type(e).__name__})") from None
+
+
+def _export(module: nn.Module, args: tuple, f: str | Path | io.BytesIO, input_names: list[str] | None = None,
+            output_names: list[str] | None = None, dynamic_axes: dict | None = None) -> None:
+    """torch.onnx.export with the TorchScript-based exporter (torchvision's detection ops export
+    with it), outside inference mode (tracing needs it off)."""
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on data-dependent shapes: expected here
+        torch.onnx.export(module, args, f if isinstance(f, io.BytesIO) else str(f), opset_version=OPSET,
+                          dynamo=False, input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic_axes)
+
+
+def module_session(module: nn.Module, args: tuple, threads: int = 1) -> Any:
+    """`module` exported at the shapes of `args` (tensors), in memory, as an onnxruntime session:
+    what the latency table times a part with when it profiles for onnxruntime. Input i is named
+    `x{i}`; the exporter drops inputs the graph does not use."""
+    buf = io.BytesIO()
+    _export(module.eval(), args, buf, input_names=[f"x{i}" for i in range(len(args))])
+    return session(buf.getvalue(), threads)
+
+
+def detector_session(model: Detector, image: torch.Tensor, threads: int = 1) -> Any:
+    """A detector exported at `image`'s size, in memory, as an onnxruntime session."""
+    return module_session(model.cpu(), ([image],), threads)
+
+
 class OnnxDetector:
     """An exported detector under onnxruntime (CPU, `threads` intra-op threads), called like the
     PyTorch model in eval mode: a list of images in, one dict of boxes/labels/scores per image out."""
 
     def __init__(self, path: str | Path, threads: int = 1) -> None:
-        import onnxruntime as ort
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable models
-            raise JdnasError(f"{path}: not a loadable ONNX model ({type(e).__name__})") from None
+        self.session = session(path, threads)
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -50,12 +85,9 @@ def export_onnx(model: Detector, out: str | Path, check_images: Sequence[torch.T
     gen = torch.Generator().manual_seed(0)
     images = list(check_images) or [torch.rand(3, size, size, generator=gen),
                                     torch.rand(3, size * 3 // 4, size, generator=gen)]
-    with atomic_path(out) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on data-dependent shapes: expected here
-        torch.onnx.export(model, ([images[0]],), str(tmp), opset_version=OPSET, dynamo=False,
-                          input_names=["image"], output_names=list(OUTPUTS),
-                          dynamic_axes={"image": {1: "height", 2: "width"},
-                                        **{name: {0: "detections"} for name in OUTPUTS}})
+    with atomic_path(out) as tmp:
+        _export(model, ([images[0]],), tmp, ["image"], list(OUTPUTS),
+                {"image": {1: "height", 2: "width"}, **{name: {0: "detections"} for name in OUTPUTS}})
         check = compare(model, OnnxDetector(tmp), images)
     return {"path": str(out), "opset": OPSET, **check}
 

@@ -296,6 +296,49 @@ def test_stage_on_smoke_config_and_rerun_reuses(tmp_path, smoke_params, prepared
     assert profile_latency(slower, prepared, out)["entries_timed"] == first["entries_timed"]
 
 
+def test_onnxruntime_parts_compute_what_pytorch_computes(smoke_params):
+    """With latency.device onnxruntime every entry times an ONNX export of the part it names: each
+    export, run by onnxruntime, gives the PyTorch part's outputs on the same inputs."""
+    from jdnas.latency.parts import HeadParts, calibrated_detector, onnx_call
+    head = head_config(smoke_params["model"], 3)
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = calibrated_detector(preset("tiny", 0.5), head, image, torch.device("cpu"))
+    parts = HeadParts(model, image, head["rpn_post_nms_top_n_test"])
+    hw, fpn = (64, 64), head["fpn_channels"]
+    entries = {e.part: e for e in head_entries(hw, Head.of(head), 4)}
+    for part in ("transform", "fpn_top", "rpn", "roi_heads"):
+        module, args = parts.module(entries[part])
+        with torch.no_grad():
+            ref = module(*args)
+        got = onnx_call(module, args, threads=1).fn()
+        ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+        assert len(got) == len(ref), part
+        for r, g in zip(ref, got):
+            assert r.shape == g.shape, part
+            assert torch.allclose(r.float(), torch.from_numpy(g).float(), atol=1e-3), part
+    block = Entry("block", "basic", 8, 8, 8, 1, 16, 16)
+    call = backbone_call(block, torch.device("cpu"), onnx_threads=1)
+    assert call.nbytes > 0 and call()[0].shape == (1, 8, 16, 16)
+
+
+def test_stage_times_onnxruntime_when_asked(tmp_path, smoke_params, prepared):
+    """latency.device onnxruntime: a table of onnxruntime timings in its own folder, validated
+    end to end against exported detectors, and its own cache settings."""
+    from jdnas.latency.profile import profile_latency, table_dir
+    params = with_overrides(smoke_params, {"latency": {"table": None, "device": "onnxruntime", "runs": 1,
+                                                       "validation_archs": 2}})
+    assert table_dir(params, tmp_path) == tmp_path / "onnxruntime"
+    out = tmp_path / "onnxruntime"
+    result = profile_latency(params, prepared, out)
+    table = LatencyTable.load(out / "table.csv")
+    (space,) = spaces_from_params(params)
+    assert space_entries(space, (64, 64), [params["model"]["fpn_channels"]]) <= set(table.ms)
+    v = json.loads((out / "validation.json").read_text())
+    assert v["conditions"]["device"] == "onnxruntime" and v["conditions"]["onnxruntime"]
+    assert result["n"] == 2 and all(r["measured_ms"] > 0 for r in v["archs"])
+
+
 def test_stage_paths_follow_the_device(default_params):
     stage = STAGES["profile_latency"]
     assert "${latency.device}" in stage.outs[0]

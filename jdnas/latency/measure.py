@@ -34,8 +34,9 @@ class Call:
 
 
 def target_device(name: str) -> torch.device:
-    """torch.device for `latency.device`; a one-line error when this machine lacks it."""
-    if name == "cpu":
+    """torch.device for `latency.device` (onnxruntime runs on the CPU); a one-line error when this
+    machine lacks it."""
+    if name in ("cpu", "onnxruntime"):
         return torch.device("cpu")
     if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
         if not torch.cuda.is_available():
@@ -46,7 +47,7 @@ def target_device(name: str) -> torch.device:
             raise JdnasError(f"params: latency.device = {name!r} but only {torch.cuda.device_count()} "
                              "CUDA device(s) are visible")
         return torch.device("cuda", index)
-    raise JdnasError(f"params: latency.device = {name!r} is not allowed: must be cpu, cuda or cuda:N")
+    raise JdnasError(f"params: latency.device = {name!r} is not allowed: must be cpu, cuda, cuda:N or onnxruntime")
 
 
 def device_name(device: torch.device) -> str:

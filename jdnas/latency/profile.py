@@ -69,6 +69,8 @@ class Profiler:
         self.cfg = cfg
         self.seed = params["seed"]
         self.device = target_device(cfg["device"])
+        # onnxruntime: every part and detector is exported and timed in an onnxruntime session
+        self.onnx_threads = cfg["threads"] if cfg["device"] == "onnxruntime" else None
         if self.device.type == "cpu":
             torch.set_num_threads(cfg["threads"])
         self.timer = Timer(self.device, cfg["clock"])
@@ -90,6 +92,9 @@ class Profiler:
             "clock": cfg["clock"] if self.device.type == "cpu" else "cuda_events",
             "warmup": cfg["warmup"], "runs": cfg["runs"], "rounds": cfg["rounds"],
         }
+        if self.onnx_threads:
+            import onnxruntime
+            self.conditions["onnxruntime"] = onnxruntime.__version__
         self.head_conditions = {**self.conditions, "head": self.head_cfg, "image": list(self.image_hw)}
 
     def settings(self, e: Entry) -> str:
@@ -120,6 +125,10 @@ class Profiler:
 
     def detector(self, arch: Arch, head: Head | None = None) -> Any:
         return calibrated_detector(arch, (head or self.base_head).apply(self.head_cfg), self.image, self.device)
+
+    def detector_call(self, arch: Arch, head: Head | None = None) -> Any:
+        """The end-to-end call of a detector of `arch` (at `head`) on the profiling image."""
+        return detector_call(self.detector(arch, head), self.image, self.onnx_threads)
 
     def parts(self, e: Entry) -> HeadParts:
         """The reference detector's parts (the base arch) for the head an entry is timed at."""
@@ -166,12 +175,11 @@ def entry_builders(prof: Profiler, entries: Iterable[Entry]) -> tuple[dict, dict
     for e in entries:
         if e.part == "e2e":
             arch, head = e.block.split("|")
-            builders[("entry", e)] = lambda a=arch, h=head: detector_call(
-                prof.detector(Arch.parse(a), Head.parse(h)), prof.image)
+            builders[("entry", e)] = lambda a=arch, h=head: prof.detector_call(Arch.parse(a), Head.parse(h))
         elif e.part in FIXED_PARTS:
-            builders[("entry", e)] = lambda e=e: prof.parts(e).call(e)
+            builders[("entry", e)] = lambda e=e: prof.parts(e).call(e, prof.onnx_threads)
         else:
-            builders[("entry", e)] = lambda e=e: backbone_call(e, prof.device)
+            builders[("entry", e)] = lambda e=e: backbone_call(e, prof.device, prof.onnx_threads)
     slots = {k: SLOTS for k in builders if k[1].part in FIXED_PARTS + ("e2e",)}
     return builders, slots
 
@@ -285,7 +293,7 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
                         | {head_entries(prof.hw(h), h, prof.classes)[-1]: 0.0 for h in prof.rungs()})
     archs = validation_archs(spaces, prof.head_space, cfg["validation_archs"], prof.seed, params["model"]["width"],
                              grid.covers)
-    extra = {("arch", i): (lambda a=a, h=h: detector_call(prof.detector(a, h), prof.image))
+    extra = {("arch", i): (lambda a=a, h=h: prof.detector_call(a, h))
              for i, (_, a, h) in enumerate(archs)}
     if cfg["table"]:
         table = pinned_table(cfg["table"], grid)
