@@ -6,6 +6,7 @@ its last, worse weights are not what the rest of the workflow starts from. With
 `model.checkpoint` the stage trains nothing: it adopts that detector (`adopt_base`)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from jdnas.data.dataset import CocoDetection
+from jdnas.dist import DistContext, init_distributed, shutdown
 from jdnas.engine import evaluate, load_train_state, resolve_device, train_detector
 from jdnas.io import save_torch, write_json
 from jdnas.models.arch import resolve_arch
@@ -56,18 +58,31 @@ def train_base(params: dict, data_dir: str | Path, out_dir: str | Path) -> dict[
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if params["model"]["checkpoint"]:
         return adopt_base(params, data_dir, out_dir)
-    device = resolve_device(params["device"])
+    ctx, device = init_distributed(params["device"])  # under torchrun (train_base.gpus > 1): DDP
+    ok = False
+    try:
+        metrics = _train_base(params, data_dir, out_dir, ctx, device)
+        ok = True
+        return metrics
+    finally:
+        shutdown(ctx, wait=ok)
+
+
+def _train_base(params: dict, data_dir: Path, out_dir: Path, ctx: DistContext, device: torch.device) -> dict[str, Any]:
+    """train_base on this process (one of the DDP ranks under torchrun: rank 0 evaluates and writes)."""
     cfg = params["train_base"]
     train_set = CocoDetection(data_dir / "train.json", max_size=params["model"]["max_size"])
     arch = resolve_arch(params["model"]["base"], params["model"]["width"])
     torch.manual_seed(params["seed"])
     model = build_detector(arch, head_config(params["model"], train_set.labels.num_classes))
+    if ctx.active and cfg["sync_bn"]:  # batch statistics over every rank's images (few per GPU)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     fp = fingerprint(str(arch), model.head_cfg, cfg, params["seed"], manifest["splits"]["train"]["sha256"])
     state_path = out_dir / "train_state.pt"
     cpu0 = time.process_time()  # this process's CPU time: the compute unit pipelines are compared in
     best = BestCheckpoint(out_dir, fp)
-    with TrainLog(out_dir) as log:
+    with TrainLog(out_dir) if ctx.is_main else contextlib.nullcontext() as log:
         def on_eval(it: int) -> None:
             ap = evaluate(model, data_dir / "minival.json", params["eval"]["batch_size"], device)["AP"]
             log.metrics({"AP": ap}, it, prefix="minival/")
@@ -75,7 +90,9 @@ def train_base(params: dict, data_dir: str | Path, out_dir: str | Path) -> dict[
                                                                        else f" (best {best.ap:.2f} at {best.it})"),
                   file=sys.stderr, flush=True)
         summary = train_detector(model, train_set, cfg, state_path, params["seed"], device, fp, desc="train_base",
-                                 log=log, on_eval=on_eval, eval_every=cfg["eval_every"])
+                                 log=log, on_eval=on_eval, eval_every=cfg["eval_every"], ctx=ctx)
+        if not ctx.is_main:
+            return summary
         kept = summary["iters"]
         if cfg["eval_every"] > 0:
             final = evaluate(model, data_dir / "minival.json", params["eval"]["batch_size"], device)["AP"]

@@ -27,17 +27,36 @@ def _params(args: argparse.Namespace) -> dict:
     return params
 
 
-def _runtime(args: argparse.Namespace, params: dict, gpu: bool = True) -> None:
-    """Set torch's CPU threads; with `device: cuda`, lease a free GPU (see jdnas.gpu) for a command
-    that uses one (`gpu`). `device: cuda:N` uses device N as given, leasing nothing."""
+def _runtime(args: argparse.Namespace, params: dict, gpus: int = 1) -> None:
+    """Set torch's CPU threads; with `device: cuda`, lease `gpus` free GPUs (see jdnas.gpu) for a
+    command that uses them (0: none). A torchrun child uses what its parent leased; `device:
+    cuda:N` uses device N as given, leasing nothing."""
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
-    if gpu and (params["device"] == "cuda" or os.environ.get("JDNAS_GPUS")):
+    if gpus and (params["device"] == "cuda" or os.environ.get("JDNAS_GPUS")):
         import time
-        from jdnas.gpu import lease_gpu
-        dev = lease_gpu()
+        from jdnas.gpu import inherited_lease, lease_gpus
+        inherited = inherited_lease()
+        if inherited is not None:
+            print(f"gpu lease: CUDA_VISIBLE_DEVICES={inherited} inherited by rank {os.environ.get('RANK', '0')}",
+                  file=sys.stderr, flush=True)
+            return
+        dev = lease_gpus(gpus)
         print(f"gpu lease: CUDA_VISIBLE_DEVICES={dev} at {time.time():.3f}", file=sys.stderr, flush=True)
+
+
+def _ddp(args: argparse.Namespace, params: dict, gpus: int, what: str) -> bool:
+    """For a command that trains with DDP over `gpus` processes: in the parent (not yet under
+    torchrun), lease the `gpus` devices once and run the command again under torchrun, whose
+    children inherit them; True there (the children did the work). False in a child or with one GPU."""
+    if gpus <= 1 or "WORLD_SIZE" in os.environ:
+        return False
+    from jdnas.dist import relaunch_with_torchrun
+    _runtime(args, params, gpus)
+    if relaunch_with_torchrun(gpus, args.argv) != 0:
+        raise JdnasError(f"{what}: one of the {gpus} torchrun processes failed (see above)")
+    return True
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
@@ -94,8 +113,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_train_base(args: argparse.Namespace) -> None:
     from jdnas.base_detector import train_base
     params = _params(args)
+    if _ddp(args, params, params["train_base"]["gpus"], "train-base"):
+        return
     _runtime(args, params)
-    print(json.dumps(train_base(params, args.data, args.out)))
+    summary = train_base(params, args.data, args.out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -105,13 +128,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(train_student(params, args.data, args.out, args.init, args.action, args.teacher,
                                    args.eval_split, args.seed)))
 def cmd_train_teacher_pool(args: argparse.Namespace) -> None:
-    import os
     params = _params(args)
-    gpus = params["teacher_pool"]["train"]["gpus"]
-    if gpus > 1 and "WORLD_SIZE" not in os.environ:  # DDP: run this command again under torchrun
-        from jdnas.dist import relaunch_with_torchrun
-        if relaunch_with_torchrun(gpus, args.argv) != 0:
-            raise JdnasError(f"train-teacher-pool: one of the {gpus} torchrun processes failed (see above)")
+    if _ddp(args, params, params["teacher_pool"]["train"]["gpus"], "train-teacher-pool"):
         return
     from jdnas.teacher_pool import train_teacher_pool
     _runtime(args, params)
@@ -136,7 +154,7 @@ def _search_context(args: argparse.Namespace, params: dict):
 def cmd_search_step(args: argparse.Namespace) -> None:
     from jdnas import search
     params = _params(args)
-    _runtime(args, params, gpu=args.step in ("init", "candidate", "finish"))  # propose, select, history: CPU only
+    _runtime(args, params, gpus=int(args.step in ("init", "candidate", "finish")))  # propose, select, history: CPU
     if args.step == "history":
         search.write_history(Path(args.root), params)
         return
@@ -224,8 +242,8 @@ def cmd_profile_latency(args: argparse.Namespace) -> None:
     params = _params(args)
     # the timings use latency.threads from the params; --threads only says how many cores the job holds
     if params["latency"]["device"] == "cuda":  # time on a GPU no other job of ours is using
-        from jdnas.gpu import lease_gpu
-        print(f"gpu lease: CUDA_VISIBLE_DEVICES={lease_gpu()}", file=sys.stderr, flush=True)
+        from jdnas.gpu import lease_gpus
+        print(f"gpu lease: CUDA_VISIBLE_DEVICES={lease_gpus(1)}", file=sys.stderr, flush=True)
     print(json.dumps(profile_latency(params, args.data, args.out)))
 
 

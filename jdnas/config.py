@@ -200,8 +200,9 @@ SCHEMA: dict = {
     },
     # scales: input size x one of these per iteration (scale jitter; [1.0]: none)
     # eval_every: minival AP every this many iterations (0: never), logged; the best checkpoint is kept
+    # gpus: DDP over this many processes (GPUs with device cuda), sync_bn: BatchNorm statistics over all of them
     "train_base": {**train_schema(iters=1500, lr=0.04), "scales": numbers([1.0], 0.1, 4.0),
-                   "eval_every": integer(0, 0)},
+                   "eval_every": integer(0, 0), "gpus": integer(1, 1), "sync_bn": flag(False)},
     "eval": {
         "batch_size": integer(16, 1),
     },
@@ -431,9 +432,10 @@ def check_teacher_pool(p: dict, source: str) -> None:
             raise ConfigError(f"{source}: teacher_pool.space.{key} = {space[key]} is not allowed: ratios must be > 0")
     if train["depth_phase_start"] > train["width_phase_start"]:
         raise ConfigError(f"{source}: teacher_pool.train.depth_phase_start must be <= width_phase_start")
-    if train["gpus"] > 1 and p["device"] != "cuda":
-        raise ConfigError(f"{source}: teacher_pool.train.gpus = {train['gpus']} needs device: cuda "
-                          f"(DDP over the first {train['gpus']} visible GPUs)")
+    for key, gpus in (("teacher_pool.train.gpus", train["gpus"]), ("train_base.gpus", p["train_base"]["gpus"])):
+        if gpus > 1 and p["device"].startswith("cuda:"):
+            raise ConfigError(f"{source}: {key} = {gpus} needs device: cuda (a DDP job leases its {gpus} GPUs; "
+                              f"device: {p['device']} pins one)")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

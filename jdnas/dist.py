@@ -2,8 +2,8 @@
 
 A single process (no `WORLD_SIZE` in the environment, or 1) runs exactly as without this
 module. Under torchrun every rank reads the same batches from the iteration sampler and keeps
-its own share (`rank::world`), gradients are averaged with one all-reduce per step, and only
-rank 0 writes files. NCCL on CUDA, gloo on CPU (which is how the tests exercise this path).
+its own share (`rank::world`), the model is wrapped in DistributedDataParallel (gradients
+averaged in buckets, overlapped with the backward pass), and only rank 0 writes files. NCCL on CUDA, gloo on CPU (which is how the tests exercise this path).
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from jdnas.engine import resolve_device
 from jdnas.errors import JdnasError
 
 
@@ -40,6 +39,7 @@ class DistContext:
 
 def init_distributed(device_name: str) -> tuple[DistContext, torch.device]:
     """Join the process group torchrun describes in the environment; single process otherwise."""
+    from jdnas.engine import resolve_device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext(), resolve_device(device_name)
@@ -67,24 +67,6 @@ def shutdown(ctx: DistContext, wait: bool = True) -> None:
 def barrier(ctx: DistContext) -> None:
     if ctx.active:
         dist.barrier()
-
-
-@torch.no_grad()
-def average_gradients(params: Sequence[torch.nn.Parameter], ctx: DistContext) -> None:
-    """Average gradients over ranks in one flat all-reduce (a missing gradient counts as zero)."""
-    if not ctx.active:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= ctx.world
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p))
-        offset += n
 
 
 @torch.no_grad()

@@ -8,6 +8,10 @@ which SLURM has already given its devices, the locks live in a folder of that jo
 
 The device ids come from JDNAS_GPUS (e.g. "0,1", also how tests fake devices on CPU), else
 from CUDA_VISIBLE_DEVICES, else from torch.cuda.device_count().
+
+A multi-GPU job (DDP under torchrun) leases its N devices once, in the parent process, and the
+torchrun children inherit CUDA_VISIBLE_DEVICES with all N of them (`JDNAS_GPU_LEASED` tells a
+child not to lease again).
 """
 from __future__ import annotations
 
@@ -44,11 +48,21 @@ def default_lock_dir() -> Path:
     return DEFAULT_LOCK_DIR / f"slurm-{job}" if job else DEFAULT_LOCK_DIR
 
 
-def lease_gpu(lock_dir: Path | None = None, timeout_s: float = 3600.0, poll_s: float = 0.5) -> str:
-    """Take the first free device id, hold it for the life of this process, and export it.
+LEASED = "JDNAS_GPU_LEASED"  # set by a process that leased devices: its children use them as they are
 
-    Waits up to `timeout_s` when every device is taken (another workflow may share the machine).
-    `lock_dir` defaults to `default_lock_dir()`.
+
+def inherited_lease() -> str | None:
+    """The devices a parent process leased for this one (a torchrun child), or None."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES") if os.environ.get(LEASED) else None
+
+
+def lease_gpus(n: int = 1, lock_dir: Path | None = None, timeout_s: float = 3600.0, poll_s: float = 0.5) -> str:
+    """Take `n` free device ids, hold them for the life of this process (and of its children),
+    and export them in CUDA_VISIBLE_DEVICES; returns them ("2" or "0,1,2,3").
+
+    All or nothing: a job that finds fewer than `n` free lets go of what it took and waits, so two
+    multi-GPU jobs never hold half each. Waits up to `timeout_s` (another workflow may share the
+    machine). `lock_dir` defaults to `default_lock_dir()`.
     """
     lock_dir = default_lock_dir() if lock_dir is None else lock_dir
     devices = visible_devices()
@@ -56,9 +70,12 @@ def lease_gpu(lock_dir: Path | None = None, timeout_s: float = 3600.0, poll_s: f
         if any(os.environ.get(v) is not None for v in ("JDNAS_GPUS", "CUDA_VISIBLE_DEVICES")):
             raise JdnasError("gpu: a GPU job was started but JDNAS_GPUS / CUDA_VISIBLE_DEVICES list no device")
         raise JdnasError("params: device asks for CUDA but this machine has no CUDA device (set device: cpu)")
+    if n > len(devices):
+        raise JdnasError(f"gpu: the job needs {n} GPUs but only {len(devices)} are visible ({','.join(devices)})")
     lock_dir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
     while True:
+        taken: list[tuple[str, IO]] = []
         for dev in devices:
             f = open(lock_dir / f"gpu{dev}.lock", "a+")
             try:
@@ -66,16 +83,32 @@ def lease_gpu(lock_dir: Path | None = None, timeout_s: float = 3600.0, poll_s: f
             except BlockingIOError:
                 f.close()
                 continue
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-            _held.append(f)
-            os.environ["CUDA_VISIBLE_DEVICES"] = dev
-            return dev
+            taken.append((dev, f))
+            if len(taken) == n:
+                break
+        if len(taken) == n:
+            for _, f in taken:
+                f.seek(0)
+                f.truncate()
+                f.write(f"{os.getpid()}\n")
+                f.flush()
+                _held.append(f)
+            ids = ",".join(dev for dev, _ in taken)
+            os.environ["CUDA_VISIBLE_DEVICES"] = ids
+            os.environ[LEASED] = ids
+            return ids
+        for _, f in taken:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
         if time.monotonic() > deadline:
-            raise JdnasError(f"gpu: no free device among {','.join(devices)} after {timeout_s:.0f}s ({lock_dir})")
+            raise JdnasError(f"gpu: no {n} free device(s) among {','.join(devices)} after {timeout_s:.0f}s "
+                             f"({lock_dir})")
         time.sleep(poll_s)
+
+
+def lease_gpu(lock_dir: Path | None = None, timeout_s: float = 3600.0, poll_s: float = 0.5) -> str:
+    """Take the first free device id (see `lease_gpus`)."""
+    return lease_gpus(1, lock_dir, timeout_s, poll_s)
 
 
 def release_all() -> None:

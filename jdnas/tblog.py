@@ -26,8 +26,9 @@ class TrainLog:
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
 
-    def open(self, step: int) -> None:
-        """Start writing at `step`: events an earlier run wrote at `step` or later are discarded."""
+    def open(self, step: int | None) -> None:
+        """Start writing at `step`: events an earlier run wrote at `step` or later are discarded
+        (None: nothing is discarded)."""
         from torch.utils.tensorboard import SummaryWriter
         self.close()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,9 @@ class TrainLog:
     def metrics(self, values: Mapping[str, Any], step: int, prefix: str = "eval/") -> None:
         """Final numbers (e.g. AP, AP50, AP75, APs/m/l) at `step`; non-numeric and None values are skipped."""
         if self.writer is None:
-            self.open(step)
+            # no purge: another writer (the training's) may have written this folder in the same
+            # second, and a purge marker read before its events would drop them
+            self.open(None)
         for k, v in values.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.writer.add_scalar(prefix + k, v, step)

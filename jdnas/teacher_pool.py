@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from jdnas.base_detector import fingerprint
-from jdnas.data.dataset import CocoDetection, IterationSampler, collate
-from jdnas.dist import (DistContext, ShardedBatchSampler, average_gradients, barrier, check_in_sync, init_distributed,
-                        shutdown)
+from jdnas.data.dataset import CocoDetection, IterationSampler, batches_for, collate
+from jdnas.dist import DistContext, barrier, check_in_sync, init_distributed, shutdown
 from jdnas.engine import (evaluate, load_train_state, lr_factor, make_optimizer, progress_bar, resolve_device,
                           to_device)
 from jdnas.errors import JdnasError
@@ -40,6 +39,7 @@ from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, head_config, jittered_input, read_checkpoint
 from jdnas.models.elastic import PoolSpace, Supernet, sort_channels
+from jdnas.step_meter import StepMeter
 from jdnas.tblog import TrainLog
 
 STATE_FORMAT = "jdnas-pool-train-state/1"
@@ -109,14 +109,6 @@ class _Recorder:
 
 
 # --- training -------------------------------------------------------------------------------
-def _loader(dataset: CocoDetection, batch_size: int, total: int, seed: int, start: int, workers: int,
-            ctx: DistContext) -> DataLoader:
-    batches = IterationSampler(len(dataset), batch_size, total, seed, start)
-    sampler = ShardedBatchSampler(batches, ctx) if ctx.active else batches
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                      generator=torch.Generator().manual_seed(seed))
-
-
 def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, Any], state_path: str | Path,
                    seed: int, device: torch.device, fingerprint: str = "", ctx: DistContext = DistContext(),
                    desc: str = "train_teacher_pool", stop_after: int | None = None,
@@ -145,6 +137,8 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
         channels_sorted = bool(state["channels_sorted"])
         if ctx.is_main:
             torch.set_rng_state(state["rng"])
+            if device.type == "cuda" and state.get("cuda_rng") is not None:  # torchvision samples on the GPU
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
         else:
             torch.manual_seed(seed * 7919 + ctx.rank * 104729 + start)
         print(f"{desc}: resuming from {state_path} at iteration {start}/{cfg['iters']}", file=sys.stderr)
@@ -153,6 +147,7 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
         if ctx.is_main:
             save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,
                                     "seconds": seconds, "cpu_seconds": cpu_seconds, "rng": torch.get_rng_state(),
+                                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                                     "channels_sorted": channels_sorted, "model": model.state_dict(),
                                     "optimizer": optimizer.state_dict()})
             if log is not None:
@@ -160,18 +155,27 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
         barrier(ctx)
 
     total = cfg["iters"] if stop_after is None else min(cfg["iters"], start + stop_after)
-    loader = _loader(dataset, cfg["batch_size"], total, seed, start, cfg["workers"], ctx)
+    loader = batches_for(dataset, cfg["batch_size"], total, seed, start, cfg["workers"], ctx=ctx,
+                         pin_memory=device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    forward: torch.nn.Module = model
+    if ctx.active:
+        # gradients accumulate locally over the sandwich's passes (no_sync) and are averaged in
+        # buckets during the last pass's backward, overlapped with it; a member leaves some
+        # weights unused, so DDP looks for them
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
     recorder = _Recorder(model.backbone)
     model.train()
     bar = progress_bar(cfg["iters"], start, desc) if ctx.is_main else None
     if log is not None:
         log.start(start, cfg["iters"])
+    meter = StepMeter(device, desc, "lower teacher_pool.train.lr")
     it, last = start, {}
     try:
         for images, targets in loader:
-            t0, c0 = time.perf_counter(), time.process_time()
+            meter.begin()
             images, targets = to_device(images, targets, device)
             if phase_at(it, cfg) == "width" and not channels_sorted:
                 moved = sort_channels(supernet, optimizer)
@@ -183,46 +187,45 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
             for g in optimizer.param_groups:
                 g["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            teacher_feats, last = None, {}
-            scalars: dict[str, list[float]] = defaultdict(list)  # for the log: loss per role, distill loss
-            for role, arch in sandwich(supernet.space, it, cfg, seed):
+            teacher_feats = None
+            losses_of: dict[str, list[torch.Tensor]] = defaultdict(list)  # loss per role, distill loss
+            members = sandwich(supernet.space, it, cfg, seed)
+            for i, (role, arch) in enumerate(members):
                 supernet.set_active(arch)
-                with amp, jittered_input([supernet.model], cfg["scales"], seed, it):
-                    losses = model(images, targets)
+                sync = i == len(members) - 1 or not ctx.active
+                with amp, jittered_input([supernet.model], cfg["scales"], seed, it), \
+                        (contextlib.nullcontext() if sync else forward.no_sync()):
+                    losses = forward(images, targets)
                     feats = recorder.output
                     if teacher_feats is None:
                         teacher_feats = {k: v.detach() for k, v in feats.items()}
                     elif cfg["distill_weight"] > 0:
                         losses["loss_distill"] = cfg["distill_weight"] * fpn_distill_loss(feats, teacher_feats)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise JdnasError(f"{desc}: loss of the {role} member became {loss.item()} at iteration {it} "
-                                     "(lower teacher_pool.train.lr)")
-                loss.backward()
-                value = loss.item()
-                last[role] = round(value, 4)
-                if log is not None:
-                    scalars[f"loss_{role}"].append(value)
-                    if "loss_distill" in losses:
-                        scalars["loss_distill"].append(losses["loss_distill"].item())
+                    loss = sum(losses.values())
+                    loss.backward()
+                losses_of[f"loss_{role}"].append(loss.detach())
+                if "loss_distill" in losses:
+                    losses_of["loss_distill"].append(losses["loss_distill"].detach())
             supernet.set_active(supernet.space.largest())
-            average_gradients(params, ctx)
             if cfg["clip_grad"] > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
             optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds += time.perf_counter() - t0
-            cpu_seconds += time.process_time() - c0
-            if log is not None:
-                log.add(it, {**{k: statistics.fmean(v) for k, v in scalars.items()}, "lr": lr,
-                             "phase": PHASES.index(phase_at(it, cfg))})
             it += 1
+            saves = it % cfg["checkpoint_every"] == 0 or it == total
+            means = {k: torch.stack(v).mean() for k, v in losses_of.items()}
+            for step in meter.end(it - 1, means, len(images) * ctx.world, read=saves):
+                last = {k.replace("loss_", ""): round(v, 4) for k, v in step.values.items() if k != "loss_distill"}
+                if log is not None:
+                    log.add(step.it, {**step.values, "lr": cfg["lr"] * lr_factor(step.it, cfg),
+                                      "phase": PHASES.index(phase_at(step.it, cfg))})
+                if bar is not None:
+                    bar.set_postfix({"phase": phase_at(step.it, cfg), **{k: f"{v:.3f}" for k, v in last.items()}},
+                                    refresh=False)
+            seconds, cpu_seconds = seconds + meter.seconds, cpu_seconds + meter.cpu_seconds
+            meter.seconds = meter.cpu_seconds = 0.0
             if bar is not None:
-                bar.set_postfix({"phase": phase_at(it - 1, cfg), **{k: f"{v:.3f}" for k, v in last.items()}},
-                                refresh=False)
                 bar.update(1)
-            if it % cfg["checkpoint_every"] == 0 or it == total:
+            if saves:
                 save(it)
     finally:
         recorder.close()

@@ -50,6 +50,7 @@ def test_slot_freed_when_holder_dies(tmp_path):
 def test_lease_sets_env_and_times_out(tmp_path, monkeypatch):
     monkeypatch.setenv("JDNAS_GPUS", "3")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv(gpu.LEASED, raising=False)  # restored (unset) after the test
     try:
         assert gpu.lease_gpu(tmp_path) == "3"
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
@@ -87,3 +88,36 @@ def test_slurm_jobs_do_not_share_lock_files(tmp_path):
             p.kill()
             p.wait()
     assert sorted(d.name for d in tmp_path.iterdir()) == ["slurm-101", "slurm-102"]
+
+
+MULTI = """
+import sys, time
+from pathlib import Path
+from jdnas.gpu import lease_gpus
+print(lease_gpus(int(sys.argv[2]), Path(sys.argv[1]), timeout_s=float(sys.argv[3]), poll_s=0.05), flush=True)
+time.sleep(float(sys.argv[4]))
+"""
+
+
+def test_a_multi_gpu_lease_is_all_or_nothing(tmp_path):
+    """A job asking for 2 of 3 devices while 2 are held waits without holding the free one (so a
+    single-GPU job still gets it), and fails after its timeout; asking for more than exist fails at once."""
+    def spawn(n: int, timeout: float, hold: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", MULTI, str(tmp_path), str(n), str(timeout), str(hold)],
+                                env={**cli_env(), "JDNAS_GPUS": "0,1,2"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    pair = spawn(2, 10, 30)
+    try:
+        assert pair.stdout.readline().strip() == "0,1"
+        waiter = spawn(2, 1.0, 0)
+        single = spawn(1, 10, 0)
+        assert single.stdout.readline().strip() == "2"  # the waiter did not keep it
+        single.wait(timeout=30)
+        _, err = waiter.communicate(timeout=30)
+        assert waiter.returncode != 0 and "no 2 free device(s)" in err
+        too_many = spawn(4, 10, 0)
+        _, err = too_many.communicate(timeout=30)
+        assert too_many.returncode != 0 and "needs 4 GPUs but only 3 are visible" in err
+    finally:
+        pair.kill()
+        pair.wait()

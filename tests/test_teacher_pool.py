@@ -340,7 +340,7 @@ def test_an_altered_supernet_is_a_one_line_error(smoke_params, tmp_path, alter, 
     ({"teacher_pool": {"space": {"min_depths": [1, 9, 1, 1]}}}, "teacher_pool.space.min_depths"),
     ({"teacher_pool": {"space": {"width_ratios": [0.0, 1.0]}}}, "ratios must be > 0"),
     ({"teacher_pool": {"train": {"depth_phase_start": 0.8, "width_phase_start": 0.5}}}, "depth_phase_start"),
-    ({"teacher_pool": {"train": {"gpus": 2}}}, "needs device: cuda"),
+    ({"device": "cuda:1", "teacher_pool": {"train": {"gpus": 2}}}, "needs device: cuda"),
     ({"teacher_pool": {"space": {"base": "r999"}}}, "teacher_pool.space.base"),
 ])
 def test_bad_pool_params_are_clear_errors(tmp_path, override, message):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -120,14 +120,22 @@ class IterationSampler(Sampler):
 
 
 def batches_for(dataset: Dataset, batch_size: int, total_iters: int, seed: int, start_iter: int = 0,
-                workers: int = 0, flip: bool = True) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding training batches for iterations [start_iter, total_iters)."""
-    sampler = IterationSampler(len(dataset), batch_size, total_iters, seed, start_iter, flip)
+                workers: int = 0, flip: bool = True, ctx: Any = None,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding training batches for iterations [start_iter, total_iters); under
+    torchrun (`ctx`, a `jdnas.dist.DistContext`, active) this rank's share of each batch. On
+    CUDA, batches come in pinned memory (so copies to the GPU overlap) from workers kept alive."""
+    sampler: Any = IterationSampler(len(dataset), batch_size, total_iters, seed, start_iter, flip)
+    if ctx is not None and ctx.active:
+        from jdnas.dist import ShardedBatchSampler
+        sampler = ShardedBatchSampler(sampler, ctx)
     # its own generator: creating the loader must not consume torch's global RNG (exact resume)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                                       generator=torch.Generator().manual_seed(seed))
+                                       generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory,
+                                       persistent_workers=workers > 0)
 
 
-def eval_loader(dataset: Dataset, batch_size: int, workers: int = 0) -> torch.utils.data.DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int, workers: int = 0,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                                       num_workers=workers)
+                                       num_workers=workers, pin_memory=pin_memory)

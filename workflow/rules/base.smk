@@ -11,7 +11,7 @@ rule train_base:
         "logs/train_base.log",
     threads: STAGES["train_base"].threads
     resources:
-        gpu=GPUS_PER_JOB,
+        gpu=PARAMS["train_base"]["gpus"] * GPUS_PER_JOB,  # DDP over train_base.gpus devices
     params:
         trigger=STAGES["train_base"].params_hash(PARAMS),
     shell:

@@ -11,7 +11,7 @@ rule train_teacher_pool:
         "logs/train_teacher_pool.log",
     threads: STAGES["train_teacher_pool"].threads
     resources:
-        gpu=PARAMS["teacher_pool"]["train"]["gpus"] if PARAMS["device"] == "cuda" else 0,
+        gpu=PARAMS["teacher_pool"]["train"]["gpus"] * GPUS_PER_JOB,
     params:
         trigger=STAGES["train_teacher_pool"].params_hash(PARAMS),
     shell:
