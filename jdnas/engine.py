@@ -61,14 +61,15 @@ def lr_factor(it: int, cfg: dict[str, Any]) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.SGD:
-    """SGD; no weight decay on norms and biases."""
+    """SGD; no weight decay on norms and biases; the fused kernel when the weights are on CUDA."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
+    cuda = all(p.is_cuda for p in decay + no_decay) and bool(decay + no_decay)
     return torch.optim.SGD([{"params": decay, "weight_decay": cfg["weight_decay"]},
                             {"params": no_decay, "weight_decay": 0.0}],
-                           lr=cfg["lr"], momentum=cfg["momentum"])
+                           lr=cfg["lr"], momentum=cfg["momentum"], fused=True if cuda else None)
 
 
 def detection_loss(model: Detector, images: list, targets: list) -> dict[str, torch.Tensor]:

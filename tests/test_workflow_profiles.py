@@ -85,8 +85,25 @@ def test_slurm_profile_requests_gpus_for_gpu_rules_only(ws):
 
 def test_slurm_profile_ddp_job_gets_all_its_gpus_on_one_node(ws):
     jobs = dry_run(ws, "config/coco_r101.yaml", "config/gpu.yaml", "coco_here.yaml")
-    (pool,) = jobs["train_teacher_pool"]
-    assert gpus(pool) == 8 and pool["nodes"] == "1"
+    for rule in ("train_base", "train_teacher_pool"):
+        (job,) = jobs[rule]
+        assert gpus(job) == 8 and job["nodes"] == "1", rule
+
+
+def test_paper_config_plans_gpu_latency_and_gpu_resources_on_8_gpus(ws):
+    """`snakemake --cores all --resources gpu=8` with the paper's config: the latency table is timed
+    on cuda, every job that touches a GPU asks for its GPUs (the DDP jobs for all 8), and each
+    search round has a candidate per GPU besides the control."""
+    r = subprocess.run(["snakemake", "-n", "--cores", "all", "--resources", "gpu=8", "--configfile",
+                        "config/coco_r101.yaml", "coco_here.yaml"], cwd=ws, env=cli_env(), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    jobs = planned_resources(r.stdout)
+    assert "runs/latency/cuda/table.csv" in r.stdout and "runs/latency/cpu" not in r.stdout
+    for rule, resources in jobs.items():
+        want = 8 if rule in ("train_base", "train_teacher_pool") else int(rule in GPU_RULES)
+        assert all(gpus(x) == want for x in resources), (rule, resources)
+    assert len(jobs["search_candidate"]) >= 9  # round 0: 8 candidates + the control
 
 
 def test_slurm_profile_on_cpu_requests_no_gpu(ws):
