@@ -48,8 +48,8 @@ class RandomBoxes(torch.utils.data.Dataset):
             k = int(torch.randint(1, 11, (), generator=g))
             xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
             wh = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.2, h * 0.2]) + 8
-            self.items.append((torch.rand(3, h, w, generator=g),
-                               {"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, classes, (k,), generator=g)}))
+            labels = torch.randint(1, classes, (k,), generator=g)
+            self.items.append((torch.rand(3, h, w, generator=g), {"boxes": torch.cat([xy, xy + wh], 1), "labels": labels}))
 
     def __len__(self) -> int:
         return len(self.items)

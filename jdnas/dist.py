@@ -3,7 +3,8 @@
 A single process (no `WORLD_SIZE` in the environment, or 1) runs exactly as without this
 module. Under torchrun every rank reads the same batches from the iteration sampler and keeps
 its own share (`rank::world`), the model is wrapped in DistributedDataParallel (gradients
-averaged in buckets, overlapped with the backward pass), and only rank 0 writes files. NCCL on CUDA, gloo on CPU (which is how the tests exercise this path).
+averaged in buckets, overlapped with the backward pass), and only rank 0 writes files. NCCL on
+CUDA, gloo on CPU (which is how the tests exercise this path).
 """
 from __future__ import annotations
 

@@ -175,7 +175,8 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
             barrier(ctx)
             return
         save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,
-                                "seconds": seconds, "cpu_seconds": cpu_seconds, "rng": torch.get_rng_state(),
+                                "seconds": meter.seconds, "cpu_seconds": meter.cpu_seconds,
+                                "rng": torch.get_rng_state(),
                                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                                 "model": model.state_dict(),
                                 "optimizer": optimizer.state_dict(),
@@ -197,7 +198,7 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     bar = progress_bar(cfg["iters"], start, desc) if ctx.is_main else None
     if log is not None:
         log.start(start, cfg["iters"])
-    meter = StepMeter(device, desc, "lower the lr in params")
+    meter = StepMeter(device, desc, "lower the lr in params", seconds=seconds, cpu_seconds=cpu_seconds)
     it, last, resumed_cpu = start, {}, cpu_seconds
     for images, targets in loader:
         meter.begin()
@@ -218,13 +219,12 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
         saves = it % cfg["checkpoint_every"] == 0 or it == total
         for step in meter.end(it - 1, {**losses, "loss": loss}, len(images) * ctx.world, read=evals or saves):
             if log is not None:
-                log.add(step.it, {**step.values, "lr": cfg["lr"] * lr_factor(step.it, cfg), "img_per_s": step.img_per_s})
+                log.add(step.it, {**step.values, "lr": cfg["lr"] * lr_factor(step.it, cfg),
+                                  "img_per_s": step.img_per_s})
             last = {k: round(v, 4) for k, v in step.values.items() if k != "loss"}
             if bar is not None:
                 bar.set_postfix({**{k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items()},
                                  "img/s": f"{step.img_per_s:.1f}"}, refresh=False)
-        seconds, cpu_seconds = seconds + meter.seconds, cpu_seconds + meter.cpu_seconds
-        meter.seconds = meter.cpu_seconds = 0.0
         if bar is not None:
             bar.update(1)
         if evals and ctx.is_main:
@@ -236,7 +236,7 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
             save(it)
     if bar is not None:
         bar.close()
-    return {"iters": it, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+    return {"iters": it, "seconds": round(meter.seconds, 2), "cpu_seconds": round(meter.cpu_seconds, 2),
             "resumed_cpu_seconds": resumed_cpu, "last_losses": last}
 
 

@@ -30,11 +30,13 @@ class Step:
 class StepMeter:
     """Steps' loss tensors and times, read in windows (see the module doc)."""
 
-    def __init__(self, device: torch.device, desc: str, hint: str, read_every: int = 20) -> None:
+    def __init__(self, device: torch.device, desc: str, hint: str, read_every: int = 20, seconds: float = 0.0,
+                 cpu_seconds: float = 0.0) -> None:
+        """`seconds` and `cpu_seconds`: what earlier processes spent (a resumed run) to count on from."""
         self.cuda = device.type == "cuda"
         self.every = read_every if self.cuda else 1
         self.desc, self.hint = desc, hint
-        self.seconds = self.cpu_seconds = 0.0
+        self.seconds, self.cpu_seconds = seconds, cpu_seconds
         self._pending: list[tuple[int, list[str], torch.Tensor, int]] = []
         self._t0: float | None = None
         self._c0 = 0.0

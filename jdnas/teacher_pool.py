@@ -146,7 +146,8 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
     def save(it: int) -> None:
         if ctx.is_main:
             save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,
-                                    "seconds": seconds, "cpu_seconds": cpu_seconds, "rng": torch.get_rng_state(),
+                                    "seconds": meter.seconds, "cpu_seconds": meter.cpu_seconds,
+                                    "rng": torch.get_rng_state(),
                                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                                     "channels_sorted": channels_sorted, "model": model.state_dict(),
                                     "optimizer": optimizer.state_dict()})
@@ -171,7 +172,7 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
     bar = progress_bar(cfg["iters"], start, desc) if ctx.is_main else None
     if log is not None:
         log.start(start, cfg["iters"])
-    meter = StepMeter(device, desc, "lower teacher_pool.train.lr")
+    meter = StepMeter(device, desc, "lower teacher_pool.train.lr", seconds=seconds, cpu_seconds=cpu_seconds)
     it, last = start, {}
     try:
         for images, targets in loader:
@@ -221,8 +222,6 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
                 if bar is not None:
                     bar.set_postfix({"phase": phase_at(step.it, cfg), **{k: f"{v:.3f}" for k, v in last.items()}},
                                     refresh=False)
-            seconds, cpu_seconds = seconds + meter.seconds, cpu_seconds + meter.cpu_seconds
-            meter.seconds = meter.cpu_seconds = 0.0
             if bar is not None:
                 bar.update(1)
             if saves:
@@ -232,7 +231,7 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
         if bar is not None:
             bar.close()
     check_in_sync(params, ctx)
-    return {"iters": it, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+    return {"iters": it, "seconds": round(meter.seconds, 2), "cpu_seconds": round(meter.cpu_seconds, 2),
             "channels_sorted": channels_sorted, "last_losses": last}
 
 

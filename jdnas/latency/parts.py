@@ -123,7 +123,8 @@ class HeadParts:
             fpn, x = _fpn_top(e, feats[0].device)
             return _Keyed(fpn, list(x)), tuple(x.values())
         if e.part == "rpn":
-            return _Keyed(lambda f, im: m.rpn(ImageList(im, sizes), f)[0][0], names, m.rpn), (*feats, self.images.tensors)
+            rpn = _Keyed(lambda f, im: m.rpn(ImageList(im, sizes), f)[0][0], names, m.rpn)
+            return rpn, (*feats, self.images.tensors)
         if e.part == "roi_heads":
             def roi(f: OrderedDict, props: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 d = m.roi_heads(f, [props], sizes)[0][0]
