@@ -52,8 +52,11 @@ LEASED = "JDNAS_GPU_LEASED"  # set by a process that leased devices: its childre
 
 
 def inherited_lease() -> str | None:
-    """The devices a parent process leased for this one (a torchrun child), or None."""
-    return os.environ.get("CUDA_VISIBLE_DEVICES") if os.environ.get(LEASED) else None
+    """The devices the parent leased for this process if it is a torchrun child, else None (a
+    variable that leaked into another process's environment is ignored)."""
+    if os.environ.get(LEASED) and "WORLD_SIZE" in os.environ:
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None
 
 
 def lease_gpus(n: int = 1, lock_dir: Path | None = None, timeout_s: float = 3600.0, poll_s: float = 0.5) -> str:

@@ -47,7 +47,7 @@ def base_ckpt(prepared, smoke_params, tmp_path_factory) -> Path:
 
 def cli_env() -> dict:
     """Environment for subprocesses: the venv's bin first on PATH."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "JDNAS_GPU_LEASED"}  # a lease is never inherited here
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -49,8 +49,9 @@ def test_slot_freed_when_holder_dies(tmp_path):
 
 def test_lease_sets_env_and_times_out(tmp_path, monkeypatch):
     monkeypatch.setenv("JDNAS_GPUS", "3")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.delenv(gpu.LEASED, raising=False)  # restored (unset) after the test
+    # setenv, not delenv: monkeypatch restores only what it recorded, and the lease sets both
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv(gpu.LEASED, "")
     try:
         assert gpu.lease_gpu(tmp_path) == "3"
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
@@ -121,3 +122,13 @@ def test_a_multi_gpu_lease_is_all_or_nothing(tmp_path):
     finally:
         pair.kill()
         pair.wait()
+
+
+def test_only_a_torchrun_child_inherits_a_lease(monkeypatch):
+    """A lease marker that leaked into another process's environment is ignored: that process leases."""
+    monkeypatch.setenv(gpu.LEASED, "0,1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert gpu.inherited_lease() is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert gpu.inherited_lease() == "0,1"
