@@ -137,7 +137,6 @@ def main() -> None:
         coco = {**coco, "fpn_channels": 32, "representation_size": 64, "rpn_pre_nms_top_n_train": 200,
                 "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 64}
     coco = {**coco, "min_size": min(h, w), "max_size": max(h, w)}
-    torch.set_num_threads(torch.get_num_threads())
     data = RandomBoxes(max(16, 2 * args.batch), (h, w), 81)
     cfg = {"iters": args.warmup + args.iters, "batch_size": args.batch, "lr": 0.02, "momentum": 0.9,
            "weight_decay": 1e-4, "warmup_iters": 0, "schedule": "constant", "steps": [0.7, 0.9], "clip_grad": 0.0,

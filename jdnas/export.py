@@ -57,11 +57,6 @@ def module_session(module: nn.Module, args: tuple, threads: int = 1) -> Any:
     return session(buf.getvalue(), threads)
 
 
-def detector_session(model: Detector, image: torch.Tensor, threads: int = 1) -> Any:
-    """A detector exported at `image`'s size, in memory, as an onnxruntime session."""
-    return module_session(model.cpu(), ([image],), threads)
-
-
 class OnnxDetector:
     """An exported detector under onnxruntime (CPU, `threads` intra-op threads), called like the
     PyTorch model in eval mode: a list of images in, one dict of boxes/labels/scores per image out."""
