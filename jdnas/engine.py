@@ -14,7 +14,6 @@ import io
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 

@@ -16,9 +16,7 @@ import contextlib
 import csv
 import json
 import random
-import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
