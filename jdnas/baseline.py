@@ -14,7 +14,10 @@ predicted latency), and needs nothing from the search, so it can run beside it.
 4. kd: `baseline.kd_iters` of distillation from the teacher pool's largest member.
 
 Every step writes `runs/baseline/steps/<step>/` (model.pt, metrics.json), so a killed run resumes
-from the last finished step; `runs/baseline/metrics.json` sums them up. The pieces (`Budget`,
+from the last finished step; `runs/baseline/metrics.json` sums them up. Steps 1-2 need neither the
+teacher pool nor the base's weights (its arch and head come from the params), so the workflow runs
+them as a stage of their own (`--until retrain`, stage baseline_nas) from the start, on the core
+that train_base and the pool leave free. The pieces (`Budget`,
 `run_step`, `fine_tune`) also serve the compute-matched baselines (jdnas/matched.py).
 """
 from __future__ import annotations
@@ -35,15 +38,16 @@ from jdnas.errors import JdnasError
 from jdnas.io import resume_dir, write_json
 from jdnas.latency import LatencyTable
 from jdnas.latency.measure import latency_images, measure_latency
-from jdnas.models.arch import Arch, Head
+from jdnas.models.arch import Arch, Head, resolve_arch
 from jdnas.models.complexity import count_flops, count_params
-from jdnas.models.detector import (Detector, build_detector, head_config, load_detector, read_checkpoint,
-                                   save_detector, set_input_size)
+from jdnas.models.detector import (Detector, build_detector, head_config, load_detector, save_detector,
+                                   set_input_size)
 from jdnas.morphism import Action, child_arch, legal_actions, morph_detector
 from jdnas.search import inputs_fingerprint, score
 from jdnas.tblog import TrainLog
 
 STEPS = ("nas", "retrain", "prune", "kd")
+NAS_STEPS = STEPS[:2]  # stage baseline_nas; the rest is stage baseline_naive
 
 
 # --- the pieces ------------------------------------------------------------------------------
@@ -159,11 +163,15 @@ def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: to
     cfg = params["train_student"]
     kd = teacher if teacher is not None and cfg["kd_weight"] > 0 else None
     cost = None
-    if iters is None:
+    plan = out / "plan.json"  # a killed run resumes on the iterations it planned, not on a new probe's
+    if iters is None and plan.is_file():
+        iters, cost = (json.loads(plan.read_text())[k] for k in ("iters", "cost_per_iter"))
+    elif iters is None:
         student = load_detector(init)
         cost = iteration_cost(student, train_set, cfg, device, budget.clock,
                               teacher=kd and set_input_size(load_detector(kd), student.head_cfg))
         iters = max(params["baseline"]["min_iters"], int(share / cost))
+        write_json(plan, {"iters": iters, "cost_per_iter": cost, "share": share})
     metrics = train_student({**params, "train_student": schedule_for(cfg, iters)}, data_dir, out, init, None, kd,
                             eval_split="val", seed=params["seed"])
     resumed = metrics.get("resumed_cpu_seconds", 0.0) if budget.unit == "cpu_seconds" else 0.0
@@ -193,8 +201,8 @@ class Budget:
 class Naive:
     """Runs the four steps; each step's result is kept in `<out>/<step>/` and reused on a rerun."""
 
-    def __init__(self, params: dict, data_dir: str | Path, table: str | Path, base: str | Path,
-                 supernet: str | Path, out_dir: str | Path) -> None:
+    def __init__(self, params: dict, data_dir: str | Path, table: str | Path, supernet: str | Path,
+                 out_dir: str | Path) -> None:
         from jdnas.search import compute_spent
         self.params, self.cfg = params, params["baseline"]
         self.data_dir, self.out = Path(data_dir), Path(out_dir)
@@ -202,14 +210,14 @@ class Naive:
         self.supernet = Path(supernet)
         self.device = resolve_device(params["device"])
         self.table = LatencyTable.load(table)
-        ckpt = read_checkpoint(base)
-        self.base_arch = Arch.from_json(ckpt["arch"])
-        self.inputs = [self.data_dir / "manifest.json", Path(table), Path(base), self.supernet]
-        # the search's target: its ratio x the base's predicted latency
-        self.target_ms = params["search"]["latency_target"] * self.table.predict(self.base_arch, Head.of(ckpt["head"]))
+        self.inputs = [self.data_dir / "manifest.json", Path(table)]
         self.budget = Budget(None, compute_spent(0.0, 0.0, params["device"])[1], [1.0] * len(STEPS))
         self.train_set = CocoDetection(self.data_dir / "train.json", max_size=params["model"]["max_size"])
         self.head = head_config(params["model"], self.train_set.labels.num_classes)
+        # the base's arch and head as train_base builds (or adopts) it; the search's target: its
+        # ratio x the base's predicted latency
+        self.base_arch = resolve_arch(params["model"]["base"], params["model"]["width"])
+        self.target_ms = params["search"]["latency_target"] * self.table.predict(self.base_arch, Head.of(self.head))
 
     def score(self, ap: float, latency_ms: float) -> float:
         return score(ap, latency_ms, self.target_ms, self.params["search"]["penalty"])
@@ -246,8 +254,15 @@ class Naive:
                                                        self.params["latency"]["clock"])["m"],
                 "params": count_params(model), "flops": count_flops(model)}
 
-    def step(self, name: str, run: Callable[[Path, float], dict[str, Any]]) -> dict[str, Any]:
-        return run_step(self.steps / name, self.budget, run)
+    def step(self, name: str) -> dict[str, Any]:
+        """Run step `name` (or reuse its results): a step's folder belongs to the params and input
+        files of its stage, to the step before it, and (kd) to the teacher pool."""
+        i = STEPS.index(name)
+        inputs = self.inputs + ([self.steps / STEPS[i - 1] / "metrics.json"] if i else [])
+        inputs += [self.supernet] if name == "kd" else []
+        stage = "baseline_nas" if name in NAS_STEPS else "baseline_naive"
+        resume_dir(self.steps / name, inputs_fingerprint(stage, self.params, inputs))
+        return run_step(self.steps / name, self.budget, getattr(self, name))
 
     # the four steps
     def nas(self, out: Path, share: float) -> dict[str, Any]:
@@ -300,9 +315,11 @@ class Naive:
         return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": teacher,
                 **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
-    def run(self) -> dict[str, Any]:
-        resume_dir(self.steps, inputs_fingerprint("baseline_naive", self.params, self.inputs))
-        steps = [self.step(name, getattr(self, name)) for name in STEPS]
+    def run(self, until: str = STEPS[-1]) -> dict[str, Any]:
+        """The steps up to `until`; after the last one, `<out>/metrics.json` sums them up."""
+        steps = [self.step(name) for name in STEPS[:STEPS.index(until) + 1]]
+        if until != STEPS[-1]:
+            return {"steps": steps, "final": steps[-1]}
         summary = {"compute_unit": self.budget.unit, "spent": round(self.budget.spent, 2),
                    "iters": {"nas": self.cfg["nas_iters"] * len(steps[0]["candidates"]),
                              "retrain": self.params["train_base"]["iters"], "prune": self.cfg["prune_iters"],
@@ -313,7 +330,8 @@ class Naive:
         return summary
 
 
-def run_baseline(params: dict, data_dir: str | Path, table: str | Path, base: str | Path, supernet: str | Path,
-                 out_dir: str | Path) -> dict[str, Any]:
-    """Stage baseline_naive: the four steps -> `<out_dir>/metrics.json`."""
-    return Naive(params, data_dir, table, base, supernet, out_dir).run()
+def run_baseline(params: dict, data_dir: str | Path, table: str | Path, supernet: str | Path, out_dir: str | Path,
+                 until: str = STEPS[-1]) -> dict[str, Any]:
+    """Stages baseline_nas (`until` retrain) and baseline_naive (the four steps, reusing those done)
+    -> `<out_dir>/metrics.json`."""
+    return Naive(params, data_dir, table, supernet, out_dir).run(until)

@@ -196,12 +196,12 @@ def cmd_evaluate_final(args: argparse.Namespace) -> None:
 def cmd_baseline(args: argparse.Namespace) -> None:
     params = _params(args)
     _runtime(args, params)
-    where = (args.data, args.latency_table, args.base, args.supernet)
     if args.pipeline == "naive":
         from jdnas.baseline import run_baseline
-        result = run_baseline(params, *where, args.out)["final"]
+        result = run_baseline(params, args.data, args.latency_table, args.supernet, args.out, args.until)["final"]
     else:
         from jdnas.matched import run_matched
+        where = (args.data, args.latency_table, args.base, args.supernet)
         result = {k: v for k, v in run_matched(args.pipeline, params, *where, args.search_summary, args.out).items()
                   if k != "steps"}
     print(json.dumps(result))
@@ -363,8 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "pruning to the target, then KD (default: %(default)s)")
     p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
     p.add_argument("--latency-table", default="runs/latency/cpu/table.csv", help="(default: %(default)s)")
-    p.add_argument("--base", default="runs/base/model.pt", help="base detector (default: %(default)s)")
-    p.add_argument("--supernet", default="runs/teacher_pool/supernet.pt", help="(default: %(default)s)")
+    p.add_argument("--until", default="kd", choices=["nas", "retrain", "prune", "kd"],
+                   help="naive: stop after this step (stage baseline_nas: retrain); a rerun reuses the steps "
+                        "done (default: %(default)s)")
+    p.add_argument("--base", default="runs/base/model.pt",
+                   help="control, prune_kd: the base detector (naive builds its arch from the params) "
+                        "(default: %(default)s)")
+    p.add_argument("--supernet", default="runs/teacher_pool/supernet.pt",
+                   help="the teacher pool (naive: read by its kd step) (default: %(default)s)")
     p.add_argument("--search-summary", default="runs/search/summary.json",
                    help="control, prune_kd: the search's latency target and measured compute (default: %(default)s)")
     p.add_argument("--out", default="runs/baseline", help="output folder (default: %(default)s)")

@@ -27,6 +27,7 @@ FINAL = "runs/final"
 REPORT = "reports"
 REPORT_PLOTS = ("search_trajectory.png", "ap_vs_latency.png", "teacher_pool.png", "student_vs_teacher.png")
 TABLE = f"{LATENCY}/table.csv"
+NAIVE_NAS = f"{BASELINE}/steps/retrain/metrics.json"  # stage baseline_nas is done
 MATCHED = {"control": ("finetune",), "prune_kd": ("prune", "kd")}  # baselines matched to the search's compute
 # inputs every search step reads; the Snakemake search rules add their round's files
 SEARCH_INPUTS = (DATA, f"{POOL}/supernet.pt", TABLE, f"{BASE}/model.pt")
@@ -124,15 +125,25 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         params=("seed", "device", "eval", "teacher_pool.eval", "latency.clock"),
         code=("jdnas/search.py", "jdnas/engine.py", "jdnas/latency", "jdnas/export.py"),
     ),
-    # the naive pipeline: a budget of its own (params baseline), so it needs nothing from the search
+    # the naive pipeline: a budget of its own (params baseline), so it needs nothing from the search.
+    # Its NAS and retraining need no teacher and no base weights either: they run from the start,
+    # beside train_base and the pool; prune and KD follow once the pool is trained
+    StageDef(
+        "baseline_nas",
+        f"jdnas baseline --until retrain --data {DATA} --latency-table {TABLE} --out {BASELINE}",
+        deps=(DATA, TABLE), dir_outs=tuple(f"{BASELINE}/steps/{s}" for s in ("nas", "retrain")), persist=True,
+        params=("seed", "device", "model", "eval", "baseline", "search.latency_target", "search.penalty",
+                "search.rounds", "search_space", "train_base", "teacher_pool.eval", "latency.clock"),
+        code=("jdnas/baseline.py", "jdnas/models", "jdnas/morphism.py", "jdnas/engine.py", "jdnas/latency/measure.py"),
+    ),
     StageDef(
         "baseline_naive",
-        f"jdnas baseline --data {DATA} --latency-table {TABLE} --base {BASE}/model.pt "
-        f"--supernet {POOL}/supernet.pt --out {BASELINE}",
-        deps=(DATA, TABLE, f"{BASE}/model.pt", f"{POOL}/supernet.pt"),
-        dir_outs=(f"{BASELINE}/steps",), metrics=(f"{BASELINE}/metrics.json",), persist=True,
-        params=("seed", "device", "model", "eval", "baseline", "search.latency_target", "search.penalty",
-                "search.rounds", "search_space", "train_base", "train_student", "teacher_pool.eval", "latency.clock"),
+        f"jdnas baseline --data {DATA} --latency-table {TABLE} --supernet {POOL}/supernet.pt --out {BASELINE}",
+        deps=(DATA, TABLE, NAIVE_NAS, f"{POOL}/supernet.pt"),
+        dir_outs=tuple(f"{BASELINE}/steps/{s}" for s in ("prune", "kd")), metrics=(f"{BASELINE}/metrics.json",),
+        persist=True,
+        params=("seed", "device", "model", "eval", "baseline", "search.latency_target", "search_space",
+                "train_student", "teacher_pool.eval", "latency.clock"),
         code=("jdnas/baseline.py", "jdnas/student.py", "jdnas/morphism.py", "jdnas/distill.py", "jdnas/engine.py",
               "jdnas/latency/measure.py"),
     ),

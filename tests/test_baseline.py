@@ -122,3 +122,44 @@ def test_kd_iterations_are_priced_with_the_teachers_forward(prepared, smoke_para
     planned_, measured_ = statistics.median(planned), statistics.median(measured)
     assert abs(planned_ - measured_) <= 0.10 * measured_, (planned, measured)
     assert statistics.median(alone) < 0.8 * measured_  # the teacher's forward is a real part of the price
+
+
+def test_the_naive_nas_steps_need_no_pool_and_a_rerun_reuses_them(prepared, smoke_params, tmp_path):
+    """Stage baseline_nas (`until` retrain) runs before the teacher pool exists (the workflow starts
+    it beside train_base); a rerun reuses its steps; a param it reads makes them run again."""
+    from conftest import proxy_table, with_overrides
+    from jdnas.baseline import run_baseline
+    from jdnas.data.prepare import resolved_params
+    torch.set_num_threads(1)
+    params = resolved_params(smoke_params, prepared)
+    proxy_table(params, classes=len(params["data"]["synthetic"]["classes"]) + 1).save(tmp_path / "table.csv")
+    out, no_pool = tmp_path / "baseline", tmp_path / "absent" / "supernet.pt"
+    first = run_baseline(params, prepared, tmp_path / "table.csv", no_pool, out, until="retrain")
+    assert [s["step"] for s in first["steps"]] == ["nas", "retrain"] and first["final"]["step"] == "retrain"
+    assert not (out / "metrics.json").exists() and not (out / "steps" / "prune").exists()
+    done = {s: (out / "steps" / s / "metrics.json").read_text() for s in ("nas", "retrain")}
+    run_baseline(params, prepared, tmp_path / "table.csv", no_pool, out, until="retrain")
+    assert {s: (out / "steps" / s / "metrics.json").read_text() for s in done} == done
+    longer = with_overrides(params, {"baseline": {"nas_iters": params["baseline"]["nas_iters"] + 1}})
+    nas = run_baseline(longer, prepared, tmp_path / "table.csv", no_pool, out, until="nas")["final"]
+    assert {c["iters"] for c in nas["candidates"]} == {longer["baseline"]["nas_iters"]}
+
+
+def test_a_matched_fine_tune_resumes_on_the_iterations_it_planned(prepared, smoke_params, base_ckpt, tmp_path):
+    """Control and prune_kd price an iteration with a timing probe; a killed run must resume on the
+    first run's plan (a new probe would change the iterations and throw away the training state)."""
+    import json
+    from jdnas.baseline import fine_tune
+    from jdnas.data.prepare import resolved_params
+    torch.set_num_threads(1)
+    params = resolved_params(smoke_params, prepared)
+    data = CocoDetection(prepared / "train.json", max_size=params["model"]["max_size"])
+    first = fine_tune(params, prepared, data, torch.device("cpu"), Budget(None, "cpu_seconds", [1.0] * 4), base_ckpt,
+                      1.0, tmp_path / "a", None)
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())
+    assert plan["iters"] == first["iters"] >= params["baseline"]["min_iters"] and plan["cost_per_iter"] > 0
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "plan.json").write_text(json.dumps({"iters": 3, "cost_per_iter": 0.5, "share": 1.5}))
+    again = fine_tune(params, prepared, data, torch.device("cpu"), Budget(None, "cpu_seconds", [1.0] * 4), base_ckpt,
+                      1000.0, tmp_path / "b", None)
+    assert again["iters"] == 3 and again["cost_per_iter"] == 0.5

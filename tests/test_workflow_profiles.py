@@ -18,8 +18,8 @@ SLURM = "workflow/profiles/slurm"
 SLURM_COMMANDS = ("sbatch", "srun", "salloc", "scancel")
 # every rule of the workflow, by where it runs with `device: cuda`; a new rule must be added here
 GPU_RULES = {"train_base", "profile_latency", "train_teacher_pool", "eval_teacher_pool", "search_init",
-             "search_candidate", "search_finish", "evaluate_final", "baseline_naive", "control", "prune_kd",
-             "report"}
+             "search_candidate", "search_finish", "evaluate_final", "baseline_nas", "baseline_naive", "control",
+             "prune_kd", "report"}
 CPU_RULES = {"prepare_data", "search_propose", "search_select", "search_history", "all"}
 
 
@@ -73,7 +73,7 @@ def test_slurm_profile_requests_gpus_for_gpu_rules_only(ws):
     jobs = dry_run(ws, "config/gpu.yaml")
     unknown = set(jobs) - GPU_RULES - CPU_RULES
     assert not unknown, f"add {unknown} to GPU_RULES or CPU_RULES"
-    assert GPU_RULES - {"baseline_naive"} <= set(jobs) and len(jobs["search_candidate"]) > 1
+    assert GPU_RULES - {"baseline_nas", "baseline_naive"} <= set(jobs) and len(jobs["search_candidate"]) > 1
     for rule, resources in jobs.items():
         for r in resources:
             if rule in GPU_RULES:

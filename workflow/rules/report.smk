@@ -1,7 +1,26 @@
 # The naive NAS -> retrain -> prune -> KD pipeline (a budget of its own, from params), the
 # baselines matched to the search's compute (control, prune_kd), then the report that puts
 # them beside the joint search.
-from jdnas.stages import REPORT, REPORT_PLOTS
+from jdnas.stages import NAIVE_NAS, REPORT, REPORT_PLOTS
+
+
+rule baseline_nas:
+    input:
+        stage_inputs("baseline_nas"),
+    output:
+        # the last step's metrics: the finished steps beside it are what a killed run resumes from
+        NAIVE_NAS,
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/baseline_nas.log",
+    threads: STAGES["baseline_nas"].threads
+    resources:
+        gpu=GPUS_PER_JOB,
+    params:
+        trigger=STAGES["baseline_nas"].params_hash(PARAMS),
+    shell:
+        stage_shell("baseline_nas")
 
 
 rule baseline_naive:
@@ -25,6 +44,8 @@ rule baseline_naive:
 
 
 rule control:
+    # the longest job once the search is done (it trains for the whole joint compute): first to start
+    priority: 10
     input:
         stage_inputs("control"),
     output:
