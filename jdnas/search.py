@@ -326,14 +326,15 @@ def finish(ctx: Context) -> State:
 
 
 def pick(results: list[dict], target_ms: float, penalty: float, tolerance: float, under: bool) -> dict:
-    """The round's winner among the trained candidates (the control included). While the current
-    student is above the target (`under` false) the best score (AP - penalty x overshoot) wins,
-    where a latency within `tolerance` (relative) of the control's counts as the control's: timing
-    noise never buys a candidate a lower penalty. A cut wins when the AP it costs is worth its
-    latency at `penalty` AP per unit of overshoot; else the control trains on (forcing a cut every
-    round, a default run paid 4.9 minival AP for a 9% cut, FPN 48 -> 36). Once the student is under
-    the target it is a hard constraint: only candidates under it compete, on minival AP. Ties go to
-    the lower index (the control first)."""
+    """The round's winner among the trained candidates (the control included). The target is a
+    constraint: while the current student is above it (`under` false), a cut always wins (every
+    candidate but the control is one: `candidate_actions` proposes only cuts there), the best score
+    (AP - penalty x overshoot) among the cuts; the control trains on only when no cut finished.
+    A latency within `tolerance` (relative) of the control's counts as the control's, so timing
+    noise never buys a cut a lower penalty. (Letting the control compete above the target made a
+    default run stop 3% above it: near the target the penalty is worth less than the AP that
+    training on wins.) Once the student is under the target only candidates under it compete, on
+    minival AP. Ties go to the lower index (the control first)."""
     control = next((x for x in results if x.get("control")), None)
     feasible = [x for x in results if x["latency_ms"] <= target_ms]
     if under and feasible:  # the control always is, unless its job failed
@@ -343,7 +344,8 @@ def pick(results: list[dict], target_ms: float, penalty: float, tolerance: float
         if control and abs(x["latency_ms"] - control["latency_ms"]) <= tolerance * control["latency_ms"]:
             return control["latency_ms"]
         return x["latency_ms"]
-    return max(results, key=lambda x: (score(x["ap"], latency(x), target_ms, penalty), -x["index"]))
+    cuts = [x for x in results if not x.get("control")] or results
+    return max(cuts, key=lambda x: (score(x["ap"], latency(x), target_ms, penalty), -x["index"]))
 
 
 def select(ctx: Context, r: int) -> State:

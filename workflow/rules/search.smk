@@ -20,7 +20,13 @@ wildcard_constraints:
     k=r"\d+",
 
 
+# the search is the critical path: its jobs go first when other ready jobs (the naive baseline,
+# the pool's evaluation) wait for a core
+SEARCH_PRIORITY = 5
+
+
 rule search_init:
+    priority: SEARCH_PRIORITY
     input:
         SEARCH_DEPS,
     output:
@@ -40,6 +46,7 @@ rule search_init:
 
 
 rule search_propose:
+    priority: SEARCH_PRIORITY
     input:
         SEARCH_DEPS,
         state=lambda w: f"{SEARCH}/round_{int(w.r) - 1}/state.json",
@@ -57,6 +64,7 @@ rule search_propose:
 
 
 rule search_candidate:
+    priority: SEARCH_PRIORITY
     input:
         SEARCH_DEPS,
         f"{SEARCH}/round_{{r}}/proposals.json",
@@ -77,6 +85,7 @@ rule search_candidate:
 
 
 rule search_select:
+    priority: SEARCH_PRIORITY
     input:
         SEARCH_DEPS,
         lambda w: [f"{SEARCH}/round_{w.r}/cand_{k}/result.json" for k in range(CANDIDATES + 1)],  # + the control
@@ -96,6 +105,7 @@ rule search_select:
 
 
 rule search_finish:
+    priority: SEARCH_PRIORITY
     input:
         SEARCH_DEPS,
         f"{SEARCH}/round_{ROUNDS}/state.json",
