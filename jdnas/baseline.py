@@ -17,8 +17,8 @@ Every step writes `runs/baseline/steps/<step>/` (model.pt, metrics.json), so a k
 from the last finished step; `runs/baseline/metrics.json` sums them up. Steps 1-2 need neither the
 teacher pool nor the base's weights (its arch and head come from the params), so the workflow runs
 them as a stage of their own (`--until retrain`, stage baseline_nas) from the start, on the core
-that train_base and the pool leave free. The pieces (`Budget`,
-`run_step`, `fine_tune`) also serve the compute-matched baselines (jdnas/matched.py).
+that train_base and the pool leave free. The pieces (`Budget`, `run_step`, `fine_tune`) also
+serve the compute-matched baselines (jdnas/matched.py).
 """
 from __future__ import annotations
 
