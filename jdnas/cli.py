@@ -356,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency table: predicted latency per part (default: %(default)s)")
     p.add_argument("--out", default="runs/final", help="output folder (default: %(default)s)")
 
-    p = add("baseline", cmd_baseline, "stages baseline_nas, baseline_naive, control, prune_kd: what a user would otherwise "
-            "do, on the search's latency target (jdnas/baseline.py, jdnas/matched.py)", threads=True)
+    p = add("baseline", cmd_baseline, "stages baseline_nas, baseline_naive, control, prune_kd: what a user "
+            "would otherwise do, on the search's latency target (jdnas/baseline.py, jdnas/matched.py)", threads=True)
     p.add_argument("--pipeline", default="naive", choices=["naive", "control", "prune_kd"],
                    help="naive: NAS -> retrain -> prune -> KD; control: the base fine-tuned; prune_kd: greedy "
                         "pruning to the target, then KD (default: %(default)s)")
