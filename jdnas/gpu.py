@@ -109,11 +109,6 @@ def lease_gpus(n: int = 1, lock_dir: Path | None = None, timeout_s: float = 3600
         time.sleep(poll_s)
 
 
-def lease_gpu(lock_dir: Path | None = None, timeout_s: float = 3600.0, poll_s: float = 0.5) -> str:
-    """Take the first free device id (see `lease_gpus`)."""
-    return lease_gpus(1, lock_dir, timeout_s, poll_s)
-
-
 def release_all() -> None:
     """Free every slot this process holds (normally left to process exit)."""
     while _held:

@@ -13,8 +13,8 @@ from conftest import cli_env
 HOLDER = """
 import sys, time
 from pathlib import Path
-from jdnas.gpu import lease_gpu
-dev = lease_gpu(Path(sys.argv[1]), timeout_s=float(sys.argv[2]), poll_s=0.05)
+from jdnas.gpu import lease_gpus
+dev = lease_gpus(1, Path(sys.argv[1]), timeout_s=float(sys.argv[2]), poll_s=0.05)
 print(dev, flush=True)
 time.sleep(float(sys.argv[3]))
 """
@@ -53,7 +53,7 @@ def test_lease_sets_env_and_times_out(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv(gpu.LEASED, "")
     try:
-        assert gpu.lease_gpu(tmp_path) == "3"
+        assert gpu.lease_gpus(1, tmp_path) == "3"
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
         holder = _spawn(tmp_path, "3", timeout=0.2, hold=0)
         assert holder.wait(timeout=30) != 0  # no free device: a clear error, non-zero exit
@@ -64,7 +64,7 @@ def test_lease_sets_env_and_times_out(tmp_path, monkeypatch):
 def test_no_device_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("JDNAS_GPUS", "")
     with pytest.raises(JdnasError, match="list no device"):
-        gpu.lease_gpu(tmp_path)
+        gpu.lease_gpus(1, tmp_path)
 
 
 def test_cuda_on_a_machine_without_gpus_says_so(tmp_path, monkeypatch):
@@ -72,12 +72,12 @@ def test_cuda_on_a_machine_without_gpus_says_so(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
     with pytest.raises(JdnasError, match="no CUDA device .set device: cpu"):
-        gpu.lease_gpu(tmp_path)
+        gpu.lease_gpus(1, tmp_path)
 
 
 def test_slurm_jobs_do_not_share_lock_files(tmp_path):
     """Two SLURM jobs on one node both see their own GPU as device 0: neither waits for the other."""
-    script = "from jdnas.gpu import lease_gpu; print(lease_gpu(timeout_s=0.2, poll_s=0.05), flush=True); " \
+    script = "from jdnas.gpu import lease_gpus; print(lease_gpus(1, timeout_s=0.2, poll_s=0.05), flush=True); " \
              "import time; time.sleep(3)"
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               env={**cli_env(), "JDNAS_GPUS": "0", "JDNAS_GPU_LOCK_DIR": str(tmp_path),
