@@ -154,7 +154,7 @@ def _search_context(args: argparse.Namespace, params: dict):
 def cmd_search_step(args: argparse.Namespace) -> None:
     from jdnas import search
     params = _params(args)
-    _runtime(args, params, gpus=int(args.step in ("init", "candidate", "finish")))  # propose, select, history: CPU
+    _runtime(args, params, gpus=int(args.step != "history"))  # screening, trials and the lineage train
     if args.step == "history":
         search.write_history(Path(args.root), params)
         return
@@ -164,7 +164,7 @@ def cmd_search_step(args: argparse.Namespace) -> None:
     if args.step == "init":
         out = search.init_search(ctx)
     elif args.step == "propose":
-        out = search.write_proposals(ctx, args.round)
+        out = search.propose(ctx, args.round)
     elif args.step == "candidate":
         out = search.run_candidate(ctx, args.round, args.index)
     elif args.step == "finish":
@@ -182,7 +182,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate_final(args: argparse.Namespace) -> None:
-    from jdnas.search import evaluate_final
+    from jdnas.final import evaluate_final
     params = _params(args)
     _runtime(args, params)
     summary = evaluate_final(params, args.data, args.state, args.base, args.out, args.latency_table)

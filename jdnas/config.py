@@ -210,6 +210,7 @@ SCHEMA: dict = {
     "train_student": {
         **train_schema(iters=300, lr=0.02),
         "warmup_iters": integer(20, 0),
+        "scales": numbers([1.0], 0.1, 4.0),
         "kd_loss": choice("fpn_masked", ("fpn", "fpn_masked", "logits")),
         "kd_weight": number(1.0, 0.0),
         "kd_fg_weight": number(1.0, 0.0),
@@ -257,14 +258,20 @@ SCHEMA: dict = {
     "search": {
         "rounds": integer(3, 1),
         "candidates": integer(2, 1),
+        "teacher_moves": integer(1, 0),
+        "iters": integer(300, 1),
+        "round_iters": integer(60, 1),
+        "trial_iters": integer(15, 1),
+        "screen_images": integer(0, 0),
+        "screen_bn_batches": integer(2, 0),
+        "bootstrap": integer(200, 10),
+        "confidence": number(0.9, 0.5, 0.999),
         "patience": integer(2, 1),
-        "final_iters": integer(0, 0),
         "latency_target": number(0.8, 0.0, 10.0, lo_open=True),
         "penalty": number(50.0, 0.0),
         "latency_tolerance": number(0.08, 0.0, 1.0),
-        "teacher_keep": number(0.4, 0.0, 1.0),
-        "teacher_mutate": number(0.4, 0.0, 1.0),
-        "teacher_resample": number(0.2, 0.0, 1.0),
+        "teacher_mutate": number(0.7, 0.0, 1.0),
+        "teacher_resample": number(0.3, 0.0, 1.0),
     },
     "baseline": {
         "nas_candidates": integer(3, 1),
@@ -354,8 +361,11 @@ def check_consistency(p: dict, source: str) -> None:
             raise ConfigError(f"{source}: search_space.{key} must hold ratios in (0, 1)"
                               + (" (widen: > 0)" if key == "widen_ratios" else ""))
     sc = p["search"]
-    if sc["teacher_keep"] + sc["teacher_mutate"] + sc["teacher_resample"] <= 0:
-        raise ConfigError(f"{source}: search.teacher_keep/mutate/resample: at least one must be > 0")
+    if sc["teacher_mutate"] + sc["teacher_resample"] <= 0:
+        raise ConfigError(f"{source}: search.teacher_mutate/resample: at least one must be > 0")
+    if sc["trial_iters"] > sc["round_iters"]:
+        raise ConfigError(f"{source}: search.trial_iters must be <= search.round_iters (a finalist's trial is "
+                          "the start of the winner's round)")
     lat = p["latency"]
     if lat["device"] in ("cpu", "onnxruntime") and lat["clock"] == "cpu_time" and lat["threads"] != 1:
         raise ConfigError(f"{source}: latency.clock = 'cpu_time' times one thread: set latency.threads to 1 "

@@ -130,7 +130,8 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
                    desc: str = "train", stop_after: int | None = None,
                    extra: torch.nn.Module | None = None, log: TrainLog | None = None,
                    on_eval: Callable[[int], None] | None = None, eval_every: int = 0,
-                   ctx: DistContext = DistContext()) -> dict[str, Any]:
+                   ctx: DistContext = DistContext(), first: int = 0, until: int | None = None,
+                   momentum: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Train `model` for cfg['iters'] iterations, checkpointing to `state_path` and resuming from it.
 
     A saved state is resumed only if its `fingerprint` (arch, params, data) matches; otherwise
@@ -147,6 +148,12 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     done, the training seconds and CPU-seconds spent in total (resumed runs included), and the
     CPU-seconds earlier processes had spent (`resumed_cpu_seconds`: a caller timing its own
     process adds them, so a killed and resumed job counts all it spent).
+
+    A segment of a longer schedule (a search lineage): `first` is where training starts when no
+    state is resumed and `until` where it stops (exclusive; default cfg['iters']), the lr following
+    cfg's schedule over all cfg['iters']; `momentum` seeds SGD's buffers by parameter name (KD
+    modules as `extra.<name>`; a missing or misshapen one starts at zero), and the summary returns
+    them (`momentum`), so the next segment continues where this one stopped.
     """
     state_path = Path(state_path)
     model.to(device)
@@ -154,7 +161,9 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
         model.to(memory_format=torch.channels_last)
     trained = model if extra is None else torch.nn.ModuleList([model, extra.to(device)])
     optimizer = make_optimizer(trained, cfg)
-    start, seconds, cpu_seconds = 0, 0.0, 0.0
+    named = named_parameters(model, extra)
+    load_momentum(optimizer, named, momentum or {})
+    start, seconds, cpu_seconds = first, 0.0, 0.0
     torch.manual_seed(seed)  # RPN / RoI sampling draw from torch's global generator
     state = load_train_state(state_path, fingerprint, STATE_FORMAT, desc)
     if state is not None:
@@ -184,7 +193,8 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
             log.flush()
         barrier(ctx)
 
-    total = cfg["iters"] if stop_after is None else min(cfg["iters"], start + stop_after)
+    end = cfg["iters"] if until is None else min(until, cfg["iters"])
+    total = end if stop_after is None else min(end, start + stop_after)
     loader = batches_for(dataset, cfg["batch_size"], total, seed, start, cfg["workers"], ctx=ctx,
                          pin_memory=device.type == "cuda")
     params = [p for p in trained.parameters() if p.requires_grad]
@@ -214,7 +224,7 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
             torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
         optimizer.step()
         it += 1
-        evals = on_eval is not None and eval_every > 0 and it % eval_every == 0 and it < cfg["iters"]
+        evals = on_eval is not None and eval_every > 0 and it % eval_every == 0 and it < end
         saves = it % cfg["checkpoint_every"] == 0 or it == total
         for step in meter.end(it - 1, {**losses, "loss": loss}, len(images) * ctx.world, read=evals or saves):
             if log is not None:
@@ -236,7 +246,37 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     if bar is not None:
         bar.close()
     return {"iters": it, "seconds": round(meter.seconds, 2), "cpu_seconds": round(meter.cpu_seconds, 2),
-            "resumed_cpu_seconds": resumed_cpu, "last_losses": last}
+            "resumed_cpu_seconds": resumed_cpu, "last_losses": last, "momentum": momentum_of(optimizer, named)}
+
+
+def named_parameters(model: torch.nn.Module, extra: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The trained parameters by name: the model's own names, KD modules' as `extra.<name>`."""
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if extra is not None:
+        named.update({f"extra.{k}": p for k, p in extra.named_parameters() if p.requires_grad})
+    return named
+
+
+def momentum_of(optimizer: torch.optim.Optimizer, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SGD's momentum buffers by parameter name (on the CPU), for a segment that continues them."""
+    out = {}
+    for k, p in named.items():
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out[k] = buf.detach().cpu().clone()
+    return out
+
+
+def load_momentum(optimizer: torch.optim.Optimizer, named: dict[str, torch.Tensor],
+                  buffers: dict[str, torch.Tensor]) -> None:
+    """Seed SGD's momentum buffers by name; given any, every other parameter starts at zero (the
+    same first step as no buffer: dampening 0), so no step mixes seeded and unseeded groups."""
+    if not buffers:
+        return
+    for k, p in named.items():
+        b = buffers.get(k)
+        ok = b is not None and tuple(b.shape) == tuple(p.shape)
+        optimizer.state[p]["momentum_buffer"] = b.to(p.device, p.dtype).clone() if ok else torch.zeros_like(p)
 
 
 @torch.no_grad()

@@ -6,8 +6,9 @@ latency target would otherwise do.
 - `prune_kd`: greedy structured pruning of the base over the same whole-detector space as the
   search (backbone blocks and channels, FPN width, box head, input size, proposals) until the
   predicted latency meets the same target: each step takes the cut with the most predicted
-  latency saved per minival AP lost (channels ranked by the morphism's L1 importance; a cut
-  must save more than `search.latency_tolerance` while one does). Then it fine-tunes with KD
+  latency saved per screen AP lost (the joint search's screen: BN recalibrated, the same minival
+  subset; channels ranked by the morphism's L1 importance; a cut must save more than
+  `search.latency_tolerance` while one does). Then it fine-tunes with KD
   from the pool's largest member for the rest of its budget.
 
 Compute rule (the report states it): CPU-seconds on CPU, GPU-seconds on CUDA, measured around
@@ -30,10 +31,10 @@ from jdnas.latency import LatencyTable
 from jdnas.models.arch import Head
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, load_detector, read_checkpoint, save_detector
-from jdnas.morphism import child, legal_actions, morph_detector
-from jdnas.search import inputs_fingerprint
-
-CUT_KINDS = ("shallow", "prune", "slim", "fpn_prune", "head_prune", "resize", "proposals")
+from jdnas.morphism import child, legal_actions
+from jdnas.screen import Screen
+from jdnas.search import CUT_KINDS, inputs_fingerprint
+from jdnas.seeding import derive_seed
 
 
 def pool_compute(supernet: str | Path, unit: str) -> float:
@@ -65,6 +66,13 @@ class Matched:
         self.budget = Budget(self.joint - self.charged, unit, [1.0] * len(self.steps), self.steps)
         max_size = read_checkpoint(base)["head"]["max_size"]
         self.train_set = CocoDetection(self.data_dir / "train.json", max_size=max_size)
+
+    def screen(self) -> Screen:
+        """The joint search's screen: the same minival subset, BN recalibration and seed."""
+        cfg, ev = self.params["search"], self.params["teacher_pool"]["eval"]
+        return Screen(self.train_set, self.data_dir / "minival.json", cfg["screen_images"], cfg["screen_bn_batches"],
+                      ev["bn_batch_size"], self.params["eval"]["batch_size"], derive_seed(self.params["seed"], "screen"),
+                      self.device)
 
     def step(self, name: str, run) -> dict[str, Any]:
         return run_step(self.out / name, self.budget, run)
@@ -116,32 +124,32 @@ class PruneKD(Matched):
         base_head = Head.of(model.head_cfg)
         bounds = {**self.params["search_space"],
                   "actions": [a for a in self.params["search_space"]["actions"] if a in CUT_KINDS]}
-        minival = self.data_dir / "minival.json"
+        cfg = self.params["search"]
         batch = self.params["eval"]["batch_size"]
-        ap = evaluate(model, minival, batch, self.device)["AP"]
         lat = self.table.predict(model.arch, base_head)
         plan = []
-        tol = self.params["search"]["latency_tolerance"]
-        while lat > self.target_ms:
-            head = Head.of(model.head_cfg)
-            options = {}
-            for a in legal_actions(model.arch, bounds, head, base_head):
-                arch, h = child(a, model.arch, head)
-                if self.table.covers(arch, h) and self.table.predict(arch, h) < lat:
-                    options[a] = self.table.predict(arch, h)
-            big = {a: ms for a, ms in options.items() if ms < lat * (1 - tol)}
-            options = big or options
-            if not options:
-                break
-            tried = []
-            for a, ms in options.items():  # each cut's AP right after it (no training): its cost
-                trial = morph_detector(model, a, seed=self.params["seed"])
-                trial_ap = evaluate(trial, minival, batch, self.device)["AP"]
-                tried.append(((lat - ms) / max(ap - trial_ap, 0.1), str(a), a, trial, trial_ap, ms))
-            _, _, action, model, ap, lat = max(tried, key=lambda t: (t[0], t[1]))
-            plan.append({"action": str(action), "minival_ap": ap, "latency_ms": round(lat, 4)})
-            print(f"prune_kd: {action}: predicted {lat:.2f} ms (target {self.target_ms:.2f}), minival AP {ap:.2f}",
-                  flush=True)
+        tol = cfg["latency_tolerance"]
+        with self.screen() as screen:
+            ap = screen.score(model)
+            while lat > self.target_ms:
+                head = Head.of(model.head_cfg)
+                options = {}
+                for a in legal_actions(model.arch, bounds, head, base_head):
+                    arch, h = child(a, model.arch, head)
+                    if self.table.covers(arch, h) and self.table.predict(arch, h) < lat:
+                        options[a] = self.table.predict(arch, h)
+                big = {a: ms for a, ms in options.items() if ms < lat * (1 - tol)}
+                options = big or options
+                if not options:
+                    break
+                # each cut's AP right after it (BN recalibrated, no training), as the joint search screens
+                tried = [((lat - options[x["action"]]) / max(ap - x["ap"], 0.1), str(x["action"]), x)
+                         for x in screen.actions(model, list(options), seed=self.params["seed"])]
+                _, _, best = max(tried, key=lambda t: (t[0], t[1]))
+                action, model, ap, lat = best["action"], best["model"], best["ap"], options[best["action"]]
+                plan.append({"action": str(action), "screen_ap": ap, "latency_ms": round(lat, 4)})
+                print(f"prune_kd: {action}: predicted {lat:.2f} ms (target {self.target_ms:.2f}), screen AP {ap:.2f}",
+                      flush=True)
         out.mkdir(parents=True, exist_ok=True)
         save_detector(out / "model.pt", model.cpu(), stage="prune_kd", plan=plan)
         metrics = evaluate(model, self.data_dir / "val.json", batch, self.device)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -49,6 +49,7 @@ _ARG = {"deepen": None, "shallow": "index", "shift": "step", "prune": "ratio", "
 _MID_LINKS = {"basic": (("conv1", "bn1", "conv2"),),
               "bottleneck": (("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3"))}
 _LAST = {"basic": ("conv2", "bn2"), "bottleneck": ("conv3", "bn3")}
+WIDEN_NOISE = 1e-2  # widen: relative size of the +-noise that breaks the copies' symmetry
 
 
 # --- the action value --------------------------------------------------------------------
@@ -146,15 +147,74 @@ def _bp(stage: int, block: int) -> str:
     return f"{BODY}stages.{stage}.{block}."
 
 
-def _slice_out(sd: StateDict, conv: str, bn: str, idx: Tensor) -> None:
+def _take(t: Tensor, idx: Tensor, dim: int, groups: int | None) -> Tensor:
+    """`t` indexed by `idx` along `dim`; with `groups`, along the groups of a (groups, -1) view of `dim`."""
+    idx = idx.to(t.device)
+    if groups is None:
+        return t[(slice(None),) * dim + (idx,)]
+    return t.unflatten(dim, (groups, -1))[(slice(None),) * dim + (idx,)].flatten(dim, dim + 1)
+
+
+class _Surgery:
+    """A child state_dict under construction plus its followers, each cut exactly as the weights are."""
+
+    def __init__(self, sd: Mapping[str, Tensor], followers: Sequence[Mapping[str, Tensor]] = ()) -> None:
+        """Start from copies of the parent dicts (followers checked against the weights' keys and shapes)."""
+        for n, f in enumerate(followers):
+            bad = [k for k, v in f.items() if k not in sd or tuple(v.shape) != tuple(sd[k].shape)]
+            if bad:
+                raise ValueError(f"follower {n}: {bad[0]!r} is not a state_dict key of the same shape "
+                                 f"(followers hold a subset of the state_dict's keys, shaped like the weights)")
+        self.parent, self.parents = sd, list(followers)
+        self.sd, self.followers = dict(sd), [dict(f) for f in followers]
+
+    def __getitem__(self, key: str) -> Tensor:
+        """The child's current weight `key` (importance reads these, never the followers)."""
+        return self.sd[key]
+
+    def _dicts(self) -> tuple[StateDict, ...]:
+        return (self.sd, *self.followers)
+
+    def take(self, key: str, idx: Tensor, dim: int = 0, groups: int | None = None) -> None:
+        """Keep indices `idx` along `dim` of `key` (see `_take` for `groups`) in the weights and every follower."""
+        for d in self._dicts():
+            if key in d:
+                d[key] = _take(d[key], idx, dim, groups)
+
+    def rename(self, old: str, new: str) -> None:
+        """Move `old` to `new` everywhere (a follower lacking `old` ends up lacking `new`)."""
+        for d in self._dicts():
+            if old in d:
+                d[new] = d.pop(old)
+            else:
+                d.pop(new, None)
+
+    def drop(self, key: str) -> None:
+        """Delete `key` from the weights and every follower."""
+        for d in self._dicts():
+            d.pop(key, None)
+
+    def put(self, key: str, value: Tensor) -> None:
+        """Set a weight computed anew: the followers lose `key` (it starts fresh)."""
+        self.sd[key] = value
+        for f in self.followers:
+            f.pop(key, None)
+
+    def result(self) -> tuple[StateDict, list[StateDict]]:
+        """The child state_dict and followers, owning their tensors (see `_own`)."""
+        return _own(self.sd, self.parent), [_own(f, p) for f, p in zip(self.followers, self.parents)]
+
+
+def _slice_out(s: _Surgery, conv: str, bn: str, idx: Tensor) -> None:
     """Keep output channels `idx` of conv `conv` and its BN `bn` (key prefixes, no trailing dot)."""
-    sd[f"{conv}.weight"] = sd[f"{conv}.weight"][idx]
+    s.take(f"{conv}.weight", idx)
     for t in BN_TENSORS:
-        sd[f"{bn}.{t}"] = sd[f"{bn}.{t}"][idx]
+        s.take(f"{bn}.{t}", idx)
 
 
-def _slice_in(sd: StateDict, weight_key: str, idx: Tensor) -> None:
-    sd[weight_key] = sd[weight_key][:, idx]
+def _slice_in(s: _Surgery, weight_key: str, idx: Tensor) -> None:
+    """Keep input channels `idx` of a conv / linear weight."""
+    s.take(weight_key, idx, 1)
 
 
 def _block_keys(sd: Mapping[str, Tensor], stage: int, block: int) -> list[str]:
@@ -166,9 +226,10 @@ def _has_projection(sd: Mapping[str, Tensor], stage: int, block: int) -> bool:
     return f"{_bp(stage, block)}downsample.0.weight" in sd
 
 
-def _renumber(sd: StateDict, stage: int, old: int, new: int) -> None:
-    for k in _block_keys(sd, stage, old):
-        sd[_bp(stage, new) + k[len(_bp(stage, old)):]] = sd.pop(k)
+def _renumber(s: _Surgery, stage: int, old: int, new: int) -> None:
+    """Rename block `old` of `stage` to block `new`."""
+    for k in _block_keys(s.sd, stage, old):
+        s.rename(k, _bp(stage, new) + k[len(_bp(stage, old)):])
 
 
 def _check(arch: Arch, sd: Mapping[str, Tensor]) -> None:
@@ -181,10 +242,24 @@ def _check(arch: Arch, sd: Mapping[str, Tensor]) -> None:
             raise ValueError(f"state_dict has more blocks in stage {s} than {arch}")
 
 
+def _run(fn: Any, sd: Mapping[str, Tensor], *args: Any) -> tuple[Any, StateDict]:
+    """Run a surgery action `fn(s, *args)` on `sd` alone -> (its result, the child state_dict)."""
+    s = _Surgery(sd)
+    out = fn(s, *args)
+    return out, s.result()[0]
+
+
 # --- the actions ---------------------------------------------------------------------------
+# Each public action is a thin wrapper over a `_name(s: _Surgery, ...)` that cuts the weights
+# (and so the followers) in place and returns the child Arch / Head.
 def deepen(arch: Arch, sd: Mapping[str, Tensor], stage: int, seed: int = 0) -> tuple[Arch, StateDict]:
     """Add a block at the end of `stage` whose last BN has gamma = beta = 0: the function is unchanged."""
-    _check(arch, sd)
+    return _run(_deepen, sd, arch, stage, seed)
+
+
+def _deepen(s: _Surgery, arch: Arch, stage: int, seed: int) -> Arch:
+    """deepen on a surgery: the new block's tensors are put (followers get no entry)."""
+    _check(arch, s.sd)
     spec = arch.stages[stage]
     mid = spec.mids[-1]
     with torch.random.fork_rng(devices=[]):
@@ -192,58 +267,69 @@ def deepen(arch: Arch, sd: Mapping[str, Tensor], stage: int, seed: int = 0) -> t
         block = BLOCKS[arch.block](spec.out, mid, spec.out, 1)
         _init_weights(block)
     torch.nn.init.zeros_(block.last_bn.weight)
-    out = dict(sd)
-    ref = sd[f"{_bp(stage, 0)}conv1.weight"]
+    ref = s[f"{_bp(stage, 0)}conv1.weight"]
     for k, v in block.state_dict().items():
         dtype = v.dtype if k.endswith("num_batches_tracked") else ref.dtype
-        out[_bp(stage, spec.depth) + k] = v.to(device=ref.device, dtype=dtype)
-    return arch.with_stage(stage, Stage(spec.out, spec.mids + (mid,))), _own(out, sd)
+        s.put(_bp(stage, spec.depth) + k, v.to(device=ref.device, dtype=dtype))
+    return arch.with_stage(stage, Stage(spec.out, spec.mids + (mid,)))
 
 
 def shallow(arch: Arch, sd: Mapping[str, Tensor], stage: int, index: int) -> tuple[Arch, StateDict]:
     """Remove block `index` (>= 1) of `stage`; the blocks after it move up."""
-    _check(arch, sd)
+    return _run(_shallow, sd, arch, stage, index)
+
+
+def _shallow(s: _Surgery, arch: Arch, stage: int, index: int) -> Arch:
+    """shallow on a surgery: the block's keys are dropped, the later blocks renamed."""
+    _check(arch, s.sd)
     spec = arch.stages[stage]
     if not 1 <= index < spec.depth:
         raise ValueError(f"shallow({stage},{index}): stage {stage} of {arch} has blocks 0..{spec.depth - 1} "
                          f"and block 0 cannot be removed")
-    out = dict(sd)
-    for k in _block_keys(out, stage, index):
-        del out[k]
+    for k in _block_keys(s.sd, stage, index):
+        s.drop(k)
     for i in range(index + 1, spec.depth):
-        _renumber(out, stage, i, i - 1)
+        _renumber(s, stage, i, i - 1)
     mids = spec.mids[:index] + spec.mids[index + 1:]
-    return arch.with_stage(stage, Stage(spec.out, mids)), _own(out, sd)
+    return arch.with_stage(stage, Stage(spec.out, mids))
 
 
 def shift(arch: Arch, sd: Mapping[str, Tensor], stage: int, step: int, seed: int = 0) -> tuple[Arch, StateDict]:
     """Move the split between `stage` and `stage + 1` by one block: shallow (last block) + deepen."""
+    return _run(_shift, sd, arch, stage, step, seed)
+
+
+def _shift(s: _Surgery, arch: Arch, stage: int, step: int, seed: int) -> Arch:
+    """shift on a surgery: _shallow then _deepen."""
     if step not in (1, -1) or not 0 <= stage < 3:
         raise ValueError("shift takes a stage 0..2 and a step of +1 or -1")
     giver, taker = (stage + 1, stage) if step == 1 else (stage, stage + 1)
     depth = arch.stages[giver].depth
     if depth < 2:
         raise ValueError(f"shift({stage},{step:+d}): stage {giver} of {arch} has a single block to give")
-    arch, sd2 = shallow(arch, sd, giver, depth - 1)
-    return deepen(arch, sd2, taker, seed)
+    return _deepen(s, _shallow(s, arch, giver, depth - 1), taker, seed)
 
 
 def prune(arch: Arch, sd: Mapping[str, Tensor], stage: int, ratio: float) -> tuple[Arch, StateDict]:
     """Remove `ratio` of the mid channels of every block in `stage`, keeping the most important."""
-    _check(arch, sd)
+    return _run(_prune, sd, arch, stage, ratio)
+
+
+def _prune(s: _Surgery, arch: Arch, stage: int, ratio: float) -> Arch:
+    """prune on a surgery."""
+    _check(arch, s.sd)
     spec = arch.stages[stage]
-    out = dict(sd)
     mids = []
     for i, mid in enumerate(spec.mids):
         keep = kept_count(mid, ratio)
         p = _bp(stage, i)
         for producer, bn, consumer in _MID_LINKS[arch.block]:
-            imp = channel_importance(out[f"{p}{producer}.weight"], out[f"{p}{bn}.weight"])
+            imp = channel_importance(s[f"{p}{producer}.weight"], s[f"{p}{bn}.weight"])
             idx = top_channels(imp, keep)
-            _slice_out(out, p + producer, p + bn, idx)
-            _slice_in(out, f"{p}{consumer}.weight", idx)
+            _slice_out(s, p + producer, p + bn, idx)
+            _slice_in(s, f"{p}{consumer}.weight", idx)
         mids.append(keep)
-    return arch.with_stage(stage, Stage(spec.out, tuple(mids))), _own(out, sd)
+    return arch.with_stage(stage, Stage(spec.out, tuple(mids)))
 
 
 def slim_width(arch: Arch, stage: int, ratio: float) -> int:
@@ -263,11 +349,13 @@ def slim(arch: Arch, sd: Mapping[str, Tensor], stage: int, ratio: float) -> tupl
     """Remove `ratio` of `stage`'s output channels: the same channels on every block's residual path,
     the next stage's first block input and the FPN lateral conv (and the stem when it feeds stage 0's
     identity shortcut)."""
-    _check(arch, sd)
+    return _run(_slim, sd, arch, stage, ratio)
+
+
+def _slim_importance(arch: Arch, sd: Mapping[str, Tensor], stage: int, stem_in_path: bool) -> Tensor:
+    """Importance of `stage`'s output channels: summed over every conv + BN writing the residual path."""
     spec = arch.stages[stage]
-    keep = slim_width(arch, stage, ratio)
     last_conv, last_bn = _LAST[arch.block]
-    stem_in_path = stage == 0 and not _has_projection(sd, 0, 0)
     imp = torch.zeros(spec.out, device=sd[FPN_INNER.format(s=stage)].device)
     for i in range(spec.depth):
         p = _bp(stage, i)
@@ -276,62 +364,78 @@ def slim(arch: Arch, sd: Mapping[str, Tensor], stage: int, ratio: float) -> tupl
             imp = imp + channel_importance(sd[f"{p}downsample.0.weight"], sd[f"{p}downsample.1.weight"])
     if stem_in_path:
         imp = imp + channel_importance(sd[f"{BODY}stem.conv.weight"], sd[f"{BODY}stem.bn.weight"])
-    idx = top_channels(imp, keep)
-    out = dict(sd)
+    return imp
+
+
+def _slim(s: _Surgery, arch: Arch, stage: int, ratio: float) -> Arch:
+    """slim on a surgery."""
+    _check(arch, s.sd)
+    spec = arch.stages[stage]
+    keep = slim_width(arch, stage, ratio)
+    last_conv, last_bn = _LAST[arch.block]
+    sd = s.sd  # importance reads the weights before any cut; key tests stay valid after (no key moves)
+    stem_in_path = stage == 0 and not _has_projection(sd, 0, 0)
+    idx = top_channels(_slim_importance(arch, sd, stage, stem_in_path), keep)
     for i in range(spec.depth):
         p = _bp(stage, i)
-        _slice_out(out, p + last_conv, p + last_bn, idx)
+        _slice_out(s, p + last_conv, p + last_bn, idx)
         if _has_projection(sd, stage, i):
-            _slice_out(out, f"{p}downsample.0", f"{p}downsample.1", idx)
+            _slice_out(s, f"{p}downsample.0", f"{p}downsample.1", idx)
         if i > 0 or stem_in_path:
-            _slice_in(out, f"{p}conv1.weight", idx)
+            _slice_in(s, f"{p}conv1.weight", idx)
     if stem_in_path:
-        _slice_out(out, f"{BODY}stem.conv", f"{BODY}stem.bn", idx)
+        _slice_out(s, f"{BODY}stem.conv", f"{BODY}stem.bn", idx)
     if stage < 3:
         p = _bp(stage + 1, 0)
-        _slice_in(out, f"{p}conv1.weight", idx)
+        _slice_in(s, f"{p}conv1.weight", idx)
         if _has_projection(sd, stage + 1, 0):
-            _slice_in(out, f"{p}downsample.0.weight", idx)
-    _slice_in(out, FPN_INNER.format(s=stage), idx)
+            _slice_in(s, f"{p}downsample.0.weight", idx)
+    _slice_in(s, FPN_INNER.format(s=stage), idx)
     child = arch.with_stage(stage, Stage(keep, spec.mids))
     if stem_in_path:
         child = Arch(child.block, keep, child.stages)
-    return child, _own(out, sd)
+    return child
 
 
 def widen(arch: Arch, sd: Mapping[str, Tensor], stage: int, ratio: float, seed: int = 0,
-          noise: float = 1e-2) -> tuple[Arch, StateDict]:
+          noise: float = WIDEN_NOISE) -> tuple[Arch, StateDict]:
     """Net2Wider: add `ratio` x mid channels to every block of `stage` by copying the most important
     ones; the consumer's weights are split between the copies (plus a small +-noise that cancels,
     to break their symmetry), so the function is unchanged."""
-    _check(arch, sd)
+    return _run(_widen, sd, arch, stage, ratio, seed, noise)
+
+
+def _widen(s: _Surgery, arch: Arch, stage: int, ratio: float, seed: int, noise: float) -> Arch:
+    """widen on a surgery: every tensor it changes is put (computed anew: followers drop it)."""
+    _check(arch, s.sd)
     spec = arch.stages[stage]
     gen = torch.Generator().manual_seed(seed)
-    out = dict(sd)
     mids = []
     for i, mid in enumerate(spec.mids):
         add = max(1, int(round(ratio * mid)))
         p = _bp(stage, i)
         for producer, bn, consumer in _MID_LINKS[arch.block]:
-            imp = channel_importance(out[f"{p}{producer}.weight"], out[f"{p}{bn}.weight"])
+            imp = channel_importance(s[f"{p}{producer}.weight"], s[f"{p}{bn}.weight"])
             order = torch.argsort(imp.cpu(), descending=True)
             src = order[torch.arange(add) % mid]                 # channels copied, most important first
             mapping = torch.cat([torch.arange(mid), src]).to(imp.device)
-            counts = torch.bincount(mapping, minlength=mid).to(out[f"{p}{consumer}.weight"].dtype)
-            _slice_out(out, p + producer, p + bn, mapping)
-            w = out[f"{p}{consumer}.weight"]
+            counts = torch.bincount(mapping, minlength=mid).to(s[f"{p}{consumer}.weight"].dtype)
+            for k in [f"{p}{producer}.weight"] + [f"{p}{bn}.{t}" for t in BN_TENSORS]:
+                s.put(k, s[k][mapping])
+            w = s[f"{p}{consumer}.weight"]
             w = w[:, mapping] / counts[mapping].view(1, -1, *([1] * (w.ndim - 2)))
             eps = noise * w[:, mid:].std() * torch.randn(w[:, mid:].shape, generator=gen).to(w)
             w[:, mid:] += eps
             w.index_add_(1, src.to(w.device), -eps)
-            out[f"{p}{consumer}.weight"] = w
+            s.put(f"{p}{consumer}.weight", w)
         mids.append(mid + add)
-    return arch.with_stage(stage, Stage(spec.out, tuple(mids))), _own(out, sd)
+    return arch.with_stage(stage, Stage(spec.out, tuple(mids)))
 
 
 # --- head actions ------------------------------------------------------------------------------
 FPN = "backbone.fpn."
 RPN_CONV = "rpn.head.conv.0.0"
+RPN_HEADS = ("rpn.head.cls_logits.weight", "rpn.head.bbox_pred.weight")
 BOX = "roi_heads.box_head."
 PREDICTOR = ("roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.bbox_pred.weight")
 
@@ -350,45 +454,61 @@ def fpn_prune(head: Head, sd: Mapping[str, Tensor], ratio: float) -> tuple[Head,
     A channel's importance is the L1 norm of the filters writing it (lateral and output convs)
     x that of the weights reading it (RPN conv, fc6): a channel nothing downstream reads is free
     to drop, however large its filters."""
-    keep = kept_count(head.fpn, ratio)
-    levels = _fpn_levels(sd)
+    (child, _), out = _run(_fpn_prune, sd, head, ratio)
+    return child, out
+
+
+def _fpn_importance(head: Head, sd: Mapping[str, Tensor]) -> Tensor:
+    """Per FPN channel: L1 of the filters writing it x L1 of the weights reading it (see fpn_prune)."""
     fc6 = sd[f"{BOX}fc6.weight"]
     fc6_in = fc6.detach().abs().view(fc6.shape[0], head.fpn, -1).sum((0, 2))
     writes = sum(_l1_rows(sd[f"{FPN}inner_blocks.{i}.0.weight"]) + _l1_rows(sd[f"{FPN}layer_blocks.{i}.0.weight"])
-                 for i in levels)
+                 for i in _fpn_levels(sd))
     reads = _l1_rows(sd[f"{RPN_CONV}.weight"].transpose(0, 1)) / head.fpn + fc6_in / fc6.shape[0]
-    idx = top_channels(writes * reads, keep)
-    out = dict(sd)
-    for i in levels:
+    return writes * reads
+
+
+def _fpn_prune(s: _Surgery, head: Head, ratio: float) -> tuple[Head, Tensor]:
+    """fpn_prune on a surgery -> (child Head, the kept parent FPN channels, ascending)."""
+    keep = kept_count(head.fpn, ratio)
+    idx = top_channels(_fpn_importance(head, s.sd), keep)
+    for i in _fpn_levels(s.sd):
         for block in ("inner_blocks", "layer_blocks"):
             p = f"{FPN}{block}.{i}.0."
-            w = out[p + "weight"][idx]
-            out[p + "weight"] = w[:, idx] if block == "layer_blocks" else w
-            out[p + "bias"] = out[p + "bias"][idx]
-    rpn = out[f"{RPN_CONV}.weight"][:, idx]
-    heads = ("rpn.head.cls_logits.weight", "rpn.head.bbox_pred.weight")
-    ridx = top_channels(_l1_rows(rpn) * sum(_l1_rows(out[k].transpose(0, 1)) for k in heads), keep)
-    out[f"{RPN_CONV}.weight"], out[f"{RPN_CONV}.bias"] = rpn[ridx], out[f"{RPN_CONV}.bias"][ridx]
-    for k in heads:
-        out[k] = out[k][:, ridx]
-    out[f"{BOX}fc6.weight"] = fc6.view(fc6.shape[0], head.fpn, -1)[:, idx].reshape(fc6.shape[0], -1)
-    return replace(head, fpn=keep), _own(out, sd)
+            s.take(p + "weight", idx)
+            if block == "layer_blocks":
+                s.take(p + "weight", idx, 1)
+            s.take(p + "bias", idx)
+    s.take(f"{RPN_CONV}.weight", idx, 1)
+    ridx = top_channels(_l1_rows(s[f"{RPN_CONV}.weight"]) * sum(_l1_rows(s[k].transpose(0, 1)) for k in RPN_HEADS),
+                        keep)
+    s.take(f"{RPN_CONV}.weight", ridx)
+    s.take(f"{RPN_CONV}.bias", ridx)
+    for k in RPN_HEADS:
+        s.take(k, ridx, 1)
+    s.take(f"{BOX}fc6.weight", idx, 1, groups=head.fpn)
+    return replace(head, fpn=keep), idx
 
 
 def head_prune(head: Head, sd: Mapping[str, Tensor], ratio: float) -> tuple[Head, StateDict]:
     """Remove `ratio` of the box head's hidden units in fc6 and fc7, each unit ranked by the L1
     norm of its incoming weights x that of its outgoing weights."""
+    return _run(_head_prune, sd, head, ratio)
+
+
+def _head_prune(s: _Surgery, head: Head, ratio: float) -> Head:
+    """head_prune on a surgery."""
     keep = kept_count(head.rep, ratio)
-    out = dict(sd)
-    w6, w7 = out[f"{BOX}fc6.weight"], out[f"{BOX}fc7.weight"]
-    idx6 = top_channels(_l1_rows(w6) * _l1_rows(w7.t()), keep)
-    out[f"{BOX}fc6.weight"], out[f"{BOX}fc6.bias"] = w6[idx6], out[f"{BOX}fc6.bias"][idx6]
-    w7 = w7[:, idx6]
-    idx7 = top_channels(_l1_rows(w7) * sum(_l1_rows(out[k].t()) for k in PREDICTOR), keep)
-    out[f"{BOX}fc7.weight"], out[f"{BOX}fc7.bias"] = w7[idx7], out[f"{BOX}fc7.bias"][idx7]
+    idx6 = top_channels(_l1_rows(s[f"{BOX}fc6.weight"]) * _l1_rows(s[f"{BOX}fc7.weight"].t()), keep)
+    s.take(f"{BOX}fc6.weight", idx6)
+    s.take(f"{BOX}fc6.bias", idx6)
+    s.take(f"{BOX}fc7.weight", idx6, 1)
+    idx7 = top_channels(_l1_rows(s[f"{BOX}fc7.weight"]) * sum(_l1_rows(s[k].t()) for k in PREDICTOR), keep)
+    s.take(f"{BOX}fc7.weight", idx7)
+    s.take(f"{BOX}fc7.bias", idx7)
     for k in PREDICTOR:
-        out[k] = out[k][:, idx7]
-    return replace(head, rep=keep), _own(out, sd)
+        s.take(k, idx7, 1)
+    return replace(head, rep=keep)
 
 
 def child_head(action: Action, head: Head) -> Head:
@@ -410,41 +530,77 @@ def child(action: Action, arch: Arch, head: Head) -> tuple[Arch, Head]:
     return (arch, child_head(action, head)) if action.on_head else (child_arch(action, arch), head)
 
 
-def apply_head_action(action: Action | str, head: Head, sd: Mapping[str, Tensor]) -> tuple[Head, StateDict]:
-    """Apply a head action to (Head, full-detector state_dict): FPN and box-head widths slice the
-    weights; resize and proposals change no weight (the fine-tune adapts)."""
-    a = Action.parse(action) if isinstance(action, str) else action
+def _parse(action: Action | str) -> Action:
+    return Action.parse(action) if isinstance(action, str) else action
+
+
+def _head_action(a: Action, head: Head, s: _Surgery) -> tuple[Head, Tensor | None]:
+    """A head action on a surgery -> (child Head, the kept FPN channels for fpn_prune, else None)."""
     child = child_head(a, head)
     if child == head:
         raise ValueError(f"{a}: leaves {head} unchanged")
     if a.kind == "fpn_prune":
-        return fpn_prune(head, sd, a.ratio)
+        return _fpn_prune(s, head, a.ratio)
     if a.kind == "head_prune":
-        return head_prune(head, sd, a.ratio)
-    return child, dict(sd)
+        return _head_prune(s, head, a.ratio), None
+    return child, None
+
+
+def _backbone_action(a: Action, arch: Arch, s: _Surgery, seed: int) -> Arch:
+    """A backbone action on a surgery -> the child Arch."""
+    if a.on_head:
+        raise ValueError(f"{a} acts on the head: use apply_head_action")
+    if a.kind == "deepen":
+        return _deepen(s, arch, a.stage, seed)
+    if a.kind == "shallow":
+        return _shallow(s, arch, a.stage, a.index)
+    if a.kind == "shift":
+        return _shift(s, arch, a.stage, a.step, seed)
+    if a.kind == "prune":
+        return _prune(s, arch, a.stage, a.ratio)
+    if a.kind == "slim":
+        return _slim(s, arch, a.stage, a.ratio)
+    return _widen(s, arch, a.stage, a.ratio, seed, WIDEN_NOISE)
+
+
+def apply_head_action(action: Action | str, head: Head, sd: Mapping[str, Tensor]) -> tuple[Head, StateDict]:
+    """Apply a head action to (Head, full-detector state_dict): FPN and box-head widths slice the
+    weights; resize and proposals change no weight (the fine-tune adapts)."""
+    (child, _), out = _run(lambda s: _head_action(_parse(action), head, s), sd)
+    return child, out
 
 
 def _own(out: StateDict, parent: Mapping[str, Tensor]) -> StateDict:
-    """The child holds its own tensors: nothing it shares with the parent's state_dict can be mutated."""
-    return {k: v.clone() if k in parent and v is parent[k] else v for k, v in out.items()}
+    """The child holds its own tensors: nothing it shares with the parent's state_dict can be mutated
+    (under any key: shallow's renamed blocks included)."""
+    ids = {id(v) for v in parent.values()}
+    return {k: v.clone() if id(v) in ids else v for k, v in out.items()}
 
 
 def apply_action(action: Action | str, arch: Arch, sd: Mapping[str, Tensor], seed: int = 0) -> tuple[Arch, StateDict]:
     """Apply one action to (arch, full-detector state_dict) -> (child arch, child state_dict)."""
-    a = Action.parse(action) if isinstance(action, str) else action
+    return _run(lambda s: _backbone_action(_parse(action), arch, s, seed), sd)
+
+
+def apply_with_followers(action: Action | str, arch: Arch, head: Head, sd: Mapping[str, Tensor],
+                         followers: Sequence[Mapping[str, Tensor]] = (), seed: int = 0,
+                         ) -> tuple[Arch, Head, StateDict, list[StateDict], Tensor | None]:
+    """Any action on (arch, head, state_dict) carrying `followers` along -> (child arch, child head,
+    child state_dict, the followers cut alike, the kept parent FPN channels for fpn_prune or None).
+
+    A follower is a dict keyed like (a subset of) the state_dict, each tensor shaped like its weight
+    (e.g. SGD momentum buffers by parameter name). Every slice, rename and deletion of a weight is
+    applied to it; a weight computed anew (deepen's block, widen's changed tensors) leaves it without
+    that key. Importance reads the weights only; the child owns all its tensors."""
+    a = _parse(action)
+    s = _Surgery(sd, followers)
+    idx = None
     if a.on_head:
-        raise ValueError(f"{a} acts on the head: use apply_head_action")
-    if a.kind == "deepen":
-        return deepen(arch, sd, a.stage, seed)
-    if a.kind == "shallow":
-        return shallow(arch, sd, a.stage, a.index)
-    if a.kind == "shift":
-        return shift(arch, sd, a.stage, a.step, seed)
-    if a.kind == "prune":
-        return prune(arch, sd, a.stage, a.ratio)
-    if a.kind == "slim":
-        return slim(arch, sd, a.stage, a.ratio)
-    return widen(arch, sd, a.stage, a.ratio, seed)
+        head, idx = _head_action(a, head, s)
+    else:
+        arch = _backbone_action(a, arch, s, seed)
+    out, fol = s.result()
+    return arch, head, out, fol, idx
 
 
 def morph_detector(model: Any, action: Action | str, seed: int = 0) -> Any:

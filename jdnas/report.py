@@ -347,14 +347,17 @@ def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
         "the joint search's compute (no action, no KD); `prune_kd`, the base pruned greedily over the same "
         "whole-detector space to the target, then distilled from the pool's largest teacher, for the same "
         "compute; the naive pipeline (NAS → retrain → prune → KD) step by step; and the joint search "
-        "(hill climbing over student–teacher pairs, weight inheritance + KD). AP is COCO AP (%) on val; "
+        "(one student lineage on one schedule, a screened move and its teacher chosen per round, weight "
+        "inheritance + KD). AP is COCO AP (%) on val; "
         "search-time AP is on minival.", "",
         f"- Latency target: **{r.target_ms:.2f} ms** predicted on {device} "
         f"({r.search['target_ms'] / r.states[0]['latency_ms']:.2f}x the base's).",
         f"- {COMPUTE_RULE}",
-        f"- Final fine-tune: the search's winner trained on for {r.search.get('final_iters', 0)} iterations with "
-        f"KD from its teacher, minival AP {_fmt(_num(r.states[-1]['ap']))} → "
-        f"{_fmt(_num(r.search.get('final_minival_ap') or r.states[-1]['ap']))}.",
+        f"- Search schedule: {r.search.get('iters', 0)} lineage iterations, the last "
+        f"{r.search.get('final_iters', 0)} after the last round (the schedule's tail), minival AP "
+        f"{_fmt(_num(r.states[-1]['ap']))} → {_fmt(_num(r.search.get('final_minival_ap') or r.states[-1]['ap']))}; "
+        f"compute split ({r.search['compute_unit']}): "
+        + ", ".join(f"{k} {_fmt(_num(v))}" for k, v in r.search.get("compute_split", {}).items()) + ".",
         f"- Naive pipeline: spent {_fmt(_num(b['spent']))} {b['compute_unit']} "
         f"({', '.join(f'{k} {v:,} it' for k, v in b.get('iters', {}).items())}).",
         f"- Final student: predicted latency **{_fmt(_num(r.final['final'].get('predicted_latency_ratio')))}x** "

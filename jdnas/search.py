@@ -1,94 +1,83 @@
-"""Joint search (DESIGN §8): hill climbing over (student, teacher) pairs, in checkpointed rounds.
+"""Joint search (DESIGN §8): one student lineage, changed one screened move at a time, with its teacher.
+
+The search has one training budget, `search.iters` iterations on one lr schedule (warm-up once,
+cosine over the whole search, the finish being its tail). Each round r:
+1. `propose`: every legal move of the current student is screened without training (inherit,
+   recalibrate BN, AP on a minival subset: `jdnas.screen`). Above the target the cuts are ranked
+   by predicted latency saved per screen AP lost and composed, best first, until the round's
+   share of the way to the target is made; under it the moves that add capacity back are ranked
+   by screen AP, beside the control (no move). The best `candidates` become finalists, plus
+   `teacher_moves` finalists that hold the best move fixed and change the teacher.
+2. `candidate` k: finalist k inherits the lineage (weights, momentum, KD adapters) and trains
+   `trial_iters` at the lineage's position in the schedule, on the same batches and seed as the
+   other finalists; scored on minival, detections kept.
+3. `select`: the winner by score (AP, less a penalty per unit of predicted overshoot above the
+   target); a paired per-image bootstrap that calls two finalists a tie gives the round to the
+   cheaper, then to the one closer to the lineage (the control, the current teacher). The winner
+   trains on to the round's end of the schedule: its trial iterations count as lineage.
+`finish` trains the lineage to the end of the schedule. Each distinct teacher is extracted from
+the pool and recalibrated once per search (`teachers/`), and every job accounts its compute by
+part (lineage training, discarded training, screening, evaluation, teacher extraction).
 
 Files, under `runs/search/`:
-  round_0/state.json, student.pt         the base detector, scored on minival
-  round_r/proposals.json                 the control (cand_0: the current student, no action, same
-                                         fine-tune and teacher) + K distinct (action, teacher) candidates
-  round_r/cand_k/result.json, model.pt   a candidate trained with weight inheritance + KD
-  round_r/state.json, student.pt         after selection (the best candidate, or the old state)
-  history.csv                            every candidate of every round
-
-Each file is one Snakemake job's output, so the DAG is static (R rounds x K candidates) and an
-interrupted search resumes from the last finished job; `run_search` does the same rounds in
-one process for `dvc repro`, skipping the files that exist. Randomness comes from the params
-seed plus the round and candidate index: the same params give the same search.
+  round_0/state.json, student.pt          the base detector at iteration 0, scored on minival
+  round_r/proposals.json, screen.csv      the finalists; every screened move
+  round_r/cand_k/result.json, student.pt, lineage.pt, detections.json   a finalist after its trial
+  round_r/state.json, student.pt, lineage.pt    the lineage at the round's end
+  finish/state.json, student.pt, result.json    the lineage at the schedule's end
+  history.csv, summary.json               every finalist of every round; the compute split
+Each file is one Snakemake job's output, so the DAG is static (R rounds x K finalists); `run_search`
+does the same in one process for `dvc repro`. Randomness comes from `derive_seed(seed, ...)`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
 import time
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pandas as pd
+import torch
 
+from jdnas.bootstrap import image_matches, is_tie, paired_bootstrap
+from jdnas.data.dataset import CocoDetection
+from jdnas.engine import coco_metrics, predict, resolve_device
 from jdnas.io import atomic_path, load_json, resume_dir, write_json
 from jdnas.latency import LatencyTable, NotCovered
+from jdnas.lineage import Lineage, Recipe, apply_moves, load_lineage, moves_text, parse_moves, save_lineage, \
+    train_segment
 from jdnas.models.arch import Arch, Head
+from jdnas.models.complexity import count_flops, count_params
+from jdnas.models.detector import Detector, load_detector, read_checkpoint, save_detector
 from jdnas.models.elastic import PoolSpace
-from jdnas.morphism import child, legal_actions
+from jdnas.models.teacher_gene import TeacherGene, largest_gene, mutate_gene, sample_gene
+from jdnas.morphism import Action, child, is_legal, legal_actions
+from jdnas.screen import Screen
+from jdnas.seeding import derive_seed
 
 SEARCH = Path("runs/search")
 HISTORY_COLUMNS = ["round", "index", "control", "action", "teacher", "teacher_arch", "teacher_ap", "student_arch",
-                   "student_head", "ap", "ap50", "latency_ms", "meets_target", "score", "accepted", "seconds",
-                   "cpu_seconds", "student_params", "student_flops", "teacher_params", "teacher_flops"]
-CONTROL = "none"  # the control candidate's action
+                   "student_head", "screen_ap", "ap", "ap50", "latency_ms", "meets_target", "score", "accepted",
+                   "seconds", "cpu_seconds", "student_params", "student_flops", "teacher_params", "teacher_flops"]
+CONTROL = "none"  # the control's move: the current student trained on
+CUT_KINDS = ("shallow", "prune", "slim", "fpn_prune", "head_prune", "resize", "proposals")
+GROW_KINDS = ("deepen", "shift", "widen")  # moves that add capacity back under the target
+PARTS = ("lineage", "discarded", "screening", "evaluation", "teachers")  # summary.json's compute split
 
 
 # --- values ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Teacher:
-    """A pool member as a genome: depth and mid-width ratio per stage (stable under mutation)."""
-
-    depths: tuple[int, ...]
-    ratios: tuple[float, ...]
-
-    def arch(self, space: PoolSpace) -> Arch:
-        return space.member(self.depths, list(self.ratios))
-
-    def __str__(self) -> str:
-        return "d" + ",".join(map(str, self.depths)) + "/w" + ",".join(f"{r:g}" for r in self.ratios)
-
-    @classmethod
-    def parse(cls, text: str) -> "Teacher":
-        d, w = text[1:].split("/w")
-        return cls(tuple(int(x) for x in d.split(",")), tuple(float(x) for x in w.split(",")))
-
-
-def largest_teacher(space: PoolSpace) -> Teacher:
-    return Teacher(space.max_arch.depths, (1.0,) * len(space.max_arch.stages))
-
-
-def sample_teacher(space: PoolSpace, rng: random.Random) -> Teacher:
-    n = len(space.max_arch.stages)
-    return Teacher(tuple(rng.choice(space.depth_choices(s)) for s in range(n)),
-                   tuple(rng.choice(space.width_choices()) for _ in range(n)))
-
-
-def mutate_teacher(t: Teacher, space: PoolSpace, rng: random.Random) -> Teacher:
-    """Change one dimension (one stage's depth or mid-width ratio) to another allowed value."""
-    options = []
-    for s in range(len(t.depths)):
-        options += [("depth", s, d) for d in space.depth_choices(s) if d != t.depths[s]]
-        options += [("ratio", s, r) for r in space.width_choices() if r != t.ratios[s]]
-    if not options:
-        return t
-    kind, s, value = rng.choice(options)
-    depths, ratios = list(t.depths), list(t.ratios)
-    (depths if kind == "depth" else ratios)[s] = value
-    return Teacher(tuple(depths), tuple(ratios))
-
-
-@dataclass(frozen=True)
 class Candidate:
     round: int
     index: int
-    action: str
+    action: str            # the move: actions joined by "+", or "none" (the control)
     teacher: str
-    seed: int
+    screen_ap: float | None = None
+    latency_ms: float | None = None
 
 
 @dataclass
@@ -106,7 +95,8 @@ class State:
     score: float
     stale: int = 0          # rounds since the architecture last changed
     stopped: bool = False
-    accepted: str | None = None   # "cand_k" taken this round (cand_0: the control, no architecture change)
+    accepted: str | None = None   # "cand_k" taken this round
+    it: int = 0             # lineage iterations done (the position in the schedule)
 
     @property
     def meets_target(self) -> bool:
@@ -125,6 +115,11 @@ def round_dir(r: int, root: Path = SEARCH) -> Path:
     return root / f"round_{r}"
 
 
+def finish_dir(root: Path = SEARCH) -> Path:
+    """The search's last step: the lineage trained to the end of its schedule."""
+    return root / "finish"
+
+
 def read_state(r: int, root: Path = SEARCH) -> State:
     return load_state(round_dir(r, root) / "state.json")
 
@@ -135,239 +130,30 @@ def load_state(path: Path) -> State:
     return State(**{k: v for k, v in obj.items() if k in names})
 
 
-def finish_dir(root: Path = SEARCH) -> Path:
-    """The search's last step: its winner fine-tuned on (see `finish`)."""
-    return root / "finish"
+def _write_state(d: Path, state: State, **extra: Any) -> None:
+    """state.json, written last: its presence means the step is done."""
+    write_json(d / "state.json", {**asdict(state), "meets_target": state.meets_target, **extra})
 
 
-def _write_state(state: State, student_src: Path, root: Path, d: Path | None = None) -> None:
-    d = d or round_dir(state.round, root)
-    d.mkdir(parents=True, exist_ok=True)
-    if student_src.resolve() != (d / "student.pt").resolve():
-        with atomic_path(d / "student.pt") as tmp:
-            shutil.copyfile(student_src, tmp)
-    # written last: its presence means the round is done
-    write_json(d / "state.json", {**asdict(state), "meets_target": state.meets_target})
+class Spent:
+    """CPU-seconds and seconds a job spent, by part (PARTS, or `training` until select knows
+    whether a finalist's trial was lineage or discarded)."""
 
+    def __init__(self) -> None:
+        self.parts: dict[str, dict[str, float]] = {}
 
-# --- steps -------------------------------------------------------------------------------------
-class Context:
-    """What every step needs: params, data, pool space and latency table, target latency."""
+    def add(self, part: str, cpu: float, wall: float) -> None:
+        p = self.parts.setdefault(part, {"cpu_seconds": 0.0, "seconds": 0.0})
+        p["cpu_seconds"] = round(p["cpu_seconds"] + cpu, 3)
+        p["seconds"] = round(p["seconds"] + wall, 3)
 
-    def __init__(self, params: dict, data_dir: str | Path, supernet: str | Path, latency_table: str | Path,
-                 base: str | Path, root: str | Path = SEARCH) -> None:
-        from jdnas.teacher_pool import load_supernet
-        self.params, self.cfg = params, params["search"]
-        self.data_dir, self.root = Path(data_dir), Path(root)
-        self.base = Path(base)
-        self.inputs = [self.data_dir / "manifest.json", Path(supernet), Path(latency_table), self.base]
-        self.supernet = load_supernet(supernet)
-        self.space: PoolSpace = self.supernet.space
-        self.table = LatencyTable.load(latency_table)
-        from jdnas.models.detector import read_checkpoint
-        ckpt = read_checkpoint(base)
-        self.base_arch, self.base_head = Arch.from_json(ckpt["arch"]), Head.of(ckpt["head"])
-        self.target_ms = self.cfg["latency_target"] * self.latency(self.base_arch, self.base_head)
-
-    def latency(self, arch: Arch, head: Head) -> float:
-        return self.table.predict(arch, head)
-
-    def score(self, ap: float, latency_ms: float) -> float:
-        return score(ap, latency_ms, self.target_ms, self.cfg["penalty"])
-
-    def actions(self, state: State) -> list[str]:
-        return candidate_actions(state, self.params, self.table, self.base_head)
-
-
-def candidate_actions(state: State, params: dict, table: LatencyTable, base_head: Head) -> list[str]:
-    """The legal actions of the state's student whose child the table predicts. Above the target:
-    those that bring the predicted latency down by more than `search.latency_tolerance` (if none
-    does, those that bring it down at all); under it: those whose child stays under it."""
-    arch, head = Arch.parse(state.student_arch), Head.parse(state.student_head)
-    lat = {}
-    for a in legal_actions(arch, params["search_space"], head, base_head):
+    @contextlib.contextmanager
+    def on(self, part: str) -> Iterator[None]:
+        t0, c0 = time.time(), time.process_time()
         try:
-            lat[str(a)] = table.predict(*child(a, arch, head))
-        except NotCovered:
-            continue
-    if state.latency_ms > state.target_ms:
-        cut = state.latency_ms * (1 - params["search"]["latency_tolerance"])
-        return [a for a, ms in lat.items() if ms < cut] or [a for a, ms in lat.items() if ms < state.latency_ms]
-    return [a for a, ms in lat.items() if ms <= state.target_ms]
-
-
-def init_search(ctx: Context) -> State:
-    """Round 0: the base detector on minival, with the pool's largest member as teacher."""
-    from jdnas.engine import evaluate, resolve_device
-    from jdnas.models.detector import load_detector
-    device = resolve_device(ctx.params["device"])
-    metrics = evaluate(load_detector(ctx.base, device), ctx.data_dir / "minival.json",
-                       ctx.params["eval"]["batch_size"], device)
-    lat = ctx.latency(ctx.base_arch, ctx.base_head)
-    state = State(0, str(ctx.base_arch), str(ctx.base_head), str(largest_teacher(ctx.space)), metrics["AP"],
-                  metrics["AP50"], lat, ctx.target_ms, ctx.score(metrics["AP"], lat))
-    _write_state(state, ctx.base, ctx.root)
-    return state
-
-
-def propose(state: State, r: int, params: dict, space: PoolSpace, actions: list[str]) -> list[Candidate]:
-    """The control (index 0: no action, the current teacher) and up to K distinct (action, teacher)
-    pairs drawn from `actions` for round r, seeded by (seed, r); none once stopped. Actions are
-    drawn without replacement while some are left, so a round tries K different actions."""
-    cfg = params["search"]
-    if state.stopped:
-        return []
-    rng = random.Random(params["seed"] * 1_000_003 + r)
-    current = Teacher.parse(state.teacher)
-    out = [Candidate(r, 0, CONTROL, str(current), params["seed"] * 1_000_003 + r * 101)]
-    if not actions:
-        return out
-    moves = ("keep", "mutate", "resample")
-    weights = [cfg["teacher_keep"], cfg["teacher_mutate"], cfg["teacher_resample"]]
-    seen: set[tuple[str, str]] = set()
-    unused = list(actions)
-    for _ in range(50 * cfg["candidates"]):
-        if len(out) == cfg["candidates"] + 1:
-            break
-        action = unused.pop(rng.randrange(len(unused))) if unused else rng.choice(actions)
-        move = rng.choices(moves, weights)[0]
-        teacher = (current if move == "keep" else mutate_teacher(current, space, rng) if move == "mutate"
-                   else sample_teacher(space, rng))
-        key = (str(action), str(teacher))
-        if key not in seen:
-            seen.add(key)
-            out.append(Candidate(r, len(out), str(action), str(teacher), params["seed"] * 1_000_003 + r * 101 + len(out)))
-    return out
-
-
-def write_proposals(ctx: Context, r: int) -> list[Candidate]:
-    state = read_state(r - 1, ctx.root)
-    cands = propose(state, r, ctx.params, ctx.space, ctx.actions(state))
-    write_json(round_dir(r, ctx.root) / "proposals.json", [asdict(c) for c in cands])
-    return cands
-
-
-def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
-    """Train candidate k of round r (inherit weights, KD from its teacher), score it on minival."""
-    from jdnas.engine import evaluate, resolve_device
-    from jdnas.models.complexity import count_flops, count_params
-    from jdnas.models.detector import save_detector
-    from jdnas.student import train_student
-    from jdnas.teacher_pool import TeacherPool
-    out = round_dir(r, ctx.root) / f"cand_{k}"
-    cands = load_json(round_dir(r, ctx.root) / "proposals.json")
-    if k >= len(cands):  # early stop, or fewer distinct candidates than K
-        result = {"round": r, "index": k, "skipped": True}
-        write_json(out / "result.json", result)
-        return result
-    c = Candidate(**cands[k])
-    result = {"round": r, "index": k, "skipped": False, "control": c.action == CONTROL,
-              **_train_with_teacher(ctx, ctx.params, out, round_dir(r - 1, ctx.root) / "student.pt", c.action,
-                                    c.teacher, c.seed)}
-    write_json(out / "result.json", result)
-    return result
-
-
-def _train_with_teacher(ctx: Context, params: dict, out: Path, init: Path, action: str, teacher_name: str,
-                        seed: int) -> dict[str, Any]:
-    """Extract the teacher from the pool, train `init` after `action` with KD from it (out/model.pt),
-    score it on minival; the result fields of a candidate, with the compute it spent."""
-    from jdnas.engine import evaluate, resolve_device
-    from jdnas.models.complexity import count_flops, count_params
-    from jdnas.models.detector import save_detector
-    from jdnas.student import train_student
-    from jdnas.teacher_pool import TeacherPool
-    t0, cpu0 = time.time(), time.process_time()
-    teacher_arch = Teacher.parse(teacher_name).arch(ctx.space)
-    pool = TeacherPool.load(ctx.supernet, ctx.data_dir, params)
-    teacher = pool.teacher(teacher_arch).cpu()
-    teacher_ap = evaluate(teacher, ctx.data_dir / "minival.json", params["eval"]["batch_size"],
-                          resolve_device(params["device"]))["AP"]
-    save_detector(out / "teacher.pt", teacher, stage="search", teacher=teacher_name)
-    metrics = train_student(params, ctx.data_dir, out, init, action, out / "teacher.pt", eval_split="minival",
-                            seed=seed)
-    arch, head = Arch.parse(metrics["arch"]), Head.parse(metrics["head"])
-    lat = ctx.latency(arch, head)
-    (out / "teacher.pt").unlink()  # rebuilt from the pool on demand; not worth the disk
-    return {"action": action, "teacher": teacher_name, "teacher_arch": str(teacher_arch), "teacher_ap": teacher_ap,
-            "student_arch": str(arch), "student_head": str(head), "ap": metrics["AP"], "ap50": metrics["AP50"],
-            "latency_ms": round(lat, 4), "meets_target": lat <= ctx.target_ms,
-            "score": round(ctx.score(metrics["AP"], lat), 4),
-            "student_params": metrics["params"], "student_flops": metrics["flops"],
-            "teacher_params": count_params(teacher), "teacher_flops": count_flops(teacher),
-            "iters": metrics["train_iters"],
-            # a resumed job adds what its killed predecessor's training spent
-            "seconds": round(time.time() - t0, 2),
-            "cpu_seconds": round(time.process_time() - cpu0 + metrics["resumed_cpu_seconds"], 2),
-            "started": t0, "finished": time.time()}
-
-
-def finish(ctx: Context) -> State:
-    """The search's winner trained on for `search.final_iters` iterations with KD from its teacher
-    (same recipe as a candidate; the architecture and the teacher stay): the rounds spend most of
-    their compute on candidates that lose, so the student they hand back has had only its own
-    rounds' fine-tunes. 0 iterations: the winner as the rounds left it. Writes finish/state.json,
-    student.pt and result.json (its compute: it counts in the search's)."""
-    last = read_state(ctx.cfg["rounds"], ctx.root)
-    d = finish_dir(ctx.root)
-    src = round_dir(last.round, ctx.root) / "student.pt"
-    iters = ctx.cfg["final_iters"]
-    result: dict[str, Any] = {"iters": 0, "seconds": 0.0, "cpu_seconds": 0.0}
-    state = last
-    if iters > 0:
-        params = {**ctx.params, "train_student": {**ctx.params["train_student"], "iters": iters}}
-        seed = ctx.params["seed"] * 1_000_003 + 1_000_002  # the last of this seed's block (candidates: r * 101 + k)
-        result = _train_with_teacher(ctx, params, d, src, CONTROL, last.teacher, seed)
-        state = State(**{**asdict(last), "ap": result["ap"], "ap50": result["ap50"], "score": result["score"]})
-        src = d / "model.pt"
-    write_json(d / "result.json", result)
-    _write_state(state, src, ctx.root, d)
-    return state
-
-
-def pick(results: list[dict], target_ms: float, penalty: float, tolerance: float, under: bool) -> dict:
-    """The round's winner among the trained candidates (the control included). The target is a
-    constraint: while the current student is above it (`under` false), a cut always wins (every
-    candidate but the control is one: `candidate_actions` proposes only cuts there), the best score
-    (AP - penalty x overshoot) among the cuts; the control trains on only when no cut finished.
-    A latency within `tolerance` (relative) of the control's counts as the control's, so timing
-    noise never buys a cut a lower penalty. (With the control competing above the target, a
-    default run trained on in two of its six rounds, once 3% above the target against a cut under
-    it: near the target the penalty is worth less than the AP that training on wins.) Once the
-    student is under the target only candidates under it compete, on minival AP. Ties go to the
-    lower index (the control first)."""
-    control = next((x for x in results if x.get("control")), None)
-    feasible = [x for x in results if x["latency_ms"] <= target_ms]
-    if under and feasible:  # the control always is, unless its job failed
-        return max(feasible, key=lambda x: (x["ap"], -x["index"]))
-
-    def latency(x: dict) -> float:
-        if control and abs(x["latency_ms"] - control["latency_ms"]) <= tolerance * control["latency_ms"]:
-            return control["latency_ms"]
-        return x["latency_ms"]
-    cuts = [x for x in results if not x.get("control")] or results
-    return max(cuts, key=lambda x: (score(x["ap"], latency(x), target_ms, penalty), -x["index"]))
-
-
-def select(ctx: Context, r: int) -> State:
-    """Move to the round's winner (see `pick`; the control keeps the architecture, trained on);
-    stop after R rounds, or after `patience` rounds in which the architecture did not change."""
-    prev = read_state(r - 1, ctx.root)
-    results = [load_json(p, ["index", "skipped"])
-               for p in sorted(round_dir(r, ctx.root).glob("cand_*/result.json"))]
-    done = [x for x in results if not x.get("skipped")]
-    if done:
-        best = pick(done, ctx.target_ms, ctx.cfg["penalty"], ctx.cfg["latency_tolerance"], prev.meets_target)
-        state = State(r, best["student_arch"], best["student_head"], best["teacher"], best["ap"], best["ap50"],
-                      best["latency_ms"], ctx.target_ms, best["score"], 0 if not best.get("control") else prev.stale + 1,
-                      False, f"cand_{best['index']}")
-        src = round_dir(r, ctx.root) / f"cand_{best['index']}" / "model.pt"
-    else:
-        state = State(**{**asdict(prev), "round": r, "stale": prev.stale + (not prev.stopped), "accepted": None})
-        src = round_dir(r - 1, ctx.root) / "student.pt"
-    state.stopped = prev.stopped or state.stale >= ctx.cfg["patience"] or r >= ctx.cfg["rounds"] or not done
-    _write_state(state, src, ctx.root)
-    return state
+            yield
+        finally:
+            self.add(part, time.process_time() - c0, time.time() - t0)
 
 
 def compute_spent(cpu_seconds: float, seconds: float, device: str) -> tuple[float, str]:
@@ -376,30 +162,452 @@ def compute_spent(cpu_seconds: float, seconds: float, device: str) -> tuple[floa
     return (cpu_seconds, "cpu_seconds") if device == "cpu" else (seconds, "gpu_seconds")
 
 
+# --- the context -------------------------------------------------------------------------------
+class Context:
+    """What every step needs, unpacked once from the params: data, pool, latency table, target,
+    the lineage's recipe and the screen's settings."""
+
+    def __init__(self, params: dict, data_dir: str | Path, supernet: str | Path, latency_table: str | Path,
+                 base: str | Path, root: str | Path = SEARCH) -> None:
+        from jdnas.io import file_sha256
+        from jdnas.teacher_pool import load_supernet
+        self.params, self.cfg = params, params["search"]
+        self.seed, self.bounds = int(params["seed"]), params["search_space"]
+        self.eval_batch = params["eval"]["batch_size"]
+        self.pool_eval = params["teacher_pool"]["eval"]
+        self.device = resolve_device(params["device"])
+        self.data_dir, self.root = Path(data_dir), Path(root)
+        self.base = Path(base)
+        self.supernet_path = Path(supernet)
+        self.inputs = [self.data_dir / "manifest.json", Path(supernet), Path(latency_table), self.base]
+        self.supernet = load_supernet(supernet)
+        self.space: PoolSpace = self.supernet.space
+        self.pool_key = file_sha256(supernet)[:12]
+        self.table = LatencyTable.load(latency_table)
+        ckpt = read_checkpoint(base)
+        self.base_arch, self.base_head = Arch.from_json(ckpt["arch"]), Head.of(ckpt["head"])
+        self.target_ms = self.cfg["latency_target"] * self.latency(self.base_arch, self.base_head)
+        self.recipe = Recipe.of(params["train_student"], self.cfg["iters"])
+        self._train_set: CocoDetection | None = None
+
+    @property
+    def train_set(self) -> CocoDetection:
+        if self._train_set is None:
+            self._train_set = CocoDetection(self.data_dir / "train.json", max_size=self.base_head.max_size)
+        return self._train_set
+
+    @property
+    def minival(self) -> Path:
+        return self.data_dir / "minival.json"
+
+    def latency(self, arch: Arch, head: Head) -> float:
+        return self.table.predict(arch, head)
+
+    def score(self, ap: float, latency_ms: float) -> float:
+        return score(ap, latency_ms, self.target_ms, self.cfg["penalty"])
+
+    def screen(self) -> Screen:
+        return Screen(self.train_set, self.minival, self.cfg["screen_images"], self.cfg["screen_bn_batches"],
+                      self.pool_eval["bn_batch_size"], self.eval_batch, derive_seed(self.seed, "screen"), self.device)
+
+
+# --- teachers: extracted once per search ----------------------------------------------------------
+def teacher_for(ctx: Context, gene: str, spent: Spent) -> tuple[Detector, dict[str, Any]]:
+    """The pool member `gene` as a frozen detector with recalibrated BN, and its minival AP:
+    extracted once per search (`teachers/<gene>-<pool>/`), reused by every later job."""
+    from jdnas.teacher_pool import TeacherPool
+    d = ctx.root / "teachers" / f"{gene.replace('/', '_')}-{ctx.pool_key}"
+    if (d / "info.json").is_file():
+        return load_detector(d / "teacher.pt", ctx.device), load_json(d / "info.json")
+    with spent.on("teachers"):
+        pool = TeacherPool(ctx.supernet, ctx.train_set, ctx.pool_eval["bn_batches"], ctx.pool_eval["bn_batch_size"],
+                           ctx.seed, ctx.device)
+        model = pool.teacher(TeacherGene.parse(gene).arch(ctx.space))
+    with spent.on("evaluation"):
+        ap = coco_metrics(ctx.minival, predict(model, _dataset(ctx.minival, model), ctx.eval_batch, ctx.device))["AP"]
+    info = {"teacher": gene, "teacher_arch": str(model.arch), "teacher_ap": ap,
+            "teacher_params": count_params(model), "teacher_flops": count_flops(model)}
+    d.mkdir(parents=True, exist_ok=True)
+    save_detector(d / "teacher.pt", model.cpu(), stage="search", teacher=gene)
+    write_json(d / "info.json", info)
+    return model.to(ctx.device), info
+
+
+def _dataset(gt: Path, model: Detector) -> CocoDetection:
+    return CocoDetection(gt, max_size=model.head_cfg["max_size"])
+
+
+# --- round 0 -------------------------------------------------------------------------------------
+def init_search(ctx: Context) -> State:
+    """Round 0: the base detector on minival, at iteration 0 of the schedule, with the pool's
+    largest member as teacher."""
+    model = load_detector(ctx.base, ctx.device)
+    metrics = coco_metrics(ctx.minival, predict(model, _dataset(ctx.minival, model), ctx.eval_batch, ctx.device))
+    lat = ctx.latency(ctx.base_arch, ctx.base_head)
+    state = State(0, str(ctx.base_arch), str(ctx.base_head), str(largest_gene(ctx.space)), metrics["AP"],
+                  metrics["AP50"], lat, ctx.target_ms, ctx.score(metrics["AP"], lat))
+    d = round_dir(0, ctx.root)
+    save_lineage(d, Lineage(model, 0, state.teacher))
+    _write_state(d, state)
+    return state
+
+
+# --- propose: screen every legal move ---------------------------------------------------------------
+def candidate_actions(arch: Arch, head: Head, base_head: Head, bounds: dict, table: LatencyTable,
+                      latency_ms: float, target_ms: float) -> dict[Action, float]:
+    """The legal actions the round may use, with their child's predicted latency: above the target
+    every cut that brings it down; under it every move that adds capacity back and stays under."""
+    above = latency_ms > target_ms
+    kinds = CUT_KINDS if above else GROW_KINDS
+    out = {}
+    for a in legal_actions(arch, bounds, head, base_head):
+        if a.kind not in kinds:
+            continue
+        try:
+            ms = table.predict(*child(a, arch, head))
+        except NotCovered:
+            continue
+        if (ms < latency_ms) if above else (ms <= target_ms):
+            out[a] = ms
+    return out
+
+
+def round_goal(latency_ms: float, target_ms: float, rounds_left: int) -> float:
+    """The latency a round's cut must reach: an equal share (geometric) of the way to the target
+    over the rounds left, so the last round arrives; the target itself when one round is left."""
+    if latency_ms <= target_ms:
+        return target_ms
+    return latency_ms * (target_ms / latency_ms) ** (1.0 / max(1, rounds_left))
+
+
+def compose_cut(first: Action, ranked: list[Action], arch: Arch, head: Head, ctx_bounds: dict,
+                base_head: Head, table: LatencyTable, goal_ms: float) -> tuple[list[Action], float]:
+    """`first`, then the next best-ranked cuts (one per kind and stage, each legal where it lands)
+    until the predicted latency reaches `goal_ms`; the move and its predicted latency."""
+    moves, used = [], set()
+    a_arch, a_head, ms = arch, head, math.inf
+    for a in [first] + [x for x in ranked if x != first]:
+        key = (a.kind, a.stage)
+        if key in used or not is_legal(a, a_arch, ctx_bounds, a_head, base_head):
+            continue
+        n_arch, n_head = child(a, a_arch, a_head)
+        try:
+            n_ms = table.predict(n_arch, n_head)
+        except NotCovered:
+            continue
+        if moves and n_ms >= ms:
+            continue
+        moves.append(a)
+        used.add(key)
+        a_arch, a_head, ms = n_arch, n_head, n_ms
+        if ms <= goal_ms:
+            break
+    return moves, ms
+
+
+def rank_cuts(rows: list[dict], parent_ap: float, latency_ms: float) -> list[dict]:
+    """Cuts by predicted latency saved per screen AP lost (a loss under 0.1 AP counts as 0.1),
+    as prune_kd ranks them; ties by action string."""
+    def gain(x: dict) -> float:
+        return (latency_ms - x["latency_ms"]) / max(parent_ap - x["ap"], 0.1)
+    return sorted(rows, key=lambda x: (-gain(x), str(x["action"])))
+
+
+def teacher_move(current: str, space: PoolSpace, cfg: dict, rng: random.Random) -> str:
+    """Another teacher: one stage's depth or width changed, or a new member drawn."""
+    gene = TeacherGene.parse(current)
+    total = cfg["teacher_mutate"] + cfg["teacher_resample"]
+    for _ in range(20):
+        new = (mutate_gene(gene, space, rng) if rng.random() * total < cfg["teacher_mutate"]
+               else sample_gene(space, rng))
+        if new != gene:
+            return str(new)
+    return current
+
+
+def propose(ctx: Context, r: int) -> dict[str, Any]:
+    """Screen the current student's legal moves; the round's finalists (proposals.json) and every
+    screened move (screen.csv)."""
+    state = read_state(r - 1, ctx.root)
+    d = round_dir(r, ctx.root)
+    d.mkdir(parents=True, exist_ok=True)
+    spent = Spent()
+    if state.stopped:
+        out = {"candidates": [], "compute": spent.parts}
+        write_json(d / "proposals.json", out)
+        return out
+    lin = load_lineage(round_dir(r - 1, ctx.root))
+    arch, head = lin.model.arch, Head.of(lin.model.head_cfg)
+    above = not state.meets_target
+    options = candidate_actions(arch, head, ctx.base_head, ctx.bounds, ctx.table, state.latency_ms, ctx.target_ms)
+    with spent.on("screening"), ctx.screen() as screen:
+        parent_ap = screen.score(lin.model)
+        rows = [{"action": x["action"], "latency_ms": options[x["action"]], "ap": x["ap"]}
+                for x in screen.actions(lin.model, list(options), seed=derive_seed(ctx.seed, "morph", r))]
+    k, rng = ctx.cfg["candidates"], random.Random(derive_seed(ctx.seed, "teacher", r))
+    finalists: list[tuple[list[Action], float, float | None]] = []
+    if above:
+        ranked = rank_cuts(rows, parent_ap, state.latency_ms)
+        goal = round_goal(state.latency_ms, ctx.target_ms, ctx.cfg["rounds"] - r + 1)
+        order = [x["action"] for x in ranked]
+        screen_ap = {x["action"]: x["ap"] for x in rows}
+        seen = set()
+        for first in order:
+            moves, ms = compose_cut(first, order, arch, head, ctx.bounds, ctx.base_head, ctx.table, goal)
+            key = tuple(sorted(map(str, moves)))
+            if moves and key not in seen:
+                seen.add(key)
+                finalists.append((moves, ms, screen_ap[first] if len(moves) == 1 else None))
+            if len(finalists) == k:
+                break
+    else:
+        finalists.append(([], state.latency_ms, parent_ap))  # the control: it can win here
+        for x in sorted(rows, key=lambda x: (-x["ap"], str(x["action"])))[:max(0, k - 1)]:
+            finalists.append(([x["action"]], x["latency_ms"], x["ap"]))
+    cands = [Candidate(r, i, moves_text(m), state.teacher, ap, round(ms, 4)) for i, (m, ms, ap) in
+             enumerate(finalists)]
+    if cands:
+        for _ in range(ctx.cfg["teacher_moves"]):
+            t = teacher_move(state.teacher, ctx.space, ctx.cfg, rng)
+            if t != state.teacher and all((c.action, c.teacher) != (cands[0].action, t) for c in cands):
+                cands.append(replace(cands[0], index=len(cands), teacher=t))
+    pd.DataFrame([{"action": str(x["action"]), "latency_ms": round(x["latency_ms"], 4), "screen_ap": x["ap"]}
+                  for x in rows], columns=["action", "latency_ms", "screen_ap"]).to_csv(d / "screen.csv", index=False)
+    out = {"parent_screen_ap": parent_ap, "above_target": above, "candidates": [asdict(c) for c in cands],
+           "compute": spent.parts}
+    write_json(d / "proposals.json", out)
+    return out
+
+
+# --- candidate: a finalist's trial --------------------------------------------------------------------
+def _fingerprint(*parts: Any) -> str:
+    from jdnas.base_detector import fingerprint
+    return fingerprint(*parts)
+
+
+def _evaluate(ctx: Context, model: Detector, out: Path | None, spent: Spent) -> dict[str, Any]:
+    """Minival metrics of `model`; its detections kept in out/detections.json (for the bootstrap)."""
+    with spent.on("evaluation"):
+        dets = predict(model, _dataset(ctx.minival, model), ctx.eval_batch, ctx.device)
+        metrics = coco_metrics(ctx.minival, dets)
+    if out is not None:
+        write_json(out / "detections.json", dets)
+    return metrics
+
+
+def _train(ctx: Context, lin: Lineage, teacher: Detector, until: int, seed: int, out: Path, spent: Spent,
+           part: str, init: Path) -> Lineage:
+    """The lineage trained to `until`, resumable through out/train_state.pt."""
+    from jdnas.io import file_sha256
+    fp = _fingerprint(file_sha256(init)[:16], lin.it, until, lin.teacher, ctx.recipe.cfg, seed, ctx.pool_key)
+    t0, c0 = time.time(), time.process_time()
+    lin, summary = train_segment(lin, teacher, ctx.train_set, ctx.recipe, until, seed, out / "train_state.pt",
+                                 ctx.device, fp, desc=f"search {out.name}")
+    spent.add(part, time.process_time() - c0 + summary["resumed_cpu_seconds"], time.time() - t0)
+    return lin
+
+
+def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
+    """Finalist k of round r: the lineage after its move, trained `trial_iters` with KD from its
+    teacher at the lineage's position, on the round's batches and seed; scored on minival."""
+    d = round_dir(r, ctx.root)
+    out = d / f"cand_{k}"
+    out.mkdir(parents=True, exist_ok=True)
+    cands = load_json(d / "proposals.json", ["candidates"])["candidates"]
+    if k >= len(cands):  # a stopped search, or fewer distinct finalists than slots
+        result = {"round": r, "index": k, "skipped": True}
+        write_json(out / "result.json", result)
+        return result
+    c = Candidate(**cands[k])
+    spent = Spent()
+    init = round_dir(r - 1, ctx.root) / "student.pt"
+    lin = apply_moves(load_lineage(init.parent), parse_moves(c.action), seed=derive_seed(ctx.seed, "morph", r, k))
+    lin = replace(lin, teacher=c.teacher)
+    teacher, info = teacher_for(ctx, c.teacher, spent)
+    until = min(lin.it + ctx.cfg["trial_iters"], ctx.cfg["iters"])
+    lin = _train(ctx, lin, teacher, until, derive_seed(ctx.seed, "trial", r), out, spent, "training", init)
+    metrics = _evaluate(ctx, lin.model, out, spent)
+    save_lineage(out, lin, stage="search")
+    (out / "train_state.pt").unlink(missing_ok=True)
+    arch, head = lin.model.arch, Head.of(lin.model.head_cfg)
+    lat = ctx.latency(arch, head)
+    result = {"round": r, "index": k, "skipped": False, "control": c.action == CONTROL, "action": c.action,
+              **info, "student_arch": str(arch), "student_head": str(head), "screen_ap": c.screen_ap,
+              "ap": metrics["AP"], "ap50": metrics["AP50"], "latency_ms": round(lat, 4),
+              "meets_target": lat <= ctx.target_ms, "score": round(ctx.score(metrics["AP"], lat), 4),
+              "student_params": count_params(lin.model), "student_flops": count_flops(lin.model),
+              "it": lin.it, "compute": spent.parts, **_totals(spent.parts)}
+    write_json(out / "result.json", result)
+    return result
+
+
+def _totals(parts: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {"cpu_seconds": round(sum(p["cpu_seconds"] for p in parts.values()), 2),
+            "seconds": round(sum(p["seconds"] for p in parts.values()), 2)}
+
+
+# --- select: paired decisions, then the winner trains on ----------------------------------------------
+def pick(results: list[dict], target_ms: float, penalty: float, tolerance: float, under: bool,
+         current_teacher: str, tie: Callable[[dict, dict, float], bool]) -> dict:
+    """The round's winner among the trained finalists. Under the target only finalists under it
+    compete, on minival AP; above it, on score (AP - penalty x predicted overshoot). The best
+    score leads; a finalist that `tie(leader, other, offset)` (the paired bootstrap, with `offset`
+    the score difference the latencies make) cannot tell apart takes the lead when it is cheaper
+    (predicted latency lower by more than `tolerance`, the table's error), or as cheap and closer
+    to the lineage (the control, then the current teacher). Ties in score go to the lower index."""
+    pool = [x for x in results if x["latency_ms"] <= target_ms] if under else list(results)
+    pool = pool or list(results)
+
+    def s(x: dict) -> float:
+        return x["ap"] if under else score(x["ap"], x["latency_ms"], target_ms, penalty)
+
+    def closeness(x: dict) -> int:
+        return 0 if x.get("control") else 1 if x["teacher"] == current_teacher else 2
+
+    def preferred(x: dict, lead: dict) -> bool:
+        if x["latency_ms"] < lead["latency_ms"] * (1 - tolerance):
+            return True
+        same = abs(x["latency_ms"] - lead["latency_ms"]) <= tolerance * lead["latency_ms"]
+        return same and closeness(x) < closeness(lead)
+
+    lead = max(pool, key=lambda x: (s(x), -x["index"]))
+    for x in sorted(pool, key=lambda x: (x["latency_ms"], closeness(x), x["index"])):
+        if x is not lead and preferred(x, lead):
+            offset = (s(lead) - lead["ap"]) - (s(x) - x["ap"])
+            if tie(lead, x, offset):
+                lead = x
+    return lead
+
+
+def _bootstrap_tie(ctx: Context, d: Path, r: int, log: list[dict]) -> Callable[[dict, dict, float], bool]:
+    """The paired per-image bootstrap on minival between two finalists' detections."""
+    cache: dict[int, Any] = {}
+
+    def matches(x: dict) -> Any:
+        if x["index"] not in cache:
+            cache[x["index"]] = image_matches(ctx.minival, load_json(d / f"cand_{x['index']}" / "detections.json"))
+        return cache[x["index"]]
+
+    def tie(a: dict, b: dict, offset: float) -> bool:
+        res = paired_bootstrap(matches(a), matches(b), ctx.cfg["bootstrap"], derive_seed(ctx.seed, "bootstrap", r),
+                               offset=offset, confidence=ctx.cfg["confidence"])
+        log.append({"lead": f"cand_{a['index']}", "other": f"cand_{b['index']}", "tie": is_tie(res),
+                    **{k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}})
+        return is_tie(res)
+    return tie
+
+
+def select(ctx: Context, r: int) -> State:
+    """Move to the round's winner (see `pick`) and train it on to the round's end of the schedule;
+    stop after R rounds, or after `patience` rounds in which the control won. A round with no
+    finalist passes the lineage through."""
+    prev = read_state(r - 1, ctx.root)
+    d = round_dir(r, ctx.root)
+    results = [load_json(p, ["index", "skipped"]) for p in sorted(d.glob("cand_*/result.json"))]
+    done = [x for x in results if not x.get("skipped")]
+    spent, decisions = Spent(), []
+    if not done:
+        for name in ("student.pt", "lineage.pt"):
+            if (round_dir(r - 1, ctx.root) / name).is_file():
+                with atomic_path(d / name) as tmp:
+                    shutil.copyfile(round_dir(r - 1, ctx.root) / name, tmp)
+        state = replace(prev, round=r, stale=prev.stale + (not prev.stopped), accepted=None)
+    else:
+        best = pick(done, ctx.target_ms, ctx.cfg["penalty"], ctx.cfg["latency_tolerance"], prev.meets_target,
+                    prev.teacher, _bootstrap_tie(ctx, d, r, decisions))
+        src = d / f"cand_{best['index']}"
+        lin = load_lineage(src)
+        teacher, _ = teacher_for(ctx, lin.teacher, spent)
+        until = min(prev.it + ctx.cfg["round_iters"], ctx.cfg["iters"])
+        if until > lin.it:
+            lin = _train(ctx, lin, teacher, until, derive_seed(ctx.seed, "lineage", r), d, spent, "lineage",
+                         src / "student.pt")
+            metrics = _evaluate(ctx, lin.model, None, spent)
+        else:
+            metrics = {"AP": best["ap"], "AP50": best["ap50"]}
+        save_lineage(d, lin, stage="search")
+        (d / "train_state.pt").unlink(missing_ok=True)
+        lat = best["latency_ms"]
+        state = State(r, best["student_arch"], best["student_head"], best["teacher"], metrics["AP"], metrics["AP50"],
+                      lat, ctx.target_ms, ctx.score(metrics["AP"], lat), prev.stale + 1 if best.get("control") else 0,
+                      False, f"cand_{best['index']}", lin.it)
+    state.stopped = prev.stopped or state.stale >= ctx.cfg["patience"] or r >= ctx.cfg["rounds"] or not done
+    _write_state(d, state, decisions=decisions, compute=spent.parts)
+    return state
+
+
+def finish(ctx: Context) -> State:
+    """The lineage trained to the end of its schedule (the schedule's tail, not a restart): the
+    search's student needs no training after it. Writes finish/state.json, student.pt, result.json."""
+    last = read_state(ctx.cfg["rounds"], ctx.root)
+    d = finish_dir(ctx.root)
+    d.mkdir(parents=True, exist_ok=True)
+    src = round_dir(last.round, ctx.root)
+    lin, spent = load_lineage(src), Spent()
+    start = lin.it
+    state = last
+    if lin.it < ctx.cfg["iters"]:
+        teacher, _ = teacher_for(ctx, lin.teacher or last.teacher, spent)
+        lin = _train(ctx, lin, teacher, ctx.cfg["iters"], derive_seed(ctx.seed, "finish"), d, spent, "lineage",
+                     src / "student.pt")
+        metrics = _evaluate(ctx, lin.model, None, spent)
+        state = replace(last, ap=metrics["AP"], ap50=metrics["AP50"], score=ctx.score(metrics["AP"], last.latency_ms),
+                        it=lin.it)
+    save_lineage(d, lin, stage="search")
+    (d / "train_state.pt").unlink(missing_ok=True)
+    write_json(d / "result.json", {"iters": lin.it - start, "start": start, "minival_ap_before": last.ap,
+                                   "ap": state.ap, "compute": spent.parts, **_totals(spent.parts)})
+    _write_state(d, state)
+    return state
+
+
+# --- history and the compute split -------------------------------------------------------------------
+def _add(split: dict, part: str, cost: dict) -> None:
+    p = split.setdefault(part, {"cpu_seconds": 0.0, "seconds": 0.0})
+    for k in p:
+        p[k] += cost.get(k, 0.0)
+
+
 def write_history(root: Path, params: dict, out: Path | None = None) -> pd.DataFrame:
-    """history.csv: one row per trained candidate, with whether its round accepted it; and
-    summary.json: the latency target and the compute all candidate jobs and `finish` spent."""
-    rounds = params["search"]["rounds"]
-    rows = []
-    for r in range(1, rounds + 1):
-        accepted = read_state(r, root).accepted
-        for p in sorted(round_dir(r, root).glob("cand_*/result.json")):
+    """history.csv: one row per trained finalist, with whether its round accepted it; and
+    summary.json: the target, the lineage's minival AP before the finish, and the compute split
+    by part (lineage and discarded training, screening, evaluation, teacher extraction)."""
+    cfg = params["search"]
+    rows, split = [], {p: {"cpu_seconds": 0.0, "seconds": 0.0} for p in PARTS}
+    for r in range(1, cfg["rounds"] + 1):
+        d = round_dir(r, root)
+        state = load_json(d / "state.json", ["accepted"])
+        for part, cost in state.get("compute", {}).items():
+            _add(split, part, cost)
+        for part, cost in load_json(d / "proposals.json").get("compute", {}).items():
+            _add(split, part, cost)
+        for p in sorted(d.glob("cand_*/result.json")):
             x = load_json(p, ["index"])
-            if not x.get("skipped"):
-                rows.append({**{k: x[k] for k in HISTORY_COLUMNS if k in x},
-                             "accepted": accepted == f"cand_{x['index']}"})
+            if x.get("skipped"):
+                continue
+            accepted = state["accepted"] == f"cand_{x['index']}"
+            for part, cost in x.get("compute", {}).items():
+                _add(split, ("lineage" if accepted else "discarded") if part == "training" else part, cost)
+            rows.append({**{k: x[k] for k in HISTORY_COLUMNS if k in x}, "accepted": accepted})
     df = pd.DataFrame(rows, columns=HISTORY_COLUMNS).sort_values(["round", "index"])
     with atomic_path(out or root / "history.csv") as tmp:
         df.to_csv(tmp, index=False)
-    fin = load_json(finish_dir(root) / "result.json", ["iters", "seconds", "cpu_seconds"])
-    cpu = float(df["cpu_seconds"].fillna(0).sum()) + fin["cpu_seconds"]
-    wall = float(df["seconds"].fillna(0).sum()) + fin["seconds"]
+    fin = load_json(finish_dir(root) / "result.json", ["iters"])
+    for part, cost in fin.get("compute", {}).items():
+        _add(split, part, cost)
+    cpu = sum(p["cpu_seconds"] for p in split.values())
+    wall = sum(p["seconds"] for p in split.values())
     compute, unit = compute_spent(cpu, wall, params["device"])
+    key = "cpu_seconds" if unit == "cpu_seconds" else "seconds"
+    training = split["lineage"][key] + split["discarded"][key]
     write_json(root / "summary.json", {
-        "rounds": rounds, "candidates_trained": len(df), "accepted": int(df["accepted"].sum()),
-        "target_ms": params["search"]["latency_target"] * read_state(0, root).latency_ms,
-        "penalty": params["search"]["penalty"], "final_iters": fin["iters"],
-        "final_cpu_seconds": fin["cpu_seconds"], "final_minival_ap": fin.get("ap"),
+        "rounds": cfg["rounds"], "candidates_trained": len(df), "accepted": int(df["accepted"].sum()),
+        "target_ms": cfg["latency_target"] * read_state(0, root).latency_ms, "penalty": cfg["penalty"],
+        "iters": cfg["iters"], "final_iters": fin["iters"], "final_minival_ap": fin.get("ap"),
+        "minival_ap_before_finish": fin.get("minival_ap_before"),
+        "compute_split": {p: round(v[key], 2) for p, v in split.items()},
+        "lineage_share_of_training": round(split["lineage"][key] / training, 4) if training else None,
+        "overhead_share": round(1 - training / compute, 4) if compute else None,
         "cpu_seconds": round(cpu, 2), "seconds": round(wall, 2), "compute": round(compute, 2), "compute_unit": unit})
     return df
 
@@ -425,13 +633,13 @@ def run_search(ctx: Context) -> State:
     resume_dir(ctx.root, inputs_fingerprint("search", ctx.params, ctx.inputs))
     if not (round_dir(0, ctx.root) / "state.json").is_file():
         init_search(ctx)
-    rounds, k = ctx.cfg["rounds"], ctx.cfg["candidates"]
+    rounds, k = ctx.cfg["rounds"], finalist_slots(ctx.cfg)
     for r in range(1, rounds + 1):
         if (round_dir(r, ctx.root) / "state.json").is_file():
             continue
         if not (round_dir(r, ctx.root) / "proposals.json").is_file():
-            write_proposals(ctx, r)
-        for i in range(k + 1):  # the control and K candidates
+            propose(ctx, r)
+        for i in range(k):
             if not (round_dir(r, ctx.root) / f"cand_{i}" / "result.json").is_file():
                 run_candidate(ctx, r, i)
         select(ctx, r)
@@ -441,62 +649,6 @@ def run_search(ctx: Context) -> State:
     return load_state(finish_dir(ctx.root) / "state.json")
 
 
-def deployment_latency(models: dict[str, Any], data_dir: Path, out_dir: Path, params: dict,
-                       max_size: int) -> dict[str, dict]:
-    """The models exported to ONNX (out_dir/model.onnx for the final student; the base's in a
-    temporary folder), checked against PyTorch on the val images latency is timed on, then timed
-    under onnxruntime on the CPU in one interleaved measurement: the latency they ship with."""
-    import tempfile
-    import torch
-    from jdnas.export import OnnxDetector, export_onnx
-    from jdnas.latency.measure import compare_on_val, latency_images
-    images = latency_images(data_dir / "val.json", max_size)
-    threads = params["teacher_pool"]["eval"]["latency_threads"]
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = {name: out_dir / "model.onnx" if name == "final" else Path(tmp) / f"{name}.onnx" for name in models}
-        checks = {name: export_onnx(models[name].cpu(), paths[name], images) for name in models}
-        latency = compare_on_val({name: OnnxDetector(p, threads) for name, p in paths.items()}, data_dir, params,
-                                 torch.device("cpu"), max_size)
-    for c in checks.values():
-        c.pop("path")
-    return {"latency": latency, "checks": checks}
-
-
-def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, base: str | Path,
-                   out_dir: str | Path, latency_table: str | Path) -> dict[str, Any]:
-    """The final student and the base detector on val: AP, measured latency, predicted latency per
-    part (from the table), params, FLOPs; whether the final student meets the target."""
-    from jdnas.engine import evaluate, resolve_device
-    from jdnas.models.complexity import count_flops, count_params
-    from jdnas.models.detector import load_detector, save_detector
-    from jdnas.latency.measure import compare_on_val
-    device = resolve_device(params["device"])
-    state = asdict(load_state(Path(state_path)))
-    state["meets_target"] = state["latency_ms"] <= state["target_ms"]
-    models = {"final": load_detector(Path(state_path).parent / "student.pt", device),
-              "base": load_detector(base, device)}
-    round0 = asdict(load_state(Path(state_path).parent.parent / "round_0" / "state.json"))
-    table = LatencyTable.load(latency_table)
-    # both timed in the same interleaved rounds: what differs between them is the models
-    max_size = models["base"].head_cfg["max_size"]
-    latency = compare_on_val(models, data_dir, params, device, max_size)
-    deployed = deployment_latency(models, Path(data_dir), Path(out_dir), params, max_size)
-    summary: dict[str, Any] = {}
-    for name, model in models.items():
-        m = evaluate(model, Path(data_dir) / "val.json", params["eval"]["batch_size"], device)
-        m.update({"arch": str(model.arch), "head": str(Head.of(model.head_cfg)), "params": count_params(model),
-                  "flops": count_flops(model), "latency_ms": latency[name],
-                  "latency_onnxruntime_ms": deployed["latency"][name], "onnx_check": deployed["checks"][name],
-                  "predicted_latency_ms": state["latency_ms"] if name == "final" else round0["latency_ms"],
-                  "predicted_breakdown_ms": {k: round(v, 4) for k, v in
-                                             table.breakdown(model.arch, Head.of(model.head_cfg)).items()}})
-        summary[name] = m
-    summary["final"].update({"target_ms": state["target_ms"], "meets_target": state["meets_target"],
-                             "latency_ratio": round(latency["final"] / latency["base"], 4),
-                             "latency_ratio_onnxruntime": round(deployed["latency"]["final"]
-                                                                / deployed["latency"]["base"], 4),
-                             "predicted_latency_ratio": round(state["latency_ms"] / round0["latency_ms"], 4)})
-    save_detector(Path(out_dir) / "model.pt", models["final"].cpu(), stage="evaluate_final", metrics=summary["final"],
-                  teacher=state["teacher"], search_round=state["round"])
-    write_json(Path(out_dir) / "metrics.json", summary)
-    return summary
+def finalist_slots(cfg: dict) -> int:
+    """Candidate jobs per round: the finalists and the teacher moves."""
+    return cfg["candidates"] + cfg["teacher_moves"]

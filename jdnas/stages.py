@@ -33,7 +33,8 @@ MATCHED = {"control": ("finetune",), "prune_kd": ("prune", "kd")}  # baselines m
 SEARCH_INPUTS = (DATA, f"{POOL}/supernet.pt", TABLE, f"{BASE}/model.pt")
 SEARCH_ARGS = f"--data {DATA} --supernet {POOL}/supernet.pt --latency-table {TABLE} --base {BASE}/model.pt"
 SEARCH_PARAMS = ("seed", "device", "eval", "search", "search_space", "train_student", "teacher_pool.eval")
-SEARCH_CODE = ("jdnas/search.py", "jdnas/student.py", "jdnas/morphism.py", "jdnas/distill.py", "jdnas/engine.py")
+SEARCH_CODE = ("jdnas/search.py", "jdnas/lineage.py", "jdnas/screen.py", "jdnas/bootstrap.py", "jdnas/morphism.py",
+               "jdnas/distill.py", "jdnas/engine.py")
 
 
 def fill(text: str, params: dict) -> str:
@@ -123,7 +124,7 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         deps=(DATA, f"{SEARCH}/finish/state.json", f"{BASE}/model.pt", TABLE),
         outs=(f"{FINAL}/model.pt", f"{FINAL}/model.onnx"), metrics=(f"{FINAL}/metrics.json",),
         params=("seed", "device", "eval", "teacher_pool.eval", "latency.clock"),
-        code=("jdnas/search.py", "jdnas/engine.py", "jdnas/latency", "jdnas/export.py"),
+        code=("jdnas/final.py", "jdnas/engine.py", "jdnas/latency", "jdnas/export.py"),
     ),
     # the naive pipeline: a budget of its own (params baseline), so it needs nothing from the search.
     # Its NAS and retraining need no teacher and no base weights either: they run from the start,

@@ -80,3 +80,12 @@ def proxy_table(params: dict, classes: int = 5, cost=linear_ms):
     entries = grid_entries(spaces_from_params(params), heads, rungs, classes)
     entries |= {head_entries(hw, h, classes)[-1] for h, hw in rungs}
     return LatencyTable({e: cost(e) for e in entries}, {e: "proxy" for e in entries})
+
+
+@pytest.fixture(scope="session")
+def supernet_ckpt(prepared, smoke_params, base_ckpt, tmp_path_factory) -> Path:
+    """A (barely) trained smoke teacher pool: supernet.pt."""
+    from jdnas.teacher_pool import train_teacher_pool
+    out = tmp_path_factory.mktemp("pool")
+    train_teacher_pool(smoke_params, prepared, out, base_ckpt)
+    return out / "supernet.pt"

@@ -1,17 +1,20 @@
-"""Search logic: score, seeded distinct proposals, teacher moves, selection and early stop."""
+"""The joint search: pacing, composed cuts, paired decisions, teacher moves, one lineage, determinism."""
 import json
 import random
-from dataclasses import asdict
 
+import pandas as pd
 import pytest
 
-from jdnas.models.arch import preset
+from jdnas.models.arch import Head, preset, resolve_arch
 from jdnas.models.elastic import PoolSpace
-from jdnas.search import (Candidate, State, Teacher, largest_teacher, mutate_teacher, pick, propose, round_dir,
-                          sample_teacher, score, select, write_history)
-from conftest import with_overrides
+from jdnas.models.teacher_gene import TeacherGene, largest_gene, mutate_gene, sample_gene
+from jdnas.morphism import Action, child
+from jdnas.search import (Context, candidate_actions, compose_cut, pick, rank_cuts, round_dir, round_goal,
+                          run_search, score, teacher_move)
+from conftest import REPO, proxy_table, with_overrides
 
 SPACE = PoolSpace(preset("r18", 0.25), (1, 1, 1, 1), (0.5, 0.75, 1.0))
+TEACHER = "d2,2,2,2/w1,1,1,1"
 
 
 def test_score_penalises_only_overshoot():
@@ -21,140 +24,159 @@ def test_score_penalises_only_overshoot():
     assert score(30.0, float("nan"), 10.0, 50.0) == float("-inf") == score(30.0, float("inf"), 10.0, 50.0)
 
 
-def test_teacher_genome_round_trip_and_moves():
-    t = largest_teacher(SPACE)
-    assert Teacher.parse(str(t)) == t and t.arch(SPACE) == SPACE.max_arch
+def test_teacher_genes_round_trip_and_move():
+    t = largest_gene(SPACE)
+    assert TeacherGene.parse(str(t)) == t and t.arch(SPACE) == SPACE.max_arch
     rng = random.Random(0)
     for _ in range(50):
-        m = mutate_teacher(t, SPACE, rng)
-        diff = sum(a != b for a, b in zip(m.depths + m.ratios, t.depths + t.ratios))
-        assert diff == 1 and SPACE.contains(m.arch(SPACE))
-        s = sample_teacher(SPACE, rng)
-        assert SPACE.contains(s.arch(SPACE))
+        m = mutate_gene(t, SPACE, rng)
+        assert sum(a != b for a, b in zip(m.depths + m.ratios, t.depths + t.ratios)) == 1
+        assert SPACE.contains(m.arch(SPACE)) and SPACE.contains(sample_gene(SPACE, rng).arch(SPACE))
+    cfg = {"teacher_mutate": 1.0, "teacher_resample": 0.0}
+    moved = teacher_move(str(t), SPACE, cfg, random.Random(1))
+    assert moved != str(t) and moved == teacher_move(str(t), SPACE, cfg, random.Random(1))
 
 
-def _state(**kw) -> State:
-    base = dict(round=0, student_arch=str(preset("r18", 0.25)), student_head="F64-R256-I128/128-P100",
-                teacher=str(largest_teacher(SPACE)), ap=10.0, ap50=20.0, latency_ms=10.0, target_ms=8.0, score=10.0)
-    return State(**{**base, **kw})
+def test_round_goal_paces_the_cuts_to_arrive_at_the_last_round():
+    lat, target = 10.0, 6.0
+    for rounds_left in (5, 4, 3, 2, 1):
+        lat = round_goal(lat, target, rounds_left)
+    assert lat == pytest.approx(target)
+    assert round_goal(10.0, 6.0, 5) == pytest.approx(10.0 * 0.6 ** 0.2)
+    assert round_goal(5.0, 6.0, 3) == 6.0  # under the target: the target
 
 
-ACTIONS = ["deepen(0)", "prune(1,0.25)", "slim(2,0.25)", "fpn_prune(0.5)", "head_prune(0.25)", "resize(0.75)"]
-
-
-def test_proposals_are_the_control_then_distinct_seeded_candidates(smoke_params):
-    p = with_overrides(smoke_params, {"search": {"candidates": 5}})
-    a = propose(_state(), 1, p, SPACE, ACTIONS)
-    assert a == propose(_state(), 1, p, SPACE, ACTIONS)
-    assert a != propose(_state(), 2, p, SPACE, ACTIONS)
-    assert a[0].action == "none" and a[0].teacher == _state().teacher  # the control: no action, same teacher
-    assert len(a) == 6 and len({(c.action, c.teacher) for c in a}) == 6
-    assert {c.action for c in a[1:]} <= set(ACTIONS)
-    assert [c.index for c in a] == list(range(6)) and len({c.seed for c in a}) == 6
-    assert propose(_state(stopped=True), 1, p, SPACE, ACTIONS) == []
-    assert [c.action for c in propose(_state(), 1, p, SPACE, [])] == ["none"]
-
-
-class _Ctx:
-    def __init__(self, root, patience=2, rounds=3, target_ms=8.0):
-        self.root, self.target_ms = root, target_ms
-        self.cfg = {"patience": patience, "rounds": rounds, "penalty": 50.0, "latency_tolerance": 0.05}
-
-
-def _write_round(root, r, state, results):
-    d = round_dir(r, root)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "student.pt").write_bytes(b"student %d" % r)
-    if state is not None:
-        (d / "state.json").write_text(json.dumps(asdict(state)))
-    for x in results:
-        (d / f"cand_{x['index']}").mkdir(exist_ok=True)
-        (d / f"cand_{x['index']}" / "model.pt").write_bytes(b"cand %d" % x["index"])
-        (d / f"cand_{x['index']}" / "result.json").write_text(json.dumps(x))
-
-
-def _result(r, k, ap, latency_ms=9.0, skipped=False):
-    return {"round": r, "index": k, "skipped": skipped, "control": k == 0, "action": "none" if k == 0 else "prune(1,0.25)",
-            "teacher": "d2,2,2,2/w1,1,1,1", "student_arch": "S16:2x16m16-2x32m24-2x64m64-2x128m128",
-            "student_head": "F64-R256-I128/128-P100", "ap": ap, "ap50": ap, "latency_ms": latency_ms,
-            "score": score(ap, latency_ms, 8.0, 50.0), "seconds": 1.0, "cpu_seconds": 0.5}
-
-
-def test_pick_above_the_target_always_cuts_and_timing_noise_buys_nothing():
-    control = _result(1, 0, 20.0, 10.0)
-    faster = _result(1, 1, 18.0, 9.0)                 # 1 point of AP for 10% less latency
-    noise = _result(1, 2, 20.5, 9.7)                  # 3% faster: within the tolerance, counts as the control's
-    assert pick([control, faster, noise], 8.0, 50.0, 0.05, False) is faster
-    assert pick([control, noise], 8.0, 50.0, 0.05, False) is noise
-    # among the cuts the score decides: AP against the latency it saves
-    assert pick([control, _result(1, 1, 5.0, 7.9), _result(1, 2, 17.0, 8.5)], 8.0, 50.0, 0.05, False)["ap"] == 17.0
-    # the target is a constraint: above it a cut wins even where the control scores higher
-    assert pick([control, _result(1, 1, 5.0, 7.9)], 8.0, 50.0, 0.05, False)["ap"] == 5.0
-    assert pick([control], 8.0, 50.0, 0.05, False) is control  # no cut finished: the control trains on
-
-
-def test_pick_under_the_target_is_a_hard_constraint():
-    control = _result(1, 0, 20.0, 7.0)
-    above = _result(1, 1, 40.0, 8.01)
-    better = _result(1, 2, 21.0, 7.5)
-    assert pick([control, above], 8.0, 50.0, 0.05, True) is control                  # never above once under
-    assert pick([control, above, better], 8.0, 50.0, 0.05, True) is better           # under it: AP decides
-    assert pick([control, _result(1, 1, 20.0, 6.0)], 8.0, 50.0, 0.05, True) is control  # ties go to the control
-
-
-def test_select_moves_to_the_winner_and_stops_on_patience(tmp_path):
-    _write_round(tmp_path, 0, _state(), [])
-    _write_round(tmp_path, 1, None, [_result(1, 0, 11.0, 10.0), _result(1, 1, 12.0, 7.5)])
-    s1 = select(_Ctx(tmp_path), 1)
-    assert s1.accepted == "cand_1" and s1.ap == 12.0 and s1.stale == 0 and not s1.stopped and s1.meets_target
-    assert (round_dir(1, tmp_path) / "student.pt").read_bytes() == b"cand 1"
-    assert json.loads((round_dir(1, tmp_path) / "state.json").read_text())["meets_target"] is True
-    _write_round(tmp_path, 2, None, [_result(2, 0, 13.0, 7.5), _result(2, 1, 12.5, 7.0)])
-    s2 = select(_Ctx(tmp_path, patience=1), 2)
-    assert s2.accepted == "cand_0" and s2.ap == 13.0 and s2.stale == 1 and s2.stopped  # the control, trained on
-    assert (round_dir(2, tmp_path) / "student.pt").read_bytes() == b"cand 0"
-    _write_round(tmp_path, 3, None, [{"round": 3, "index": 0, "skipped": True}])
-    s3 = select(_Ctx(tmp_path, patience=1), 3)
-    assert s3.stopped and s3.stale == 1 and s3.ap == 13.0  # a stopped search passes its state through
-    (tmp_path / "finish").mkdir()
-    (tmp_path / "finish" / "result.json").write_text(json.dumps({"iters": 5, "seconds": 2.0, "cpu_seconds": 1.5,
-                                                                 "ap": 14.0}))
-    df = write_history(tmp_path, {"device": "cpu", "search": {"rounds": 3, "latency_target": 0.8, "penalty": 50.0}})
-    assert list(df["accepted"]) == [False, True, True, False] and list(df["control"]) == [True, False, True, False]
-    assert (tmp_path / "history.csv").is_file()
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    # the candidates' compute and the final fine-tune's
-    assert summary["compute_unit"] == "cpu_seconds" and summary["compute"] == summary["cpu_seconds"] == 4 * 0.5 + 1.5
-    assert summary["seconds"] == 6.0 and summary["candidates_trained"] == 4 and summary["accepted"] == 2
-    assert summary["final_iters"] == 5 and summary["final_minival_ap"] == 14.0
-    assert summary["target_ms"] == pytest.approx(0.8 * 10.0)
-
-
-def test_candidate_actions_are_predicted_first_and_respect_the_target(smoke_params):
-    """Every action drawn is one whose child the table predicts: above the target the ones that cut
-    latency by more than the tolerance, under it the ones that stay under it."""
-    from jdnas.models.arch import Arch, Head, resolve_arch
-    from jdnas.morphism import Action, child
-    from jdnas.search import candidate_actions
-    from conftest import proxy_table
-    p = with_overrides(smoke_params, {"search_space": {"resize_ratios": [0.5], "fpn_prune_ratios": [0.25, 0.5]},
-                                      "search": {"latency_tolerance": 0.03}})
+def _space_and_table(smoke_params):
+    p = with_overrides(smoke_params, {"search_space": {"resize_ratios": [0.5]}})
     table = proxy_table(p)
-    base, head = resolve_arch(p["model"]["base"], p["model"]["width"]), Head.of(p["model"])
-    full = table.predict(base, head)
+    arch, head = resolve_arch(p["model"]["base"], p["model"]["width"]), Head.of(p["model"])
+    return p, table, arch, head
 
-    def child_ms(text):
-        return table.predict(*child(Action.parse(text), base, head))
-    above = _state(student_arch=str(base), student_head=str(head), latency_ms=full, target_ms=0.5 * full)
-    acts = candidate_actions(above, p, table, head)
-    assert acts and {"fpn_prune(0.5)", "resize(0.5)"} <= set(acts)
-    assert all(child_ms(a) < full * 0.97 for a in acts) and "prune(0,0.25)" not in acts
-    loose = with_overrides(p, {"search": {"latency_tolerance": 0.5}})   # no action cuts 50%: any cut will do
-    acts = candidate_actions(above, loose, table, head)
-    assert "prune(0,0.25)" in acts and all(child_ms(a) < full for a in acts)
-    under = _state(student_arch=str(base), student_head=str(head), latency_ms=full, target_ms=1.001 * full)
-    acts = candidate_actions(under, p, table, head)
-    assert acts and all(child_ms(a) <= 1.001 * full for a in acts) and "deepen(0)" not in acts
+
+def test_candidate_actions_are_cuts_above_the_target_and_growth_under_it(smoke_params):
+    p, table, arch, head = _space_and_table(smoke_params)
+    full = table.predict(arch, head)
+    cuts = candidate_actions(arch, head, head, p["search_space"], table, full, 0.5 * full)
+    assert cuts and all(ms < full for ms in cuts.values()) and {a.kind for a in cuts} <= {
+        "shallow", "prune", "slim", "fpn_prune", "head_prune", "resize", "proposals"}
+    assert all(table.predict(*child(a, arch, head)) == ms for a, ms in cuts.items())
+    grow = candidate_actions(arch, head, head, p["search_space"], table, full, 2.0 * full)
+    assert grow and all(ms <= 2.0 * full for ms in grow.values()) and {a.kind for a in grow} <= {"deepen", "shift"}
+
+
+def test_a_cut_is_composed_best_first_until_the_round_goal(smoke_params):
+    p, table, arch, head = _space_and_table(smoke_params)
+    full = table.predict(arch, head)
+    cuts = candidate_actions(arch, head, head, p["search_space"], table, full, 0.5 * full)
+    rows = [{"action": a, "latency_ms": ms, "ap": 10.0 - 100 * (full - ms) / full} for a, ms in cuts.items()]
+    ranked = [x["action"] for x in rank_cuts(rows, 10.0, full)]
+    goal = 0.8 * full
+    moves, ms = compose_cut(ranked[0], ranked, arch, head, p["search_space"], head, table, goal)
+    assert moves[0] == ranked[0] and ms <= goal
+    assert len({(a.kind, a.stage) for a in moves}) == len(moves)     # one cut per kind and stage
+    a, h = arch, head
+    for m in moves:
+        a, h = child(m, a, h)
+    assert table.predict(a, h) == pytest.approx(ms)
+    # a goal already met by the first cut is met by it alone
+    one, _ = compose_cut(ranked[0], ranked, arch, head, p["search_space"], head, table, full)
+    assert one == [ranked[0]]
+
+
+def test_rank_cuts_by_latency_saved_per_ap_lost():
+    rows = [{"action": "a", "latency_ms": 9.0, "ap": 9.0}, {"action": "b", "latency_ms": 8.0, "ap": 8.5},
+            {"action": "c", "latency_ms": 9.5, "ap": 10.0}]
+    # a: 1 ms / 1 AP; b: 2 ms / 1.5 AP; c: 0.5 ms / (0.1 floor) = 5
+    assert [x["action"] for x in rank_cuts(rows, 10.0, 10.0)] == ["c", "b", "a"]
+
+
+def _r(k, ap, ms, control=False, teacher=TEACHER):
+    return {"index": k, "ap": ap, "latency_ms": ms, "control": control, "teacher": teacher}
+
+
+def test_pick_takes_the_best_score_unless_a_cheaper_finalist_ties_it():
+    never = lambda a, b, off: pytest.fail("compared needlessly")  # noqa: E731
+    always, no = (lambda a, b, off: True), (lambda a, b, off: False)
+    strong, cheap = _r(0, 20.0, 9.0), _r(1, 19.5, 8.0)
+    assert pick([strong, cheap], 8.0, 50.0, 0.04, False, TEACHER, never) is cheap  # 20 - 6.25 < 19.5
+    assert pick([strong, cheap], 8.0, 2.0, 0.04, False, TEACHER, no) is strong     # 20 - 0.25 > 19.5
+    assert pick([strong, cheap], 8.0, 2.0, 0.04, False, TEACHER, always) is cheap  # a tie: the cheaper
+    # a more expensive finalist is never compared with a cheaper leader
+    assert pick([_r(0, 10.0, 9.0), _r(1, 30.0, 8.0)], 8.0, 5.0, 0.04, False, TEACHER, never)["index"] == 1
+
+
+def test_pick_under_the_target_is_a_hard_constraint_and_ties_go_to_the_lineage():
+    always = lambda a, b, off: True  # noqa: E731
+    control, above = _r(0, 20.0, 7.0, control=True), _r(1, 40.0, 8.01)
+    assert pick([control, above], 8.0, 50.0, 0.04, True, TEACHER, always) is control
+    grow = _r(1, 21.0, 7.1)
+    assert pick([control, grow], 8.0, 50.0, 0.04, True, TEACHER, lambda a, b, off: False) is grow
+    assert pick([control, grow], 8.0, 50.0, 0.04, True, TEACHER, always) is control   # a tie: the lineage
+    other = _r(1, 21.0, 7.0, teacher="d1,1,1,1/w1,1,1,1")
+    assert pick([_r(0, 20.0, 7.0), other], 8.0, 50.0, 0.04, True, TEACHER, always)["index"] == 0
+
+
+def test_pick_offsets_the_bootstrap_by_what_the_latencies_make():
+    seen = []
+    pick([_r(0, 20.0, 10.0), _r(1, 19.0, 8.0)], 8.0, 10.0, 0.04, False, TEACHER,
+         lambda a, b, off: seen.append((a["index"], b["index"], off)) or False)
+    # leader 0 scores 20 - 10 x 0.25 = 17.5 against 19: not the leader; nothing cheaper than 1
+    assert seen == []
+    pick([_r(0, 20.0, 9.0), _r(1, 19.8, 8.0)], 8.0, 1.0, 0.04, False, TEACHER,
+         lambda a, b, off: seen.append((a["index"], b["index"], off)) or False)
+    assert seen == [(0, 1, pytest.approx(-0.125))]  # leader 20 - 0.125; the other 19.8 - 0
+
+
+def _search(root, params, prepared, supernet, base):
+    ctx = Context(params, prepared, supernet, REPO / "config" / "latency" / "smoke_cpu.csv", base, root)
+    return ctx, run_search(ctx)
+
+
+def test_search_is_one_lineage_and_decides_the_same_twice(prepared, smoke_params, supernet_ckpt, base_ckpt,
+                                                           tmp_path):
+    """The lineage's position moves by round_iters per round and ends at search.iters; each
+    finalist starts where the lineage stood; the compute split adds up; a second run decides alike."""
+    import torch
+    torch.set_num_threads(1)
+    p = smoke_params
+    ctx, state = _search(tmp_path / "a", p, prepared, supernet_ckpt, base_ckpt)
+    cfg = p["search"]
+    assert state.it == cfg["iters"]
+    for r in (1, 2):
+        s = json.loads((round_dir(r, ctx.root) / "state.json").read_text())
+        assert s["it"] == r * cfg["round_iters"]
+        for c in round_dir(r, ctx.root).glob("cand_*/result.json"):
+            x = json.loads(c.read_text())
+            assert x["skipped"] or x["it"] == (r - 1) * cfg["round_iters"] + cfg["trial_iters"]
+    summary = json.loads((ctx.root / "summary.json").read_text())
+    split = summary["compute_split"]
+    assert set(split) == {"lineage", "discarded", "screening", "evaluation", "teachers"}
+    assert sum(split.values()) == pytest.approx(summary["compute"], abs=0.05)
+    assert summary["final_iters"] == cfg["iters"] - 2 * cfg["round_iters"]
+    teachers = list((ctx.root / "teachers").iterdir())
+    assert len(teachers) == len({x for x in pd.read_csv(ctx.root / "history.csv")["teacher"]})  # once each
+    _, again = _search(tmp_path / "b", p, prepared, supernet_ckpt, base_ckpt)
+    timing = ["seconds", "cpu_seconds"]
+    h1 = pd.read_csv(ctx.root / "history.csv").drop(columns=timing)
+    h2 = pd.read_csv(tmp_path / "b" / "history.csv").drop(columns=timing)
+    pd.testing.assert_frame_equal(h1, h2)
+    a = torch.load(ctx.root / "finish" / "student.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "finish" / "student.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stopped_search_passes_its_lineage_through(prepared, smoke_params, supernet_ckpt, base_ckpt, tmp_path):
+    import torch
+    torch.set_num_threads(1)
+    p = with_overrides(smoke_params, {"search": {"latency_target": 5.0, "patience": 1, "candidates": 1,
+                                                 "teacher_moves": 0}})  # under the target from the start
+    ctx, state = _search(tmp_path, p, prepared, supernet_ckpt, base_ckpt)
+    s1 = json.loads((round_dir(1, ctx.root) / "state.json").read_text())
+    assert s1["accepted"] == "cand_0" and s1["stopped"] and s1["stale"] == 1   # the control won: patience 1
+    s2 = json.loads((round_dir(2, ctx.root) / "state.json").read_text())
+    assert s2["accepted"] is None and s2["it"] == s1["it"]
+    assert (round_dir(2, ctx.root) / "student.pt").read_bytes() == (round_dir(1, ctx.root) / "student.pt").read_bytes()
+    assert state.it == p["search"]["iters"]  # the finish trains the rest of the schedule
 
 
 @pytest.mark.parametrize("content, words", [

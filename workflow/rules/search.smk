@@ -1,11 +1,12 @@
-# The joint search as a static DAG: per round, propose -> the control + K candidate jobs -> select;
-# then finish (the winner trained on, search.final_iters).
+# The joint search as a static DAG: per round, propose (screen every move) -> K finalist jobs ->
+# select (paired decision; the winner trains on); then finish (the lineage's schedule to its end).
 # R and K come from params, so `snakemake -n` plans the whole search; a round after an early
 # stop passes its state through. Round r depends on round r-1 only through its files.
+from jdnas.search import finalist_slots
 from jdnas.stages import SEARCH, SEARCH_INPUTS, fill, search_step
 
 ROUNDS = PARAMS["search"]["rounds"]
-CANDIDATES = PARAMS["search"]["candidates"]
+CANDIDATES = finalist_slots(PARAMS["search"])
 SEARCH_DEPS = [fill(x, PARAMS) for x in SEARCH_INPUTS]
 SEARCH_THREADS = STAGES["search"].threads  # the DVC search stage runs these jobs at the same count
 
@@ -57,6 +58,8 @@ rule search_propose:
     log:
         "logs/search/round_{r}/propose.log",
     threads: SEARCH_THREADS
+    resources:
+        gpu=GPUS_PER_JOB,
     params:
         trigger=STAGES["search"].params_hash(PARAMS),
     shell:
@@ -88,16 +91,19 @@ rule search_select:
     priority: SEARCH_PRIORITY
     input:
         SEARCH_DEPS,
-        lambda w: [f"{SEARCH}/round_{w.r}/cand_{k}/result.json" for k in range(CANDIDATES + 1)],  # + the control
+        lambda w: [f"{SEARCH}/round_{w.r}/cand_{k}/result.json" for k in range(CANDIDATES)],
         state=lambda w: f"{SEARCH}/round_{int(w.r) - 1}/state.json",
     output:
         f"{SEARCH}/round_{{r}}/state.json",
         f"{SEARCH}/round_{{r}}/student.pt",
+        f"{SEARCH}/round_{{r}}/lineage.pt",
     conda:
         "../../envs/jdnas.yaml"
     log:
         "logs/search/round_{r}/select.log",
     threads: SEARCH_THREADS
+    resources:
+        gpu=GPUS_PER_JOB,
     params:
         trigger=STAGES["search"].params_hash(PARAMS),
     shell:

@@ -1,0 +1,74 @@
+"""The final evaluation (stage evaluate_final): the search's student and the base detector on val,
+with measured latency (eager and onnxruntime, interleaved), predicted latency per part, params
+and FLOPs, and whether the student meets the target."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from jdnas.io import write_json
+from jdnas.latency import LatencyTable
+from jdnas.models.arch import Head
+from jdnas.search import load_state
+
+
+def deployment_latency(models: dict[str, Any], data_dir: Path, out_dir: Path, params: dict,
+                       max_size: int) -> dict[str, dict]:
+    """The models exported to ONNX (out_dir/model.onnx for the final student; the base's in a
+    temporary folder), checked against PyTorch on the val images latency is timed on, then timed
+    under onnxruntime on the CPU in one interleaved measurement: the latency they ship with."""
+    import tempfile
+    import torch
+    from jdnas.export import OnnxDetector, export_onnx
+    from jdnas.latency.measure import compare_on_val, latency_images
+    images = latency_images(data_dir / "val.json", max_size)
+    threads = params["teacher_pool"]["eval"]["latency_threads"]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {name: out_dir / "model.onnx" if name == "final" else Path(tmp) / f"{name}.onnx" for name in models}
+        checks = {name: export_onnx(models[name].cpu(), paths[name], images) for name in models}
+        latency = compare_on_val({name: OnnxDetector(p, threads) for name, p in paths.items()}, data_dir, params,
+                                 torch.device("cpu"), max_size)
+    for c in checks.values():
+        c.pop("path")
+    return {"latency": latency, "checks": checks}
+
+
+def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, base: str | Path,
+                   out_dir: str | Path, latency_table: str | Path) -> dict[str, Any]:
+    """The final student and the base detector on val: AP, measured latency, predicted latency per
+    part (from the table), params, FLOPs; whether the final student meets the target."""
+    from jdnas.engine import evaluate, resolve_device
+    from jdnas.models.complexity import count_flops, count_params
+    from jdnas.models.detector import load_detector, save_detector
+    from jdnas.latency.measure import compare_on_val
+    device = resolve_device(params["device"])
+    state = asdict(load_state(Path(state_path)))
+    state["meets_target"] = state["latency_ms"] <= state["target_ms"]
+    models = {"final": load_detector(Path(state_path).parent / "student.pt", device),
+              "base": load_detector(base, device)}
+    round0 = asdict(load_state(Path(state_path).parent.parent / "round_0" / "state.json"))
+    table = LatencyTable.load(latency_table)
+    # both timed in the same interleaved rounds: what differs between them is the models
+    max_size = models["base"].head_cfg["max_size"]
+    latency = compare_on_val(models, data_dir, params, device, max_size)
+    deployed = deployment_latency(models, Path(data_dir), Path(out_dir), params, max_size)
+    summary: dict[str, Any] = {}
+    for name, model in models.items():
+        m = evaluate(model, Path(data_dir) / "val.json", params["eval"]["batch_size"], device)
+        m.update({"arch": str(model.arch), "head": str(Head.of(model.head_cfg)), "params": count_params(model),
+                  "flops": count_flops(model), "latency_ms": latency[name],
+                  "latency_onnxruntime_ms": deployed["latency"][name], "onnx_check": deployed["checks"][name],
+                  "predicted_latency_ms": state["latency_ms"] if name == "final" else round0["latency_ms"],
+                  "predicted_breakdown_ms": {k: round(v, 4) for k, v in
+                                             table.breakdown(model.arch, Head.of(model.head_cfg)).items()}})
+        summary[name] = m
+    summary["final"].update({"target_ms": state["target_ms"], "meets_target": state["meets_target"],
+                             "latency_ratio": round(latency["final"] / latency["base"], 4),
+                             "latency_ratio_onnxruntime": round(deployed["latency"]["final"]
+                                                                / deployed["latency"]["base"], 4),
+                             "predicted_latency_ratio": round(state["latency_ms"] / round0["latency_ms"], 4)})
+    save_detector(Path(out_dir) / "model.pt", models["final"].cpu(), stage="evaluate_final", metrics=summary["final"],
+                  teacher=state["teacher"], search_round=state["round"])
+    write_json(Path(out_dir) / "metrics.json", summary)
+    return summary

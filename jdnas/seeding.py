@@ -1,0 +1,11 @@
+"""Seeds derived from the params seed and a path of keys: the one place random streams are split."""
+from __future__ import annotations
+
+import hashlib
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """A seed in [0, 2**31) for (seed, *keys): the same keys give the same seed on every machine,
+    different keys independent streams (no hand-picked mixing constants)."""
+    text = "/".join(map(str, (seed, *keys)))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") >> 1
