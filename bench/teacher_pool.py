@@ -23,7 +23,8 @@ import torch
 from jdnas.config import load_params
 from jdnas.data.dataset import CocoDetection
 from jdnas.data.prepare import prepare_data
-from jdnas.engine import evaluate, resolve_device, train_detector
+from jdnas.engine import evaluate, train_detector
+from jdnas.device import resolve_device
 from jdnas.models.complexity import count_params
 from jdnas.models.detector import build_detector, head_config
 from jdnas.models.elastic import Supernet

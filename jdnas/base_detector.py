@@ -18,7 +18,8 @@ import torch
 
 from jdnas.data.dataset import CocoDetection
 from jdnas.dist import DistContext, init_distributed, shutdown
-from jdnas.engine import evaluate, load_train_state, resolve_device, train_detector
+from jdnas.engine import evaluate, load_train_state, train_detector
+from jdnas.device import resolve_device
 from jdnas.io import save_torch, write_json
 from jdnas.models.arch import resolve_arch
 from jdnas.models.complexity import count_flops, count_params
@@ -31,6 +32,13 @@ BEST_FORMAT = "jdnas-best-weights/1"
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (what a resumable state was written for)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def measured_latency(model: torch.nn.Module, data_dir: Path, params: dict, device: torch.device) -> float:
+    """The base's latency where it was trained (ms per val image; evaluate_final and the report
+    time it again beside the students, in one interleaved measurement)."""
+    from jdnas.latency.measure import compare_on_val
+    return compare_on_val({"base": model}, data_dir, params, device, model.head_cfg["max_size"])["base"]
 
 
 def adopt_base(params: dict, data_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -46,7 +54,8 @@ def adopt_base(params: dict, data_dir: Path, out_dir: Path) -> dict[str, Any]:
                          f"{data_dir} has {classes - 1}")
     metrics = evaluate(model, data_dir / "val.json", params["eval"]["batch_size"], resolve_device(params["device"]))
     metrics.update({"checkpoint": str(src), "kept_iter": None, "arch": str(model.arch), "params": count_params(model),
-                    "flops": count_flops(model), "train_iters": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0})
+                    "flops": count_flops(model), "train_iters": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0,
+                    "latency_ms": measured_latency(model, data_dir, params, resolve_device(params["device"]))})
     save_detector(out_dir / "model.pt", model.cpu(), stage="train_base", metrics=metrics, source=str(src))
     write_json(out_dir / "metrics.json", metrics)
     return metrics
@@ -107,6 +116,7 @@ def _train_base(params: dict, data_dir: Path, out_dir: Path, ctx: DistContext, d
     metrics.update({"kept_iter": kept, "arch": str(arch), "params": count_params(model), "flops": count_flops(model),
                     "train_iters": summary["iters"], "train_seconds": summary["seconds"],
                     "train_cpu_seconds": round(time.process_time() - cpu0 + summary["resumed_cpu_seconds"], 2)})
+    metrics["latency_ms"] = measured_latency(model, data_dir, params, device)
     save_detector(out_dir / "model.pt", model.cpu(), stage="train_base", metrics=metrics)
     write_json(out_dir / "metrics.json", metrics)
     state_path.unlink(missing_ok=True)

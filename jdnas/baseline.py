@@ -33,14 +33,15 @@ import torch
 
 from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection, IterationSampler, collate
-from jdnas.engine import detection_loss, evaluate, make_optimizer, resolve_device, to_device, train_detector
+from jdnas.engine import detection_loss, evaluate, make_optimizer, schedule_for, to_device, train_detector
+from jdnas.device import resolve_device
 from jdnas.errors import JdnasError
 from jdnas.io import resume_dir, write_json
 from jdnas.latency import LatencyTable
 from jdnas.latency.measure import latency_images, measure_latency
 from jdnas.models.arch import Arch, Head, resolve_arch
 from jdnas.models.complexity import count_flops, count_params
-from jdnas.models.detector import (Detector, build_detector, head_config, load_detector, save_detector,
+from jdnas.models.detector import (Detector, build_detector, head_config, jittered_input, load_detector, save_detector,
                                    set_input_size)
 from jdnas.morphism import Action, child_arch, legal_actions, morph_detector
 from jdnas.search import inputs_fingerprint, score
@@ -116,18 +117,13 @@ def iteration_cost(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
                 sync()
                 t0 = clock()
             images, targets = to_device(images, targets, device)
-            loss = sum(loss_fn(probe, images, targets).values())
+            with jittered_input([probe], cfg.get("scales", [1.0]), 0, i):  # priced at the sizes it trains at
+                loss = sum(loss_fn(probe, images, targets).values())
             opt.zero_grad()
             loss.backward()
             opt.step()
         sync()
     return (clock() - t0) / iters
-
-
-def schedule_for(cfg: dict[str, Any], iters: int) -> dict[str, Any]:
-    """A training section with `iters` iterations (warm-up and checkpoints scaled to fit)."""
-    return {**cfg, "iters": iters, "warmup_iters": min(cfg["warmup_iters"], iters // 5),
-            "checkpoint_every": max(1, min(cfg["checkpoint_every"], iters))}
 
 
 def largest_teacher(supernet: str | Path, data_dir: str | Path, params: dict, out: Path, stage: str) -> str:

@@ -182,15 +182,12 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate_final(args: argparse.Namespace) -> None:
-    from jdnas.final import evaluate_final
+    from jdnas.final import evaluate_final, final_line
     params = _params(args)
     _runtime(args, params)
     summary = evaluate_final(params, args.data, args.state, args.base, args.out, args.latency_table)
     print(json.dumps(summary))
-    final = summary["final"]
-    print(f"evaluate_final: final student AP {final['AP']:.2f} (base {summary['base']['AP']:.2f}), measured latency "
-          f"{final['latency_ratio']:.3f}x the base's, predicted {final['predicted_latency_ratio']:.3f}x; "
-          f"meets_target: {str(final['meets_target']).lower()}", file=sys.stderr)
+    print(final_line(summary), file=sys.stderr)
 
 
 def cmd_baseline(args: argparse.Namespace) -> None:
@@ -216,7 +213,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from jdnas.engine import evaluate, resolve_device
+    from jdnas.engine import evaluate
+    from jdnas.device import resolve_device
     from jdnas.models.detector import load_detector
     params = _params(args)
     _runtime(args, params)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from jdnas.device import resolve_device
 from jdnas.errors import JdnasError
 
 
@@ -40,7 +41,6 @@ class DistContext:
 
 def init_distributed(device_name: str) -> tuple[DistContext, torch.device]:
     """Join the process group torchrun describes in the environment; single process otherwise."""
-    from jdnas.engine import resolve_device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext(), resolve_device(device_name)

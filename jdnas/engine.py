@@ -34,17 +34,6 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LossFn = Callable[[Detector, list, list], dict[str, torch.Tensor]]
 
 
-def resolve_device(name: str) -> torch.device:
-    """torch.device for a params `device`; a clear error when the machine lacks it."""
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise JdnasError(f"params: device = {name!r} but this machine has no CUDA device (use cpu)")
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise JdnasError(f"params: device = {name!r} but only {torch.cuda.device_count()} CUDA device(s) visible")
-    return torch.device(name)
-
-
 def lr_factor(it: int, cfg: dict[str, Any]) -> float:
     """Learning-rate multiplier at iteration `it`: linear warm-up, then the schedule."""
     warm = cfg["warmup_iters"]
@@ -57,6 +46,12 @@ def lr_factor(it: int, cfg: dict[str, Any]) -> float:
     else:
         s = 1.0
     return w * s
+
+
+def schedule_for(cfg: dict[str, Any], iters: int) -> dict[str, Any]:
+    """A training section with `iters` iterations (warm-up and checkpoints scaled to fit)."""
+    return {**cfg, "iters": iters, "warmup_iters": min(cfg["warmup_iters"], iters // 5),
+            "checkpoint_every": max(1, min(cfg["checkpoint_every"], iters))}
 
 
 def make_optimizer(model: torch.nn.Module, cfg: dict[str, Any]) -> torch.optim.SGD:

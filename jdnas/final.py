@@ -37,8 +37,11 @@ def deployment_latency(models: dict[str, Any], data_dir: Path, out_dir: Path, pa
 def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, base: str | Path,
                    out_dir: str | Path, latency_table: str | Path) -> dict[str, Any]:
     """The final student and the base detector on val: AP, measured latency, predicted latency per
-    part (from the table), params, FLOPs; whether the final student meets the target."""
-    from jdnas.engine import evaluate, resolve_device
+    part (from the table), params, FLOPs; whether the final student meets the target (predicted and
+    measured) and keeps the base's AP (`meets_ap`: within `search.ap_tolerance`), and how far the
+    table's predictions are from this run's interleaved timings."""
+    from jdnas.engine import evaluate
+    from jdnas.device import resolve_device
     from jdnas.models.complexity import count_flops, count_params
     from jdnas.models.detector import load_detector, save_detector
     from jdnas.latency.measure import compare_on_val
@@ -63,12 +66,33 @@ def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, b
                   "predicted_breakdown_ms": {k: round(v, 4) for k, v in
                                              table.breakdown(model.arch, Head.of(model.head_cfg)).items()}})
         summary[name] = m
+    f, b = summary["final"], summary["base"]
+    measured_ratio = latency["final"] / latency["base"]
+    predicted_ratio = state["latency_ms"] / round0["latency_ms"]
+    f.update({"ap_delta_vs_base": round(f["AP"] - b["AP"], 3),
+              "meets_ap": bool(f["AP"] >= b["AP"] - params["search"]["ap_tolerance"]),
+              "measured_meets_target": bool(measured_ratio <= params["search"]["latency_target"]),
+              # the table against this run's own interleaved timings: how far predictions may be trusted
+              "latency_table_error": {name: round(summary[name]["predicted_latency_ms"] / latency[name] - 1, 4)
+                                      for name in ("base", "final")},
+              "ratio_error": round(predicted_ratio / measured_ratio - 1, 4)})
     summary["final"].update({"target_ms": state["target_ms"], "meets_target": state["meets_target"],
-                             "latency_ratio": round(latency["final"] / latency["base"], 4),
+                             "latency_ratio": round(measured_ratio, 4),
                              "latency_ratio_onnxruntime": round(deployed["latency"]["final"]
                                                                 / deployed["latency"]["base"], 4),
-                             "predicted_latency_ratio": round(state["latency_ms"] / round0["latency_ms"], 4)})
+                             "predicted_latency_ratio": round(predicted_ratio, 4)})
     save_detector(Path(out_dir) / "model.pt", models["final"].cpu(), stage="evaluate_final", metrics=summary["final"],
                   teacher=state["teacher"], search_round=state["round"])
     write_json(Path(out_dir) / "metrics.json", summary)
     return summary
+
+
+def final_line(summary: dict) -> str:
+    """evaluate_final's one line: the latency check and the AP check, each named plainly."""
+    f, b = summary["final"], summary["base"]
+    ap = (f"AP {f['AP']:.2f} vs the base's {b['AP']:.2f} ({f['ap_delta_vs_base']:+.2f}): "
+          + ("keeps the base's accuracy" if f["meets_ap"] else "LESS ACCURATE THAN THE BASE"))
+    lat = (f"latency {f['latency_ratio']:.3f}x the base's measured, {f['predicted_latency_ratio']:.3f}x predicted "
+           f"(table error {100 * f['ratio_error']:+.1f}%): "
+           + ("meets the target" if f["meets_target"] else "MISSES THE TARGET"))
+    return f"evaluate_final: final student: {lat}; {ap}"

@@ -24,7 +24,8 @@ from typing import Any
 
 from jdnas.baseline import Budget, fine_tune, largest_teacher, run_step
 from jdnas.data.dataset import CocoDetection
-from jdnas.engine import evaluate, resolve_device
+from jdnas.engine import evaluate
+from jdnas.device import resolve_device
 from jdnas.errors import JdnasError
 from jdnas.io import load_json, resume_dir, write_json
 from jdnas.latency import LatencyTable

@@ -154,7 +154,7 @@ def model_files(r: Runs) -> dict[str, Path]:
 def measure_rows(rows: dict[str, dict], r: Runs, data: Path, params: dict) -> None:
     """Replace every row's latency by one interleaved measurement of all the rows' models on val
     images: what differs between the rows is then the models, not the machine's load."""
-    from jdnas.engine import resolve_device
+    from jdnas.device import resolve_device
     from jdnas.latency.measure import compare_on_val
     from jdnas.models.detector import load_detector
     device = resolve_device(params["device"])
@@ -309,6 +309,22 @@ def verdict(rows: dict[str, dict]) -> str:
             f"{_fmt(bool(p['meets_target']))}: {who}.")
 
 
+def promise(rows: dict[str, dict]) -> str:
+    """The report's first line: did the final student keep the product's promise, faster (measured,
+    in this report's interleaved timing) and at least as accurate as the base? Either broken half
+    is named as such."""
+    j, b = rows["joint/final"], rows["base"]
+    ratio = _num(j["latency_ms"]) / _num(b["latency_ms"])
+    delta = _num(j["AP"]) - _num(b["AP"])
+    fast = (f"meets the latency target (predicted; measured {ratio:.2f}x the base's latency)" if j["meets_target"]
+            else f"**misses the latency target** (predicted; measured {ratio:.2f}x the base's latency)")
+    acc = (f"keeps the base's accuracy (val AP {_fmt(_num(j['AP']))} vs {_fmt(_num(b['AP']))}, {delta:+.2f})"
+           if delta >= 0 else f"**is less accurate than the base** (val AP {_fmt(_num(j['AP']))} vs "
+           f"{_fmt(_num(b['AP']))}, {delta:+.2f})")
+    return f"**The final student {fast} and {acc}.**" if j["meets_target"] and delta >= 0 else \
+        f"The final student {fast} and {acc}."
+
+
 def search_steps(r: Runs) -> list[dict]:
     """Per round, the candidate the search moved to: its action, teacher (and the teacher's
     minival AP), the student's minival AP and predicted latency, and its gain over the round's
@@ -342,6 +358,7 @@ def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
     b = r.baseline
     intro = [
         "# Joint-DetNAS report", "",
+        promise(rows), "",
         verdict(rows), "",
         "Compared on the same data and latency target: the base detector; `control`, the base fine-tuned for "
         "the joint search's compute (no action, no KD); `prune_kd`, the base pruned greedily over the same "

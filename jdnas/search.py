@@ -45,7 +45,8 @@ import torch
 
 from jdnas.bootstrap import image_matches, is_tie, paired_bootstrap
 from jdnas.data.dataset import CocoDetection
-from jdnas.engine import coco_metrics, predict, resolve_device
+from jdnas.engine import coco_metrics, predict, schedule_for
+from jdnas.device import resolve_device
 from jdnas.io import atomic_path, load_json, resume_dir, write_json
 from jdnas.latency import LatencyTable, NotCovered
 from jdnas.lineage import Lineage, Recipe, apply_moves, load_lineage, moves_text, parse_moves, save_lineage, \
@@ -61,8 +62,8 @@ from jdnas.seeding import derive_seed
 
 SEARCH = Path("runs/search")
 HISTORY_COLUMNS = ["round", "index", "control", "action", "teacher", "teacher_arch", "teacher_ap", "student_arch",
-                   "student_head", "screen_ap", "ap", "ap50", "latency_ms", "meets_target", "score", "accepted",
-                   "seconds", "cpu_seconds", "student_params", "student_flops", "teacher_params", "teacher_flops"]
+                   "student_head", "ap", "ap50", "latency_ms", "meets_target", "score", "accepted", "seconds",
+                   "cpu_seconds", "student_params", "student_flops", "teacher_params", "teacher_flops", "screen_ap"]
 CONTROL = "none"  # the control's move: the current student trained on
 CUT_KINDS = ("shallow", "prune", "slim", "fpn_prune", "head_prune", "resize", "proposals")
 GROW_KINDS = ("deepen", "shift", "widen")  # moves that add capacity back under the target
@@ -310,7 +311,7 @@ def rank_cuts(rows: list[dict], parent_ap: float, latency_ms: float) -> list[dic
     as prune_kd ranks them; ties by action string."""
     def gain(x: dict) -> float:
         return (latency_ms - x["latency_ms"]) / max(parent_ap - x["ap"], 0.1)
-    return sorted(rows, key=lambda x: (-gain(x), str(x["action"])))
+    return sorted(rows, key=lambda x: -gain(x))  # stable: equal gains keep the screen's order
 
 
 def teacher_move(current: str, space: PoolSpace, cfg: dict, rng: random.Random) -> str:
@@ -340,11 +341,16 @@ def propose(ctx: Context, r: int) -> dict[str, Any]:
     arch, head = lin.model.arch, Head.of(lin.model.head_cfg)
     above = not state.meets_target
     options = candidate_actions(arch, head, ctx.base_head, ctx.bounds, ctx.table, state.latency_ms, ctx.target_ms)
-    with spent.on("screening"), ctx.screen() as screen:
-        parent_ap = screen.score(lin.model)
-        rows = [{"action": x["action"], "latency_ms": options[x["action"]], "ap": x["ap"]}
-                for x in screen.actions(lin.model, list(options), seed=derive_seed(ctx.seed, "morph", r))]
     k, rng = ctx.cfg["candidates"], random.Random(derive_seed(ctx.seed, "teacher", r))
+    if ctx.cfg["screen"]:
+        with spent.on("screening"), ctx.screen() as screen:
+            parent_ap = screen.score(lin.model)
+            rows = [{"action": x["action"], "latency_ms": options[x["action"]], "ap": x["ap"]}
+                    for x in screen.actions(lin.model, list(options), seed=derive_seed(ctx.seed, "morph", r))]
+    else:  # ablation: every move looks alike, so the rank is a seeded draw
+        parent_ap = state.ap
+        rows = [{"action": a, "latency_ms": ms, "ap": parent_ap} for a, ms in options.items()]
+        random.Random(derive_seed(ctx.seed, "draw", r)).shuffle(rows)
     finalists: list[tuple[list[Action], float, float | None]] = []
     if above:
         ranked = rank_cuts(rows, parent_ap, state.latency_ms)
@@ -362,7 +368,7 @@ def propose(ctx: Context, r: int) -> dict[str, Any]:
                 break
     else:
         finalists.append(([], state.latency_ms, parent_ap))  # the control: it can win here
-        for x in sorted(rows, key=lambda x: (-x["ap"], str(x["action"])))[:max(0, k - 1)]:
+        for x in sorted(rows, key=lambda x: -x["ap"])[:max(0, k - 1)]:
             finalists.append(([x["action"]], x["latency_ms"], x["ap"]))
     cands = [Candidate(r, i, moves_text(m), state.teacher, ap, round(ms, 4)) for i, (m, ms, ap) in
              enumerate(finalists)]
@@ -399,12 +405,17 @@ def _train(ctx: Context, lin: Lineage, teacher: Detector, until: int, seed: int,
            part: str, init: Path) -> Lineage:
     """The lineage trained to `until`, resumable through out/train_state.pt."""
     from jdnas.io import file_sha256
-    fp = _fingerprint(file_sha256(init)[:16], lin.it, until, lin.teacher, ctx.recipe.cfg, seed, ctx.pool_key)
+    fp = _fingerprint(file_sha256(init)[:16], lin.it, until, lin.teacher, ctx.recipe.cfg, seed, ctx.pool_key,
+                      ctx.cfg["continuous"])
+    recipe, start, stop = ctx.recipe, lin, until
+    if not ctx.cfg["continuous"]:  # ablation: the segment restarts a schedule of its own, momentum and adapters
+        recipe = replace(recipe, cfg=schedule_for(ctx.params["train_student"], until - lin.it))
+        start, stop = replace(lin, it=0, momentum={}, adapters={}), until - lin.it
     t0, c0 = time.time(), time.process_time()
-    lin, summary = train_segment(lin, teacher, ctx.train_set, ctx.recipe, until, seed, out / "train_state.pt",
+    lin, summary = train_segment(start, teacher, ctx.train_set, recipe, stop, seed, out / "train_state.pt",
                                  ctx.device, fp, desc=f"search {out.name}")
     spent.add(part, time.process_time() - c0 + summary["resumed_cpu_seconds"], time.time() - t0)
-    return lin
+    return replace(lin, it=until)
 
 
 def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
@@ -425,7 +436,8 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     lin = replace(lin, teacher=c.teacher)
     teacher, info = teacher_for(ctx, c.teacher, spent)
     until = min(lin.it + ctx.cfg["trial_iters"], ctx.cfg["iters"])
-    lin = _train(ctx, lin, teacher, until, derive_seed(ctx.seed, "trial", r), out, spent, "training", init)
+    seed = derive_seed(ctx.seed, "trial", r) if ctx.cfg["paired"] else derive_seed(ctx.seed, "trial", r, k)
+    lin = _train(ctx, lin, teacher, until, seed, out, spent, "training", init)
     metrics = _evaluate(ctx, lin.model, out, spent)
     save_lineage(out, lin, stage="search")
     (out / "train_state.pt").unlink(missing_ok=True)
@@ -513,8 +525,9 @@ def select(ctx: Context, r: int) -> State:
                     shutil.copyfile(round_dir(r - 1, ctx.root) / name, tmp)
         state = replace(prev, round=r, stale=prev.stale + (not prev.stopped), accepted=None)
     else:
+        tie = _bootstrap_tie(ctx, d, r, decisions) if ctx.cfg["paired"] else (lambda a, b, offset: False)
         best = pick(done, ctx.target_ms, ctx.cfg["penalty"], ctx.cfg["latency_tolerance"], prev.meets_target,
-                    prev.teacher, _bootstrap_tie(ctx, d, r, decisions))
+                    prev.teacher, tie)
         src = d / f"cand_{best['index']}"
         lin = load_lineage(src)
         teacher, _ = teacher_for(ctx, lin.teacher, spent)

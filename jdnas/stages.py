@@ -86,7 +86,7 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
     StageDef(
         "train_base", f"jdnas train-base --data {DATA} --out {BASE}",
         deps=(DATA,), outs=(f"{BASE}/model.pt",), metrics=(f"{BASE}/metrics.json",),
-        params=("seed", "device", "model", "train_base", "eval"),
+        params=("seed", "device", "model", "train_base", "eval", "teacher_pool.eval", "latency.clock"),
         code=("jdnas/models", "jdnas/engine.py", "jdnas/base_detector.py"),
     ),
     StageDef(
@@ -123,7 +123,8 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         f"--base {BASE}/model.pt --latency-table {TABLE} --out {FINAL}",
         deps=(DATA, f"{SEARCH}/finish/state.json", f"{BASE}/model.pt", TABLE),
         outs=(f"{FINAL}/model.pt", f"{FINAL}/model.onnx"), metrics=(f"{FINAL}/metrics.json",),
-        params=("seed", "device", "eval", "teacher_pool.eval", "latency.clock"),
+        params=("seed", "device", "eval", "teacher_pool.eval", "latency.clock", "search.latency_target",
+                "search.ap_tolerance"),
         code=("jdnas/final.py", "jdnas/engine.py", "jdnas/latency", "jdnas/export.py"),
     ),
     # the naive pipeline: a budget of its own (params baseline), so it needs nothing from the search.

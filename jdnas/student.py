@@ -13,7 +13,8 @@ from typing import Any
 from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection
 from jdnas.distill import Distiller, Teacher
-from jdnas.engine import detection_loss, evaluate, resolve_device, train_detector
+from jdnas.engine import detection_loss, evaluate, train_detector
+from jdnas.device import resolve_device
 from jdnas.errors import JdnasError
 from jdnas.io import file_sha256, write_json
 from jdnas.models.complexity import count_flops, count_params

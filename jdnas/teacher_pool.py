@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection, IterationSampler, batches_for, collate
 from jdnas.dist import DistContext, barrier, check_in_sync, init_distributed, shutdown
-from jdnas.engine import (evaluate, load_train_state, lr_factor, make_optimizer, progress_bar, resolve_device,
-                          to_device)
+from jdnas.device import resolve_device
+from jdnas.engine import evaluate, load_train_state, lr_factor, make_optimizer, progress_bar, to_device
 from jdnas.errors import JdnasError
 from jdnas.io import atomic_path, file_sha256, save_torch
 from jdnas.latency.measure import latency_images, measure_latency

@@ -6,7 +6,8 @@ import torch
 
 from jdnas.base_detector import train_base
 from jdnas.data.dataset import CocoDetection
-from jdnas.engine import coco_metrics, evaluate, lr_factor, resolve_device, train_detector
+from jdnas.engine import coco_metrics, evaluate, lr_factor, train_detector
+from jdnas.device import resolve_device
 from jdnas.errors import JdnasError
 from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.detector import (HEAD_KEYS, build_detector, head_config, jittered_input, load_detector,

@@ -130,8 +130,11 @@ def test_report_md_states_the_comparison(report):
     out, _ = report
     md = (out / "report.md").read_text()
     assert "8.00 ms" in md
-    # it opens with the verdict, computed from the table: joint vs prune_kd
-    assert md.splitlines()[2] == (
+    # it opens with the promise: faster and as accurate as the base? A student below the base is named so
+    assert md.splitlines()[2] == ("The final student meets the latency target (predicted; measured 0.82x the base's "
+                                  "latency) and **is less accurate than the base** (val AP 23.50 vs 25.00, -1.50).")
+    # then the verdict, computed from the table: joint vs prune_kd
+    assert md.splitlines()[4] == (
         "At the same latency target, the joint search vs pruning + KD: val AP 23.50 vs 22.50 (ΔAP +1.00), latency "
         "8.40 vs 7.95 ms (+6%), compute 600.00 vs 610.00 cpu_seconds (-2%); target met: yes vs yes: "
         "**the joint search wins**.")

@@ -18,6 +18,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from jdnas.data.coco import LabelMap
 from jdnas.data.prepare import image_root
+from jdnas.dist import ShardedBatchSampler
 
 
 def resize_to_fit(img: Image.Image, max_size: int) -> tuple[Image.Image, float]:
@@ -127,7 +128,6 @@ def batches_for(dataset: Dataset, batch_size: int, total_iters: int, seed: int, 
     CUDA, batches come in pinned memory (so copies to the GPU overlap) from workers kept alive."""
     sampler: Any = IterationSampler(len(dataset), batch_size, total_iters, seed, start_iter, flip)
     if ctx is not None and ctx.active:
-        from jdnas.dist import ShardedBatchSampler
         sampler = ShardedBatchSampler(sampler, ctx)
     # its own generator: creating the loader must not consume torch's global RNG (exact resume)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,

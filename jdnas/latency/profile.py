@@ -3,13 +3,18 @@ then validate it end to end on random detectors of the space (random backbone an
 the presets. With `latency.table` set, that table is checked to cover the space and used as is
 (validated here all the same).
 
-Calibration: a block timed on its own runs with its weights and input hot in cache; inside a
-whole forward it runs slower (on the 2-core shared CPU it was developed on: 1.1x when idle,
-up to 1.5x under load). So a few calibration archs (the base, the
-space's smallest and largest, two random ones) are also timed end to end, and a least-squares
-fit of `end-to-end = factor x sum(backbone entries) + fixed parts + glue` sets the in-context
-factor and the glue. The table's `ms` column holds the calibrated values (its `isolated_ms` the
-timings on their own), so a prediction stays a plain sum of `ms` entries.
+Calibration: a part timed on its own runs with its weights and input hot in cache; inside a
+whole forward it runs slower (on the 2-core shared CPU it was developed on: the backbone 1.1x
+when idle, up to 1.5x under load; the parts outside it, whose cost follows the head, ~1.15x).
+So calibration detectors are also timed end to end, in the same interleaved rounds: the base,
+the space's smallest and largest and two random archs, at the base's head, at the space's
+smallest head and at random grid heads (the base's input size). A least-squares fit of
+`end-to-end = backbone factor x sum(backbone entries) + head factor x sum(head parts) + glue`
+sets the two in-context factors and the glue. A glue fitted at the base's head alone would
+absorb the base head's in-context slowdown and charge it to every smaller head. The table's
+`ms` column holds the calibrated values (its `isolated_ms` the timings on their own), so a
+prediction stays a plain sum of `ms` entries. With a single head in the space the head factor
+cannot be told from the glue: it stays 1 (the glue then holds that head's slowdown).
 
 Outputs in `runs/latency/<device>/`: `table.csv`, `validation.json`, `validation.png`.
 Measurements are also merged into `cache.csv` beside them (not a stage output, so the
@@ -144,27 +149,34 @@ class Profiler:
         return self._parts[head]
 
 
-def calibration_archs(prof: Profiler, spaces: list[LatencySpace]) -> list[Arch]:
-    """Archs timed end to end to calibrate the table: the base, and per space its smallest,
-    its largest and two random members (their own seed: not the validation archs)."""
-    rng = random.Random(prof.seed + 1)
-    archs = [prof.base]
+def calibration_detectors(prof: Profiler, spaces: list[LatencySpace]) -> list[tuple[Arch, Head]]:
+    """Detectors timed end to end to calibrate the table, all at the base's input size: the base
+    arch at the base's head and at the space's smallest head; per space its smallest and its
+    largest arch at both heads, and two random archs at random grid heads (their own seeds: not
+    the validation archs). Backbone and head cost vary independently over them, so the fit can
+    tell the backbone's in-context factor from the head's and both from the glue."""
+    rng, heads_rng = random.Random(prof.seed + 1), random.Random(prof.seed + 2)
+    big, small = prof.base_head, prof.head_space.smallest
+    pairs = [(prof.base, big), (prof.base, small)]
     for space in spaces:
-        archs += [space.smallest(), space.largest(), space.sample(rng), space.sample(rng)]
-    return list(dict.fromkeys(archs))
+        lo, hi = space.smallest(), space.largest()
+        pairs += [(lo, big), (hi, big), (lo, small), (hi, small)]
+        pairs += [(space.sample(rng), prof.head_space.sample_grid(heads_rng)) for _ in range(2)]
+    return list(dict.fromkeys(pairs))
 
 
-def needed_entries(prof: Profiler, spaces: list[LatencySpace], calibration: list[Arch]) -> set[Entry]:
+def needed_entries(prof: Profiler, spaces: list[LatencySpace], calibration: list[tuple[Arch, Head]]) -> set[Entry]:
     """Every timing the table needs: at every input size, the spaces' backbone entries and the
     parts outside the backbone over the head grid, and the base end to end (its glue); the
-    calibration archs' entries and end-to-end timings at the base's size."""
+    calibration detectors' entries and end-to-end timings at the base's size."""
     rungs = [(h, prof.hw(h)) for h in prof.rungs()]
     needed = grid_entries(spaces, prof.head_space, rungs, prof.classes)
     for rung, hw in rungs if calibration else []:
         needed |= set(arch_entries(prof.base, hw, rung.fpn)) | {e2e_entry(prof.base, rung, hw)}
-    for arch in calibration:
-        needed |= set(arch_entries(arch, prof.input_hw, prof.base_head.fpn))
-        needed.add(e2e_entry(arch, prof.base_head, prof.input_hw))
+    for arch, head in calibration:
+        needed |= set(arch_entries(arch, prof.input_hw, head.fpn))
+        needed |= {e for e in head_entries(prof.input_hw, head, prof.classes) if e.part in FIXED_PARTS}
+        needed.add(e2e_entry(arch, head, prof.input_hw))
     return needed
 
 
@@ -184,6 +196,17 @@ def entry_builders(prof: Profiler, entries: Iterable[Entry]) -> tuple[dict, dict
     return builders, slots
 
 
+FACTOR_RANGE = (0.5, 3.0)
+
+
+def _clamped(factor: float, what: str) -> float:
+    lo, hi = FACTOR_RANGE
+    if not lo <= factor <= hi:
+        print(f"profile_latency: {what} {factor:.2f} is implausible (noisy timings?): clamped to [{lo}, {hi}]",
+              file=sys.stderr)
+    return min(hi, max(lo, factor))
+
+
 def fit_context(x: list[float], y: list[float]) -> tuple[float, float]:
     """Least squares y = factor * x + glue; factor 1 when x barely varies, kept within [0.5, 3]."""
     n = len(x)
@@ -191,19 +214,51 @@ def fit_context(x: list[float], y: list[float]) -> tuple[float, float]:
     var = sum((a - mx) ** 2 for a in x) / n
     if n < 2 or var < (0.02 * mx) ** 2:
         return 1.0, my - mx
-    factor = sum((a - mx) * (b - my) for a, b in zip(x, y)) / n / var
-    if not 0.5 <= factor <= 3.0:
-        print(f"profile_latency: in-context factor {factor:.2f} is implausible (noisy timings?): "
-              "clamped to [0.5, 3]", file=sys.stderr)
-        factor = min(3.0, max(0.5, factor))
+    factor = _clamped(sum((a - mx) * (b - my) for a, b in zip(x, y)) / n / var, "in-context factor")
     return factor, my - factor * mx
 
 
-def finish_table(prof: Profiler, raw: dict[Entry, float], calibration: list[Arch]
+def fit_context2(b: list[float], h: list[float], y: list[float]) -> tuple[float, float, float]:
+    """Least squares y = fb * b + fh * h + glue (backbone and head in-context factors, glue).
+    An axis that barely varies (or moves with the other) keeps factor 1 and the 1-D fit is
+    used on the other; a factor outside [0.5, 3] is clamped and the rest refitted."""
+    n = len(y)
+    mb, mh, my = sum(b) / n, sum(h) / n, sum(y) / n
+    sbb = sum((u - mb) ** 2 for u in b)
+    shh = sum((v - mh) ** 2 for v in h)
+    sbh = sum((u - mb) * (v - mh) for u, v in zip(b, h))
+    b_varies = n >= 2 and sbb / n >= (0.02 * mb) ** 2
+    h_varies = n >= 2 and shh / n >= (0.02 * mh) ** 2
+    det = sbb * shh - sbh ** 2
+    if b_varies and h_varies and n >= 3 and det > 0.05 * sbb * shh:
+        sby = sum((u - mb) * (w - my) for u, w in zip(b, y))
+        shy = sum((v - mh) * (w - my) for v, w in zip(h, y))
+        fb, fh = (shh * sby - sbh * shy) / det, (sbb * shy - sbh * sby) / det
+        lo, hi = FACTOR_RANGE
+        if not lo <= fb <= hi:
+            fb = _clamped(fb, "backbone in-context factor")
+            fh, g = fit_context(h, [w - fb * u for u, w in zip(b, y)])
+        elif not lo <= fh <= hi:
+            fh = _clamped(fh, "head in-context factor")
+            fb, g = fit_context(b, [w - fh * v for v, w in zip(h, y)])
+        else:
+            g = my - fb * mb - fh * mh
+        return fb, fh, g
+    if h_varies and not b_varies:
+        fh, g = fit_context(h, [w - u for u, w in zip(b, y)])
+        return 1.0, fh, g
+    fb, g = fit_context(b, [w - v for v, w in zip(h, y)])
+    return fb, 1.0, g
+
+
+BACKBONE_PARTS = ("stem", "block", "fpn_lateral")
+
+
+def finish_table(prof: Profiler, raw: dict[Entry, float], calibration: list[tuple[Arch, Head]]
                  ) -> tuple[LatencyTable, dict[str, Any]]:
     """The calibrated table from raw timings (see the module doc), and the calibration's figures.
-    The in-context factor is fitted at the base's input size; the glue at every input size is
-    what the base's end-to-end timing there leaves over the sum of its parts."""
+    The in-context factors are fitted at the base's input size; the glue at every other input
+    size is what the base's end-to-end timing there leaves over the sum of its calibrated parts."""
     isolated = {e: v for e, v in raw.items() if e.part != "e2e"}
     rungs = [(h, prof.hw(h)) for h in prof.rungs()]
     glues = {h: head_entries(hw, h, prof.classes)[-1] for h, hw in rungs}
@@ -216,18 +271,19 @@ def finish_table(prof: Profiler, raw: dict[Entry, float], calibration: list[Arch
                 sum(plain.lookup(e) for e in head_entries(hw, head, prof.classes) if e.part in FIXED_PARTS))
 
     base = prof.base_head
-    sums, fixed = zip(*(split(a, base) for a in calibration))
-    measured = [raw[e2e_entry(a, base, prof.input_hw)] for a in calibration]
-    factor, g = fit_context(list(sums), [m - f for m, f in zip(measured, fixed)])
-    ms = {e: v * factor if e.part in ("stem", "block", "fpn_lateral") else v for e, v in isolated.items()}
+    sums, fixed = zip(*(split(a, h) for a, h in calibration))
+    measured = [raw[e2e_entry(a, h, prof.input_hw)] for a, h in calibration]
+    fb, fh, g = fit_context2(list(sums), list(fixed), measured)
+    ms = {e: v * (fb if e.part in BACKBONE_PARTS else fh if e.part in FIXED_PARTS else 1.0)
+          for e, v in isolated.items()}
     for head, hw in rungs:
         body, rest = split(prof.base, head)
-        ms[glues[head]] = g if head == base else raw[e2e_entry(prof.base, head, hw)] - factor * body - rest
+        ms[glues[head]] = g if head == base else raw[e2e_entry(prof.base, head, hw)] - fb * body - fh * rest
     table = LatencyTable(ms, {e: prof.settings(e) for e in ms}, isolated=isolated)
-    info = {"in_context_factor": round(factor, 4), "glue_ms": {f"{h.min_size}/{h.max_size}": round(ms[glues[h]], 4)
-                                                               for h, _ in rungs},
-            "archs": [{"arch": str(a), "measured_ms": round(m, 4),
-                       "predicted_ms": round(table.predict(a), 4)} for a, m in zip(calibration, measured)]}
+    info = {"in_context_factor": round(fb, 4), "head_context_factor": round(fh, 4),
+            "glue_ms": {f"{h.min_size}/{h.max_size}": round(ms[glues[h]], 4) for h, _ in rungs},
+            "archs": [{"arch": str(a), "head": str(h), "measured_ms": round(m, 4),
+                       "predicted_ms": round(table.predict(a, h), 4)} for (a, h), m in zip(calibration, measured)]}
     return table, info
 
 
@@ -253,7 +309,7 @@ def time_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable |
                ) -> tuple[LatencyTable, dict[str, Any], dict[Entry, float], dict]:
     """Time what the table needs (reusing matching cached timings) together with the `extra`
     builders, interleaved. Returns the table, its calibration, the raw timings, the extra timings."""
-    calibration = calibration_archs(prof, spaces)
+    calibration = calibration_detectors(prof, spaces)
     needed = needed_entries(prof, spaces, calibration)
     reused = reusable(prof, needed, cache)
     missing = sorted(needed - set(reused))

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
+from jdnas.latency.grid import complete_grid
 from jdnas.models.arch import NUM_STAGES, Arch, Head, Stage, resolve_arch
 from jdnas.models.backbone import STAGE_STRIDES
 from jdnas.morphism import Action, child_head
@@ -170,10 +171,19 @@ class HeadSpace:
         """The largest head of the space (the base's)."""
         return Head(max(self.fpns), max(self.reps), *self.sizes[0], max(self.proposals))
 
+    @property
+    def smallest(self) -> Head:
+        """The smallest head of the space at the base's input size: every grid axis at its minimum."""
+        return Head(min(self.fpns), min(self.reps), *self.sizes[0], min(self.proposals))
+
     def sample(self, rng: random.Random) -> Head:
         """A random head of the space (widths any integer in range, as pruning makes them)."""
         return Head(rng.randint(min(self.fpns), max(self.fpns)), rng.randint(min(self.reps), max(self.reps)),
                     *rng.choice(self.sizes), rng.randint(min(self.proposals), max(self.proposals)))
+
+    def sample_grid(self, rng: random.Random) -> Head:
+        """A random head with grid values on every axis, at the base's input size."""
+        return Head(rng.choice(self.fpns), rng.choice(self.reps), *self.sizes[0], rng.choice(self.proposals))
 
     def to_json(self) -> dict[str, Any]:
         return {"fpns": list(self.fpns), "reps": list(self.reps), "proposals": list(self.proposals),
@@ -299,26 +309,3 @@ def grid_entries(spaces: list[LatencySpace], heads: HeadSpace, rungs: list[tuple
         for space in spaces:
             needed |= space_entries(space, hw, heads.fpns)
     return complete_grid(needed)
-
-
-def complete_grid(entries: set[Entry]) -> set[Entry]:
-    """The entries plus every combination of their interpolation axes' values within each family
-    (entries that differ only in widths): two stages at two input sizes can share a family (the
-    same resolution), and interpolation needs the whole product of its grid."""
-    from itertools import product
-    from jdnas.latency.table import _axes, _family, _set
-    families: dict[tuple, list[Entry]] = {}
-    for e in entries:
-        families.setdefault(_family(e), []).append(e)
-    out = set(entries)
-    for members in families.values():
-        axes = _axes(members[0])
-        if not axes:
-            continue
-        values = [sorted({getattr(e, a) for e in members}) for a in axes]
-        for combo in product(*values):
-            e = members[0]
-            for a, v in zip(axes, combo):
-                e = _set(e, a, v)
-            out.add(e)
-    return out

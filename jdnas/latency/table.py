@@ -20,6 +20,7 @@ from typing import Iterable
 
 from jdnas.errors import JdnasError
 from jdnas.io import atomic_path
+from jdnas.latency.grid import axes as _axes, family as _family, with_axis as _set
 from jdnas.latency.space import Entry, arch_entries, head_entries
 from jdnas.models.arch import Arch, Head
 
@@ -31,40 +32,6 @@ DECIMALS = 6  # milliseconds are written with this many decimals (a cached timin
 
 class NotCovered(JdnasError):
     """An arch needs an entry the table neither holds nor can interpolate."""
-
-
-def _axes(e: Entry) -> tuple[str, ...]:
-    """The width fields of an entry that may be interpolated."""
-    if e.part == "stem":
-        return ("cout",)
-    if e.part == "fpn_lateral":
-        return ("cin", "cout")
-    if e.part == "fpn_top":
-        return ("cout",)
-    if e.part == "rpn":
-        return ("cin",)
-    if e.part == "roi_heads":
-        return ("cin", "mid", "hidden")
-    if e.part == "block":
-        return ("cin", "mid") if _same_width(e) else ("cin", "mid", "cout")
-    return ()
-
-
-def _same_width(e: Entry) -> bool:
-    """A block without projection (cin == cout, stride 1): cin and cout move together."""
-    return e.cin == e.cout and e.stride == 1
-
-
-def _family(e: Entry) -> tuple:
-    """Entries that differ only on their interpolation axes belong to one family."""
-    skip = set(_axes(e)) | ({"cout"} if e.part == "block" and _same_width(e) else set())
-    return tuple(getattr(e, f) for f in KEY_FIELDS if f not in skip) + (_same_width(e) if e.part == "block" else None,)
-
-
-def _set(e: Entry, axis: str, value: int) -> Entry:
-    if e.part == "block" and _same_width(e) and axis == "cin":
-        return replace(e, cin=value, cout=value)
-    return replace(e, **{axis: value})
 
 
 class LatencyTable:

@@ -1,0 +1,163 @@
+"""Ablation of the joint search: each of its pieces switched off in turn, against prune_kd.
+
+Reruns the search (and prune_kd, matched to the full search's compute) from a finished run's
+cached data, base, teacher pool and latency table, so only the search differs between rows:
+
+    .venv/bin/python bench/search_ablation.py --run . --out runs/bench/ablation [--jobs 2]
+    .venv/bin/python bench/search_ablation.py --run . --out runs/bench/ablation --correlation
+
+Rows: full, continuous schedule off (every segment restarts its schedule, momentum and
+adapters), screening off (moves drawn at random), halving off (one finalist), pairing off (own
+seeds, raw scores), teacher moves off, KD off (`kd_weight: 0`), and prune_kd. Columns: val AP,
+the measured latency ratio to the base (one interleaved measurement of every row), the
+predicted ratio and the compute. `--correlation` also screens every cut of the base, trains
+each for `search.trial_iters` and prints the Spearman rank correlation of screen AP and trained
+minival AP (how far the screen can be trusted to pick finalists).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import table  # noqa: E402
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "no continuous schedule": {"search": {"continuous": False}},
+    "no screening": {"search": {"screen": False}},
+    "no halving (1 finalist)": {"search": {"candidates": 1, "teacher_moves": 0}},
+    "no pairing": {"search": {"paired": False}},
+    "no teacher moves": {"search": {"teacher_moves": 0}},
+    "no KD": {"train_student": {"kd_weight": 0.0}},
+}
+
+
+def _paths(run: Path) -> dict[str, Path]:
+    import yaml
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    device = params.get("latency", {}).get("device", "cpu")
+    return {"data": run / "data" / "prepared", "base": run / "runs" / "base" / "model.pt",
+            "supernet": run / "runs" / "teacher_pool" / "supernet.pt",
+            "table": run / "runs" / "latency" / device / "table.csv"}
+
+
+def _params(run: Path, override: dict) -> dict:
+    from jdnas.config import load_params, merge
+    return merge(load_params([run / "params.yaml"]), override, source="ablation")
+
+
+def run_variant(run: str, out: str, name: str) -> dict[str, Any]:
+    """One search variant into out/<name>: its final student and summary."""
+    import torch
+    torch.set_num_threads(1)
+    from jdnas.search import Context, run_search
+    run_p, p = Path(run), _paths(Path(run))
+    params = _params(run_p, VARIANTS[name])
+    root = Path(out) / name.replace(" ", "_").replace("(", "").replace(")", "")
+    ctx = Context(params, p["data"], p["supernet"], p["table"], p["base"], root)
+    state = run_search(ctx)
+    summary = json.loads((root / "summary.json").read_text())
+    return {"name": name, "model": str(root / "finish" / "student.pt"), "predicted_ms": state.latency_ms,
+            "compute": summary["compute"], "unit": summary["compute_unit"], "split": summary["compute_split"],
+            "summary": str(root / "summary.json"), "meets_target": state.meets_target}
+
+
+def run_prune_kd(run: str, out: str, summary: str) -> dict[str, Any]:
+    import torch
+    torch.set_num_threads(1)
+    from jdnas.matched import run_matched
+    run_p, p = Path(run), _paths(Path(run))
+    res = run_matched("prune_kd", _params(run_p, {}), p["data"], p["table"], p["base"], p["supernet"], summary,
+                      Path(out) / "prune_kd")
+    return {"name": "prune_kd", "model": str(Path(out) / "prune_kd" / "kd" / "model.pt"),
+            "predicted_ms": res["latency_ms"], "compute": res["compute"], "unit": res["compute_unit"],
+            "meets_target": res["meets_target"]}
+
+
+def measure(rows: list[dict], run: Path) -> None:
+    """Val AP of every row, and latency of every row and the base in one interleaved measurement."""
+    from jdnas.engine import evaluate
+    from jdnas.latency import LatencyTable
+    from jdnas.latency.measure import compare_on_val
+    from jdnas.models.arch import Head
+    from jdnas.models.detector import load_detector
+    import torch
+    p = _paths(run)
+    params = _params(run, {})
+    cpu = torch.device("cpu")
+    models = {r["name"]: load_detector(r["model"]) for r in rows}
+    base = load_detector(p["base"])
+    ms = compare_on_val({**models, "base": base}, p["data"], params, cpu, base.head_cfg["max_size"])
+    base_pred = LatencyTable.load(p["table"]).predict(base.arch, Head.of(base.head_cfg))
+    for r in rows:
+        r["ap"] = evaluate(models[r["name"]], p["data"] / "val.json", params["eval"]["batch_size"], cpu)["AP"]
+        r["measured_ratio"] = ms[r["name"]] / ms["base"]
+        r["predicted_ratio"] = r["predicted_ms"] / base_pred
+
+
+def screen_correlation(run: Path, out: Path) -> dict[str, float]:
+    """Spearman correlation, over every cut of the base, of screen AP and minival AP after a trial."""
+    import pandas as pd
+    import torch
+    torch.set_num_threads(1)
+    from jdnas.lineage import Lineage, apply_moves
+    from jdnas.search import CUT_KINDS, Context, _evaluate, _train, Spent, candidate_actions
+    from jdnas.models.detector import load_detector
+    from jdnas.models.teacher_gene import largest_gene
+    p = _paths(run)
+    ctx = Context(_params(run, {}), p["data"], p["supernet"], p["table"], p["base"], out / "correlation")
+    base = load_detector(p["base"])
+    lat = ctx.latency(ctx.base_arch, ctx.base_head)
+    options = candidate_actions(ctx.base_arch, ctx.base_head, ctx.base_head, ctx.bounds, ctx.table, lat, 0.0)
+    from jdnas.search import teacher_for
+    gene = str(largest_gene(ctx.space))
+    teacher, _ = teacher_for(ctx, gene, Spent())
+    rows = []
+    with ctx.screen() as screen:
+        for x in screen.actions(base, [a for a in options if a.kind in CUT_KINDS]):
+            d = ctx.root / str(x["action"]).replace("(", "_").replace(")", "").replace(",", "_")
+            d.mkdir(parents=True, exist_ok=True)
+            lin = apply_moves(Lineage(load_detector(p["base"]), 0, gene), [x["action"]])
+            lin = _train(ctx, lin, teacher, ctx.cfg["trial_iters"], 0, d, Spent(), "training", p["base"])
+            rows.append({"action": str(x["action"]), "screen_ap": x["ap"],
+                         "trained_ap": _evaluate(ctx, lin.model, None, Spent())["AP"]})
+    df = pd.DataFrame(rows)
+    print(table([[r.action, f"{r.screen_ap:.2f}", f"{r.trained_ap:.2f}"] for r in df.itertuples()],
+                ["cut of the base", "screen AP", f"minival AP after {ctx.cfg['trial_iters']} it"]))
+    rho = float(df["screen_ap"].rank().corr(df["trained_ap"].rank()))
+    print(f"\nSpearman(screen AP, trained AP) over {len(df)} cuts: {rho:.3f}")
+    return {"spearman": rho, "cuts": len(df)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, default=REPO, help="a finished run's folder (params.yaml, data/, runs/)")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "ablation")
+    ap.add_argument("--jobs", type=int, default=2, help="variants run at once (one core each)")
+    ap.add_argument("--correlation", action="store_true", help="also measure the screen's rank correlation")
+    args = ap.parse_args()
+    run, out = args.run.resolve(), args.out.resolve()
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run_variant, str(run), str(out), name) for name in VARIANTS]
+        rows = [f.result() for f in futures]
+        full = next(r for r in rows if r["name"] == "full")
+        rows.append(pool.submit(run_prune_kd, str(run), str(out), full["summary"]).result())
+    measure(rows, run)
+    print(table([[r["name"], f"{r['ap']:.2f}", f"{r['measured_ratio']:.3f}", f"{r['predicted_ratio']:.3f}",
+                  str(r["meets_target"]).lower(), f"{r['compute']:.0f} {r['unit']}"] for r in rows],
+                ["variant", "val AP", "measured latency ratio", "predicted ratio", "meets target", "compute"]))
+    if args.correlation:
+        print()
+        screen_correlation(run, out)
+
+
+if __name__ == "__main__":
+    main()
