@@ -54,14 +54,19 @@ def _params(run: Path, override: dict) -> dict:
     return merge(load_params([run / "params.yaml"]), override, source="ablation")
 
 
-def run_variant(run: str, out: str, name: str) -> dict[str, Any]:
-    """One search variant into out/<name>: its final student and summary."""
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
+
+
+def run_variant(run: str, out: str, name: str, seed: int | None = None) -> dict[str, Any]:
+    """One search variant into out/<name>: its final student and summary (`seed`: the search's
+    own, the data, base, pool and table being the run's)."""
     import torch
     torch.set_num_threads(1)
     from jdnas.search import Context, run_search
     run_p, p = Path(run), _paths(Path(run))
-    params = _params(run_p, VARIANTS[name])
-    root = Path(out) / name.replace(" ", "_").replace("(", "").replace(")", "")
+    params = _params(run_p, {**VARIANTS[name.split(" seed=")[0]], **({"seed": seed} if seed is not None else {})})
+    root = Path(out) / _slug(name)
     ctx = Context(params, p["data"], p["supernet"], p["table"], p["base"], root)
     state = run_search(ctx)
     summary = json.loads((root / "summary.json").read_text())
@@ -70,14 +75,16 @@ def run_variant(run: str, out: str, name: str) -> dict[str, Any]:
             "summary": str(root / "summary.json"), "meets_target": state.meets_target}
 
 
-def run_prune_kd(run: str, out: str, summary: str) -> dict[str, Any]:
+def run_prune_kd(run: str, out: str, summary: str, seed: int | None = None) -> dict[str, Any]:
+    """prune_kd matched to the compute of the search whose `summary` it is given."""
     import torch
     torch.set_num_threads(1)
     from jdnas.matched import run_matched
     run_p, p = Path(run), _paths(Path(run))
-    res = run_matched("prune_kd", _params(run_p, {}), p["data"], p["table"], p["base"], p["supernet"], summary,
-                      Path(out) / "prune_kd")
-    return {"name": "prune_kd", "model": str(Path(out) / "prune_kd" / "kd" / "model.pt"),
+    name = "prune_kd" if seed is None else f"prune_kd seed={seed}"
+    res = run_matched("prune_kd", _params(run_p, {} if seed is None else {"seed": seed}), p["data"], p["table"],
+                      p["base"], p["supernet"], summary, Path(out) / _slug(name))
+    return {"name": name, "model": str(Path(out) / _slug(name) / "kd" / "model.pt"),
             "predicted_ms": res["latency_ms"], "compute": res["compute"], "unit": res["compute_unit"],
             "meets_target": res["meets_target"]}
 
@@ -137,14 +144,37 @@ def screen_correlation(run: Path, out: Path) -> dict[str, float]:
     return {"spearman": rho, "cuts": len(df)}
 
 
+def seed_spread(run: Path, out: Path, seeds: int, jobs: int) -> None:
+    """Mean and sd of val AP over search seeds, for the joint search and prune_kd matched to each."""
+    import statistics
+    with ProcessPoolExecutor(jobs) as pool:
+        joint = [f.result() for f in [pool.submit(run_variant, str(run), str(out), f"full seed={s}", s)
+                                      for s in range(seeds)]]
+        pk = [f.result() for f in [pool.submit(run_prune_kd, str(run), str(out), j["summary"], s)
+                                   for s, j in enumerate(joint)]]
+    rows = joint + pk
+    measure(rows, run)
+    print(table([[r["name"], f"{r['ap']:.2f}", f"{r['measured_ratio']:.3f}", f"{r['predicted_ratio']:.3f}",
+                  str(r["meets_target"]).lower(), f"{r['compute']:.0f} {r['unit']}"] for r in rows],
+                ["run", "val AP", "measured latency ratio", "predicted ratio", "meets target", "compute"]))
+    for label, group in (("joint", joint), ("prune_kd", pk)):
+        aps = [r["ap"] for r in group]
+        sd = statistics.stdev(aps) if len(aps) > 1 else 0.0
+        print(f"{label}: val AP {statistics.mean(aps):.2f} ± {sd:.2f} over {len(aps)} seeds")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=REPO, help="a finished run's folder (params.yaml, data/, runs/)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "ablation")
     ap.add_argument("--jobs", type=int, default=2, help="variants run at once (one core each)")
     ap.add_argument("--correlation", action="store_true", help="also measure the screen's rank correlation")
+    ap.add_argument("--seeds", type=int, default=0,
+                    help="instead of the ablation: the full search and prune_kd over this many search seeds")
     args = ap.parse_args()
     run, out = args.run.resolve(), args.out.resolve()
+    if args.seeds:
+        return seed_spread(run, out, args.seeds, args.jobs)
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_variant, str(run), str(out), name) for name in VARIANTS]
         rows = [f.result() for f in futures]

@@ -16,10 +16,39 @@ from typing import Callable
 from jdnas.errors import JdnasError
 
 
+# arguments that name what a command reads, and those that name what it writes
+INPUT_ARGS = ("data", "src", "ckpt", "init", "teacher", "base", "supernet", "latency_table", "state",
+              "search_summary", "runs", "table", "checkpoint", "split")
+OUTPUT_ARGS = ("out", "root")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-") if dest not in ("src", "ckpt", "checkpoint") else dest.upper()
+
+
+def check_inputs_sacred(args: argparse.Namespace, params: dict | None) -> None:
+    """Before any work: refuse an output (--out, --root) that is, contains or lies inside one of the
+    command's inputs (its input arguments, the params files, the user's COCO files and folders,
+    model.checkpoint, latency.table), naming both. search-step and search read their --root too."""
+    from jdnas.io import check_outputs
+    outputs = {_flag(k): getattr(args, k) for k in OUTPUT_ARGS if getattr(args, k, None) is not None}
+    if not outputs:
+        return
+    inputs = [(_flag(k), getattr(args, k)) for k in INPUT_ARGS if getattr(args, k, None) is not None]
+    inputs += [("--params", f) for f in (args.params or ["params.yaml"] if params is not None else args.params or [])]
+    if params is not None:
+        if params["data"]["source"] == "coco":
+            inputs += [(f"data.coco.{k}", v) for k, v in params["data"]["coco"].items()]
+        inputs += [("model.checkpoint", params["model"]["checkpoint"]), ("latency.table", params["latency"]["table"])]
+    check_outputs(args.command, outputs, inputs)
+
+
 def _params(args: argparse.Namespace) -> dict:
-    """The validated params; then, for a command that reads prepared data, a check that --data is that."""
+    """The validated params; then, for a command that reads prepared data, a check that --data is that.
+    A command that writes is refused here, before any work, an output over one of its inputs."""
     from jdnas.config import load_params
     params = load_params(args.params or ["params.yaml"])
+    check_inputs_sacred(args, params)
     if getattr(args, "data", None) is not None:
         from jdnas.data.prepare import check_prepared, resolved_params
         check_prepared(args.data)
@@ -101,12 +130,31 @@ def cmd_inspect_data(args: argparse.Namespace) -> None:
 
 
 def cmd_import_torchvision(args: argparse.Namespace) -> None:
+    from jdnas.config import explicit_keys
     from jdnas.models.torchvision_import import import_torchvision
-    print(json.dumps(import_torchvision(args.src, args.out, _params(args)["model"])))
+    _file_out(args.out, "the jdnas checkpoint (.pt) to write")
+    params = _params(args)
+    # the head settings the user's params files set; the others are torchvision's own
+    given = explicit_keys(args.params or [], "model")
+    info = import_torchvision(args.src, args.out, params["model"], from_params=given)
+    print(f"import-torchvision: head settings from the params: {', '.join(info['head_from_params']) or 'none'}; "
+          f"torchvision's defaults: {', '.join(info['head_from_torchvision']) or 'none'}", file=sys.stderr)
+    print(json.dumps(info))
+
+
+def _file_out(out: str, what: str) -> None:
+    """--out must name a file: not an existing folder, nor a path whose parent is a file."""
+    p = Path(out)
+    if p.is_dir():
+        raise JdnasError(f"--out {out}: is a folder: give {what}")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise JdnasError(f"--out {out}: {p.parent} is a file, not a folder: give {what} in a folder")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from jdnas.export import export_checkpoint
+    _file_out(args.out, "the .onnx file to write")
+    check_inputs_sacred(args, None)
     print(json.dumps(export_checkpoint(args.ckpt, args.out)))
 
 
@@ -406,21 +454,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING_COMMANDS = ("train-base", "train", "train-teacher-pool", "search-step", "search", "baseline",
+                     "evaluate-final")
+# errno -> what it means for the path, and what to do
+OS_ERRORS = {
+    errno.ENOENT: ("not found", "check the path"),
+    errno.ENOTDIR: ("a part of this path is a file, not a folder", "check the path"),
+    errno.EISDIR: ("is a folder where a file was expected", "give a file path"),
+    errno.EACCES: ("permission denied", "check its owner and mode, or choose another path"),
+    errno.EPERM: ("operation not permitted", "check its owner and mode, or choose another path"),
+    errno.EROFS: ("on a read-only file system", "choose an output on a writable disk"),
+    errno.ELOOP: ("too many levels of symbolic links (a link loop?)", "fix or remove the link"),
+    errno.EMLINK: ("too many links", "choose another folder"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
+    errno.EEXIST: ("already exists", "remove it or choose another path"),
+    errno.ENOTEMPTY: ("folder not empty", "remove it or choose another path"),
+    errno.EXDEV: ("crosses file systems", "keep the output on one disk"),
+}
+
+
+def os_error_line(e: OSError, command: str | None = None) -> str:
+    """One line for an OSError: the path (both, for a rename), what went wrong, what to do."""
+    from jdnas.errors import clip
+    path = " -> ".join(clip(str(f)) for f in (e.filename, e.filename2) if f is not None)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {path}" if path else ""
+        todo = ("free some space and rerun: training resumes from its last checkpoint" if command in TRAINING_COMMANDS
+                else "free some space and rerun the command")
+        return f"the disk is full{where} ({todo})"
+    what, todo = OS_ERRORS.get(e.errno, (e.strerror or type(e).__name__, "check the path and rerun"))
+    return f"{path or 'a file'}: {what} ({todo})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from jdnas.errors import clip, shorten_line
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to run the same command under torchrun
+    command = getattr(args, "command", None)
+
+    def fail(msg: str) -> int:
+        print(f"jdnas: error: {shorten_line(msg)}", file=sys.stderr)
+        return 2
     try:
         args.fn(args)
     except JdnasError as e:
-        print(f"jdnas: error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        where = f" writing {e.filename}" if e.filename else ""
-        print(f"jdnas: error: the disk is full{where} (free some space and rerun: training resumes from its "
-              "last checkpoint)", file=sys.stderr)
-        return 2
+        return fail(os_error_line(e, command))
+    except UnicodeDecodeError as e:
+        return fail(f"a file is not UTF-8 text ({clip(e.reason)} at byte {e.start}): save it as UTF-8")
+    except RecursionError:
+        return fail("an input is nested too deep to read (RecursionError): params and annotation files are a few "
+                    "levels deep")
+    except KeyboardInterrupt:
+        print(f"jdnas: interrupted (Ctrl-C): {command} stopped; what it had not finished was not kept (rerun it: "
+              "training resumes from its last checkpoint)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -14,7 +14,9 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from jdnas.errors import ConfigError
+from jdnas.errors import ConfigError, clip, short
+from jdnas.models.bounds import (MAX_BATCH, MAX_DETECTIONS, MAX_FPN, MAX_INPUT, MAX_ITERS, MAX_PROPOSALS, MAX_REP,
+                                 MAX_SAMPLES, MAX_SEED, MAX_WIDTH_MULT, MIN_WIDTH_MULT)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,14 @@ def numbers(default: list, lo: float | None = None, hi: float | None = None, int
     return Opt(default, ok, f"a list of {count} {kind}{_range_words(lo, hi)}")
 
 
+def ascending(opt: Opt, strict: bool = True) -> Opt:
+    """`opt`, whose list must also be in ascending order (strictly: no value twice)."""
+    def ok(v: Any) -> bool:
+        return opt.check(v) and (not isinstance(v, list)
+                                 or all(a < b if strict else a <= b for a, b in zip(v, v[1:])))
+    return Opt(opt.default, ok, opt.allowed + (", in increasing order" if strict else ", in non-decreasing order"))
+
+
 def strings(default: list, options: Iterable[str], min_len: int = 1) -> Opt:
     opts = tuple(options)
     def ok(v: Any) -> bool:
@@ -96,7 +106,7 @@ def _in(v: float, lo: float | None, hi: float | None) -> bool:
 
 def _range_words(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
     if lo is not None and hi is not None:
-        return f" in {'(' if lo_open else '['}{lo}, {hi}]"
+        return f" > {lo} and <= {hi}" if lo_open else f" in [{lo}, {hi}]"
     if lo is not None:
         return f" {'>' if lo_open else '>='} {lo}"
     if hi is not None:
@@ -130,45 +140,48 @@ def _is_epochs(v: Any) -> bool:
 
 def iterations(default: int) -> Opt:
     """An iteration count, or 'N epochs' (passes over the training images, resolved from the prepared data)."""
-    return Opt(default, lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or _is_epochs(v),
-               "an integer >= 1 or 'N epochs'")
+    return Opt(default, lambda v: (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_ITERS)
+               or _is_epochs(v), f"an integer >= 1 (at most {MAX_ITERS}) or 'N epochs'")
+
+
+
 
 
 def train_schema(iters: int, lr: float, batch_size: int = 8) -> dict:
     """Optimiser and schedule settings shared by every training stage."""
     return {
         "iters": iterations(iters),
-        "batch_size": integer(batch_size, 1),
-        "lr": number(lr, 0.0, lo_open=True),
-        "momentum": number(0.9, 0.0, 1.0),
-        "weight_decay": number(1e-4, 0.0),
-        "warmup_iters": integer(50, 0),
+        "batch_size": integer(batch_size, 1, MAX_BATCH),
+        "lr": number(lr, 0.0, 10.0, lo_open=True),
+        "momentum": number(0.9, 0.0, 0.999),
+        "weight_decay": number(1e-4, 0.0, 1.0),
+        "warmup_iters": integer(50, 0, MAX_ITERS),
         "schedule": choice("cosine", ("cosine", "step", "constant")),
-        "steps": numbers([0.7, 0.9], 0.0, 1.0),
-        "clip_grad": number(10.0, 0.0),
+        "steps": ascending(numbers([0.7, 0.9], 0.0, 1.0)),  # milestones: fractions of iters, in order
+        "clip_grad": number(10.0, 0.0, 1e6),
         "checkpoint_every": integer(100, 1),
-        "workers": integer(0, 0),
+        "workers": integer(0, 0, 256),
     }
 
 
 SCHEMA: dict = {
-    "seed": integer(0, 0),
+    "seed": integer(0, 0, MAX_SEED),
     "device": text("cpu", pattern=_is_device, words="cpu, cuda or cuda:N"),
     "data": {
         "source": choice("synthetic", ("synthetic", "coco")),
         "out_of_image": choice("clip", ("clip", "reject")),
-        "max_image_pixels": integer(50_000_000, 1),
+        "max_image_pixels": integer(50_000_000, 1, 1_000_000_000),
         "minival_fraction": number(0.15, 0.0, 0.9, lo_open=True),
         "synthetic": {
-            "train_images": integer(600, 2),
-            "val_images": integer(150, 1),
+            "train_images": integer(600, 2, 1_000_000),
+            "val_images": integer(150, 1, 1_000_000),
             "image_size": integer(128, 32, 2048),
             "classes": strings(list(SHAPES[:4]), SHAPES, min_len=1),
-            "min_objects": integer(1, 1),
-            "max_objects": integer(4, 1),
-            "min_size": integer(10, 4),
-            "max_size": integer(56, 4),
-            "clutter": integer(6, 0),
+            "min_objects": integer(1, 1, 1000),
+            "max_objects": integer(4, 1, 1000),
+            "min_size": integer(10, 4, 2048),
+            "max_size": integer(56, 4, 2048),
+            "clutter": integer(6, 0, 1000),
         },
         "coco": {
             "train_images": text(None, nullable=True),
@@ -182,20 +195,21 @@ SCHEMA: dict = {
         # a detector to start from (jdnas import-torchvision, or another run's model.pt): train_base
         # adopts it instead of training, and its arch and head replace model.base and the head keys
         "checkpoint": text(None, nullable=True, words="a jdnas detector checkpoint (.pt)"),
-        "width": number(0.25, 0.0, 8.0, lo_open=True),
-        "fpn_channels": integer(64, 4),
+        "width": number(0.25, MIN_WIDTH_MULT, MAX_WIDTH_MULT),
+        "fpn_channels": integer(64, 4, MAX_FPN),
         # auto: from the data (`jdnas inspect-data` prints what auto becomes and why)
-        "min_size": or_auto(integer(128, 16)),
-        "max_size": or_auto(integer(128, 16)),
-        "anchor_sizes": or_auto(numbers([16, 32, 64, 128, 256], 1, ints=True, min_len=5, max_len=5)),  # P2..P6
-        "rpn_pre_nms_top_n_train": integer(600, 1),
-        "rpn_post_nms_top_n_train": integer(300, 1),
-        "rpn_pre_nms_top_n_test": integer(300, 1),
-        "rpn_post_nms_top_n_test": integer(100, 1),
-        "rpn_batch_size_per_image": integer(128, 1),
-        "box_batch_size_per_image": integer(128, 1),
-        "representation_size": integer(256, 1),
-        "box_detections_per_img": integer(50, 1),
+        "min_size": or_auto(integer(128, 16, MAX_INPUT)),
+        "max_size": or_auto(integer(128, 16, MAX_INPUT)),
+        "anchor_sizes": or_auto(ascending(numbers([16, 32, 64, 128, 256], 1, 2 * MAX_INPUT, ints=True, min_len=5,
+                                                  max_len=5))),  # P2..P6
+        "rpn_pre_nms_top_n_train": integer(600, 1, MAX_PROPOSALS),
+        "rpn_post_nms_top_n_train": integer(300, 1, MAX_PROPOSALS),
+        "rpn_pre_nms_top_n_test": integer(300, 1, MAX_PROPOSALS),
+        "rpn_post_nms_top_n_test": integer(100, 1, MAX_PROPOSALS),
+        "rpn_batch_size_per_image": integer(128, 1, MAX_SAMPLES),
+        "box_batch_size_per_image": integer(128, 1, MAX_SAMPLES),
+        "representation_size": integer(256, 1, MAX_REP),
+        "box_detections_per_img": integer(50, 1, MAX_DETECTIONS),
         "box_score_thresh": number(0.01, 0.0, 1.0),
     },
     # scales: input size x one of these per iteration (scale jitter; [1.0]: none)
@@ -204,7 +218,7 @@ SCHEMA: dict = {
     "train_base": {**train_schema(iters=1500, lr=0.04), "scales": numbers([1.0], 0.1, 4.0),
                    "eval_every": integer(0, 0), "gpus": integer(1, 1), "sync_bn": flag(False)},
     "eval": {
-        "batch_size": integer(16, 1),
+        "batch_size": integer(16, 1, MAX_BATCH),
     },
     # student training after a morphism action, with KD from a teacher (jdnas train)
     "train_student": {
@@ -221,10 +235,10 @@ SCHEMA: dict = {
     "search_space": {
         "actions": strings(["deepen", "shallow", "shift", "prune", "slim", "fpn_prune", "head_prune", "resize",
                             "proposals"], MORPH_ACTIONS),
-        "min_depth": numbers([1, 1, 1, 1], 1, ints=True, min_len=4),
-        "max_depth": numbers([4, 6, 12, 4], 1, ints=True, min_len=4),
-        "min_width": integer(8, 1),
-        "max_width": integer(1024, 1),
+        "min_depth": numbers([1, 1, 1, 1], 1, 64, ints=True, min_len=4),
+        "max_depth": numbers([4, 6, 12, 4], 1, 64, ints=True, min_len=4),
+        "min_width": integer(8, 1, 16384),
+        "max_width": integer(1024, 1, 16384),
         "prune_ratios": numbers([0.25, 0.5], 0.0, 1.0),
         "slim_ratios": numbers([0.25], 0.0, 1.0),
         "widen_ratios": numbers([0.5], 0.0),
@@ -288,8 +302,8 @@ SCHEMA: dict = {
         "init": choice("base", ("base", "scratch")),
         "space": {
             "base": text("r34", words="a preset (tiny, r18, r34, r50, r101) or an Arch string"),
-            "width": number(0.25, 0.0, 8.0, lo_open=True),
-            "min_depths": numbers([1, 1, 2, 1], 1, ints=True, min_len=4),
+            "width": number(0.25, MIN_WIDTH_MULT, MAX_WIDTH_MULT),
+            "min_depths": numbers([1, 1, 2, 1], 1, 64, ints=True, min_len=4),
             "width_ratios": numbers([0.5, 0.75, 1.0], 0.0, 1.0),
             "out_width_ratios": numbers([1.0], 0.0, 1.0),
         },
@@ -305,7 +319,7 @@ SCHEMA: dict = {
         "eval": {
             "sample_size": integer(5, 2),
             "bn_batches": integer(4, 0),
-            "bn_batch_size": integer(8, 1),
+            "bn_batch_size": integer(8, 1, MAX_BATCH),
             "latency_runs": integer(5, 1),
             "latency_threads": integer(1, 1),
         },
@@ -328,13 +342,13 @@ def merge(base: dict, override: dict, schema: dict = SCHEMA, source: str = "para
         dotted = f"{prefix}{key}"
         if key not in schema:
             known = ", ".join(sorted(schema))
-            raise ConfigError(f"{source}: unknown key '{dotted}' (known here: {known})")
+            raise ConfigError(f"{source}: unknown key {short(dotted)} (known here: {known})")
         spec = schema[key]
         if isinstance(spec, dict):
             out[key] = merge(out[key], value, spec, source, dotted + ".")
         else:
             if not spec.check(value):
-                raise ConfigError(f"{source}: {dotted} = {value!r} is not allowed: must be {spec.allowed}")
+                raise ConfigError(f"{source}: {dotted} = {short(value)} is not allowed: must be {spec.allowed}")
             out[key] = copy.deepcopy(value)
     return out
 
@@ -387,12 +401,24 @@ def check_consistency(p: dict, source: str) -> None:
         base = resolve_arch(p["model"]["base"], p["model"]["width"])
     except ValueError as e:
         raise ConfigError(f"{source}: model.base = {p['model']['base']!r} is not allowed: {e}") from None
+    _check_model_size(base, p["model"], f"{source}: model.base = {short(p['model']['base'])}")
     if any(hi < d for hi, d in zip(space["max_depth"], base.depths)):
         raise ConfigError(f"{source}: search_space.max_depth = {space['max_depth']} is below model.base's depths "
                           f"{list(base.depths)}: the search could not hold the base")
     if any(lo > d for lo, d in zip(space["min_depth"], base.depths)):
         raise ConfigError(f"{source}: search_space.min_depth = {space['min_depth']} is above model.base's depths "
                           f"{list(base.depths)}")
+
+
+def _check_model_size(arch: Any, model: dict, where: str) -> None:
+    """The widths, depths and estimated parameter count of the detector `model` describes, before
+    anything is built (jdnas.models.detector.check_size)."""
+    from jdnas.errors import JdnasError
+    from jdnas.models.detector import check_size
+    try:
+        check_size(arch, model["fpn_channels"], model["representation_size"], 91, where)
+    except JdnasError as e:
+        raise ConfigError(str(e)) from None
 
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
@@ -437,6 +463,7 @@ def check_teacher_pool(p: dict, source: str) -> None:
         arch = resolve_arch(space["base"], space["width"])
     except ValueError as e:
         raise ConfigError(f"{source}: teacher_pool.space.base = {space['base']!r} is not allowed: {e}") from None
+    _check_model_size(arch, p["model"], f"{source}: teacher_pool.space.base = {short(space['base'])}")
     if len(space["min_depths"]) != len(arch.stages) or any(
             d > s.depth for d, s in zip(space["min_depths"], arch.stages)):
         raise ConfigError(f"{source}: teacher_pool.space.min_depths = {space['min_depths']} is not allowed: must "
@@ -474,9 +501,14 @@ def load_params(files: Iterable[str | Path]) -> dict:
         if not f.is_file():
             raise ConfigError(f"{f}: params file not found")
         try:
-            content = yaml.load(f.read_text(), Loader=_UniqueKeyLoader) or {}
+            content = yaml.load(f.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{f}: invalid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"{f}: invalid YAML: {clip(str(e).splitlines()[0])}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{f}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save the "
+                              "params file as UTF-8") from None
+        except RecursionError:
+            raise ConfigError(f"{f}: invalid YAML: nested too deep (params are a few levels of mappings)") from None
         params = merge(params, content, source=str(f))
     resolve_checkpoint(params, " + ".join(map(str, files)) or "defaults")
     check_consistency(params, " + ".join(map(str, files)) or "defaults")
@@ -490,3 +522,19 @@ def section(params: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         node = node[part]
     return node
+
+
+def explicit_keys(files: Iterable[str | Path], top: str) -> set[str]:
+    """The keys of section `top` that the params `files` set themselves (not left to the
+    defaults): e.g. which head settings an import takes from the user rather than from its source.
+    The files are read again; call after `load_params` has validated them."""
+    keys: set[str] = set()
+    for f in files:
+        try:
+            content = yaml.load(Path(f).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+            continue  # load_params reported it
+        node = content.get(top) if isinstance(content, dict) else None
+        if isinstance(node, dict):
+            keys |= {str(k) for k in node}
+    return keys

@@ -19,12 +19,80 @@ import torch
 from jdnas.errors import JdnasError
 
 
+OUTPUT_MARKER = ".jdnas-output"  # in every folder atomic_dir made: a later run may replace it
+TMP_SUFFIX = ".tmp"
+
+
+def _tmp_prefix(path: Path) -> str:
+    """Hidden temporaries of `path` are named `.NAME.PID.RANDOM.tmp` (PID: the writing process)."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def clean_stale_tmp(path: str | Path, max_age_s: float = 6 * 3600) -> list[Path]:
+    """Remove the hidden temporaries a killed writer of `path` left beside it (`.NAME.PID.*.tmp`
+    whose PID no longer runs; older unnamed ones `.NAME.*.tmp` after `max_age_s`). A live writer's
+    temporary (a concurrent run) is left alone. Returns what was removed."""
+    import time
+    path = Path(path)
+    removed = []
+    try:
+        siblings = list(path.parent.glob(f".{glob_escape(path.name)}.*{TMP_SUFFIX}"))
+    except OSError:
+        return removed
+    for tmp in siblings:
+        middle = tmp.name[len(path.name) + 2: -len(TMP_SUFFIX)].split(".")
+        try:
+            if middle[0].isdigit() and len(middle) == 2:
+                stale = not _alive(int(middle[0])) and int(middle[0]) != os.getpid()
+            else:
+                stale = time.time() - tmp.lstat().st_mtime > max_age_s
+            if not stale:
+                continue
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            continue  # vanished meanwhile, or not ours to remove
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+    return glob.escape(name)
+
+
+def _make_parent(path: Path) -> None:
+    """Create `path`'s folder; a JdnasError when a part of it is a file."""
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise JdnasError(f"{path}: {parent} is a file, not a folder: choose another path")
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+    Temporaries a killed earlier writer of `path` left are removed first."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+    _make_parent(path)
+    clean_stale_tmp(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -35,20 +103,87 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+def is_own_output(path: str | Path, legacy: Iterable[str] = ()) -> bool:
+    """Whether the folder `path` is one a jdnas command made (its marker file, or every one of the
+    `legacy` files that such a folder held before markers existed), or an empty folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    if (path / OUTPUT_MARKER).is_file():
+        return True
+    legacy = tuple(legacy)
+    if legacy and all((path / name).is_file() for name in legacy):
+        return True
+    return path.is_dir() and not any(path.iterdir())
+
+
+@contextmanager
+def atomic_dir(path: str | Path, command: str = "jdnas", legacy: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds.
+
+    The folder gets a marker file (`OUTPUT_MARKER`, naming `command`); an existing `path` is
+    replaced only if it carries one (or the `legacy` files, or is empty): a folder jdnas did not
+    make, e.g. the user's images, is never deleted. Temporaries of killed earlier runs are removed."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir() or path.is_symlink():
+            raise JdnasError(f"{path}: exists and is not a folder jdnas made ({'a link' if path.is_symlink() else 'a file'}): "
+                             "choose another --out or remove it yourself")
+        if not is_own_output(path, legacy):
+            raise JdnasError(f"{path}: exists and was not made by {command} (no {OUTPUT_MARKER} in it): refusing to "
+                             "replace it; choose another --out (e.g. a new folder) or remove it yourself")
+    _make_parent(path)
+    clean_stale_tmp(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent))
     try:
+        (tmp / OUTPUT_MARKER).write_text(f"{command}\n")
         yield tmp
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent))
+            os.replace(path, old / "old")  # out of the way first: the new folder takes its name at once
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _resolved(p: str | Path) -> Path:
+    try:
+        return Path(os.path.realpath(os.path.expanduser(str(p))))
+    except (OSError, ValueError, RuntimeError):
+        return Path(os.path.abspath(str(p)))
+
+
+def check_outputs(command: str, outputs: dict[str, Any], inputs: Any) -> None:
+    """Refuse, before any work, an output that is, contains or lies inside one of the inputs:
+    `outputs` and `inputs` map a label (`--out`, `data.coco.train_images`...) to a path (None:
+    not given); `inputs` may also be a list of (label, path) pairs. Links are followed (a
+    symlink or hard link to an input is that input)."""
+    pairs = inputs.items() if isinstance(inputs, dict) else inputs
+    ins = [(k, v, _resolved(v)) for k, v in pairs if v is not None and str(v) != ""]
+    for out_label, out in outputs.items():
+        if out is None or str(out) == "":
+            continue
+        o = _resolved(out)
+        for in_label, given, i in ins:
+            same = o == i
+            if not same and os.path.exists(o) and os.path.exists(i):
+                try:
+                    same = os.path.samefile(o, i)
+                except OSError:
+                    same = False
+            if same:
+                how = "is"
+            elif i in o.parents:
+                how = "lies inside"
+            elif o in i.parents:
+                how = "contains"
+            else:
+                continue
+            raise JdnasError(f"{command}: {out_label} {out} {how} the input {in_label} {given}: refusing to write "
+                             "there (it could overwrite or delete the input); choose an output path outside the "
+                             "inputs")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -106,6 +241,10 @@ def resume_dir(folder: str | Path, fingerprint: str) -> bool:
     if stamp.is_file() and stamp.read_text().strip() == fingerprint:
         return True
     if folder.exists():
+        if not folder.is_dir() or (any(folder.iterdir()) and not stamp.is_file()
+                                   and not (folder / OUTPUT_MARKER).is_file()):
+            raise JdnasError(f"{folder}: exists and holds files no jdnas stage wrote (no {stamp.name}): refusing "
+                             "to empty it; choose another output folder or remove it yourself")
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     stamp.write_text(fingerprint + "\n")

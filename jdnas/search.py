@@ -430,7 +430,7 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
         write_json(out / "result.json", result)
         return result
     c = Candidate(**cands[k])
-    spent = Spent()
+    spent, started = Spent(), time.time()
     init = round_dir(r - 1, ctx.root) / "student.pt"
     lin = apply_moves(load_lineage(init.parent), parse_moves(c.action), seed=derive_seed(ctx.seed, "morph", r, k))
     lin = replace(lin, teacher=c.teacher)
@@ -448,7 +448,8 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
               "ap": metrics["AP"], "ap50": metrics["AP50"], "latency_ms": round(lat, 4),
               "meets_target": lat <= ctx.target_ms, "score": round(ctx.score(metrics["AP"], lat), 4),
               "student_params": count_params(lin.model), "student_flops": count_flops(lin.model),
-              "it": lin.it, "compute": spent.parts, **_totals(spent.parts)}
+              "it": lin.it, "compute": spent.parts, **_totals(spent.parts), "started": started,
+              "finished": time.time()}
     write_json(out / "result.json", result)
     return result
 

@@ -246,9 +246,17 @@ def load_supernet(path: str | Path) -> Supernet:
     for key in ("space", "head", "state_dict"):
         if key not in ckpt:
             raise JdnasError(f"{path}: {key}: missing from the supernet checkpoint")
+    from jdnas.models.detector import check_head, check_size
+    head = check_head(ckpt["head"], str(path))
+    try:
+        space = PoolSpace.from_json(ckpt["space"])
+    except Exception as e:  # noqa: BLE001 - a malformed space
+        raise JdnasError(f"{path}: space: not a valid pool space ({type(e).__name__}: {str(e)[:200]})") from None
+    check_size(space.max_arch, head["fpn_channels"], head["representation_size"], head["num_classes"],
+               f"{path}: space.max_arch")
     try:
         with torch.random.fork_rng(devices=[]):  # building draws initial weights; leave the caller's RNG alone
-            supernet = Supernet(PoolSpace.from_json(ckpt["space"]), ckpt["head"])
+            supernet = Supernet(space, head)
     except Exception as e:  # noqa: BLE001 - a malformed space or head
         raise JdnasError(f"{path}: space/head: cannot build the supernet ({type(e).__name__}: {e})") from None
     try:

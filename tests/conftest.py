@@ -13,6 +13,9 @@ from jdnas.config import load_params, merge
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# tests and CI never start DVC's analytics daemon (it tries to reach the network): here and in
+# every subprocess a test starts (they inherit os.environ; cli_env sets it too)
+os.environ["DVC_NO_ANALYTICS"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +53,7 @@ def cli_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "JDNAS_GPU_LEASED"}  # a lease is never inherited here
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
+    env["DVC_NO_ANALYTICS"] = "1"
     return env
 
 

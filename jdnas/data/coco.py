@@ -54,16 +54,46 @@ def _records(src: str, data: dict, key: str) -> list[dict]:
     return items
 
 
+MAX_JSON_BYTES = 16 << 30  # an annotation file larger than this is not one (COCO train2017: 448 MB)
+
+
+def _check_regular_file(path: Path, what: str) -> None:
+    """A DataError that says what `path` is when it is not a readable regular file: missing, a
+    folder, a FIFO or device, a link loop."""
+    import errno
+    import os
+    import stat
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{path}: too many levels of symbolic links (a link loop): give the {what} itself") from None
+        if e.errno == errno.ENOTDIR:
+            raise DataError(f"{path}: file not found (a part of the path is a file, not a folder)") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise DataError(f"{path}: permission denied (make the {what} readable)") from None
+        raise DataError(f"{path}: file not found" + (" (a broken link)" if path.is_symlink() else "")) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{path}: is a folder, not a file (give the {what})")
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path}: not a regular file (a FIFO, socket or device): give the {what}")
+    if st.st_size > MAX_JSON_BYTES:
+        raise DataError(f"{path}: {st.st_size / 2**30:.0f} GiB, too large for an {what}")
+
+
 def read_json(path: Path) -> Any:
     """Parse a JSON file; DataError naming the file and position on failure."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    _check_regular_file(path, "annotation file")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: invalid JSON: not UTF-8 text") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON: nested too deep") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def _check_box(src: str, ann: dict, img: dict, policy: str) -> tuple[list[float], bool]:
@@ -129,7 +159,8 @@ def load_coco(ann_path: str | Path, image_dir: str | Path, out_of_image: str = "
     src = str(ann_path)
     data = read_json(ann_path)
     if not image_dir.is_dir():
-        raise DataError(f"{image_dir}: image folder not found (given for {src})")
+        kind = "is a file, not an image folder" if image_dir.is_file() else "image folder not found"
+        raise DataError(f"{image_dir}: {kind} (given for {src})")
     if not isinstance(data, dict):
         raise DataError(f"{src}: top level must be an object with images, annotations, categories")
     for key in REQUIRED:

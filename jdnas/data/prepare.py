@@ -22,10 +22,12 @@ from jdnas.data.coco import load_coco
 from jdnas.data.inspect import check_fit, data_stats, resolve_auto, snippet, suggest_model
 from jdnas.data.synthetic import generate_split
 from jdnas.errors import DataError
-from jdnas.io import atomic_dir, file_sha256
+from jdnas.io import atomic_dir, check_outputs, file_sha256
 
 SPLITS = ("train", "minival", "val")
 DEFAULT_OUT = Path("data/prepared")
+# what a prepared folder written before output markers existed holds: it may be replaced too
+PREPARED_FILES = ("manifest.json", *(f"{s}.json" for s in SPLITS))
 
 
 def _subset(data: dict, image_ids: set[int]) -> dict:
@@ -58,7 +60,10 @@ def prepare_data(params: dict, out_dir: str | Path = DEFAULT_OUT) -> dict[str, A
     out_dir = Path(out_dir)
     d = params["data"]
     seed = params["seed"]
-    with atomic_dir(out_dir) as tmp:
+    if d["source"] == "coco":  # never into (or around) the user's data: a replaced folder is deleted
+        check_outputs("prepare-data", {"--out": out_dir},
+                      {f"data.coco.{k}": v for k, v in d["coco"].items()})
+    with atomic_dir(out_dir, "prepare-data", legacy=PREPARED_FILES) as tmp:
         clipped = 0
         if d["source"] == "synthetic":
             syn = d["synthetic"]

@@ -23,6 +23,7 @@ from jdnas.errors import JdnasError
 from jdnas.io import save_torch
 from jdnas.models.arch import Arch
 from jdnas.models.backbone import ResNetBackbone
+from jdnas.models.bounds import HEAD_RANGES, MAX_CLASSES, MAX_DEPTH, MAX_INPUT, MAX_PARAMS, MAX_WIDTH
 from jdnas.models.roi_align import FastMultiScaleRoIAlign
 
 CHECKPOINT_FORMAT = "jdnas-detector/1"
@@ -40,6 +41,100 @@ SIZE_DIVISIBLE = 32  # torchvision's GeneralizedRCNNTransform pads the batch to 
 def snap_size(size: float) -> int:
     """An input size rounded to the padding multiple (a size in between would be padded up anyway)."""
     return max(SIZE_DIVISIBLE, int(round(size / SIZE_DIVISIBLE)) * SIZE_DIVISIBLE)
+
+
+
+
+def estimate_params(arch: Arch, fpn_channels: int, representation_size: int, num_classes: int = 91) -> int:
+    """An upper estimate of a detector's parameter count, from its sizes alone (nothing built)."""
+    conv = arch.stem * 3 * 49
+    cin = arch.stem
+    for st in arch.stages:
+        for mid in st.mids:
+            if arch.block == "bottleneck":
+                conv += cin * mid + mid * mid * 9 + mid * st.out
+            else:
+                conv += cin * mid * 9 + mid * st.out * 9
+            conv += cin * st.out  # a projection shortcut (counted on every block: an upper estimate)
+            cin = st.out
+    f, r = int(fpn_channels), int(representation_size)
+    fpn = sum(out * f + f * f * 9 for out in arch.widths)
+    rpn = f * f * 9 + f * 15
+    box = f * 49 * r + r * r + r * int(num_classes) * 5
+    return int(conv + fpn + rpn + box)
+
+
+def check_arch(arch: Arch, where: str) -> None:
+    """A JdnasError naming `where` if the Arch's widths or depths are beyond what jdnas builds."""
+    widths = (arch.stem, *(s.out for s in arch.stages), *(m for s in arch.stages for m in s.mids))
+    if max(widths) > MAX_WIDTH:
+        raise JdnasError(f"{where}: a width of {max(widths)} channels is above the limit {MAX_WIDTH}")
+    if max(arch.depths) > MAX_DEPTH:
+        raise JdnasError(f"{where}: a stage of {max(arch.depths)} blocks is above the limit {MAX_DEPTH}")
+
+
+def check_size(arch: Arch, fpn_channels: int, representation_size: int, num_classes: int, where: str) -> None:
+    """`check_arch`, then the whole detector's estimated parameter count against MAX_PARAMS."""
+    check_arch(arch, where)
+    n = estimate_params(arch, fpn_channels, representation_size, num_classes)
+    if n > MAX_PARAMS:
+        raise JdnasError(f"{where}: about {n / 1e9:.1f}G parameters ({4 * n / 2**30:.0f} GiB of weights), above the "
+                         f"limit of {MAX_PARAMS / 1e9:.0f}G: lower the widths, fpn_channels or representation_size")
+
+
+def check_head(head: Any, where: str) -> dict[str, Any]:
+    """A checkpoint's head config checked against the params' bounds (jdnas.models.bounds), before
+    anything is built; returns it with lists for tuples."""
+    from jdnas.errors import short
+    if not isinstance(head, dict):
+        raise JdnasError(f"{where}: head: not a mapping")
+    head = {k: list(v) if isinstance(v, tuple) else v for k, v in head.items()}
+    for k in (*HEAD_KEYS, "num_classes"):
+        if k not in head:
+            raise JdnasError(f"{where}: head: missing key '{k}'")
+    for k, (lo, hi) in HEAD_RANGES.items():
+        if not _int_in(head[k], lo, hi):
+            raise JdnasError(f"{where}: head.{k} = {short(head[k])} is not allowed: must be an integer in [{lo}, {hi}]")
+    anchors = head["anchor_sizes"]
+    if not (isinstance(anchors, list) and len(anchors) == 5 and all(_int_in(a, 1, 2 * MAX_INPUT) for a in anchors)
+            and all(a < b for a, b in zip(anchors, anchors[1:]))):
+        raise JdnasError(f"{where}: head.anchor_sizes = {short(anchors)} is not allowed: must be 5 increasing integers "
+                         f"in [1, {2 * MAX_INPUT}]")
+    t = head["box_score_thresh"]
+    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0):
+        raise JdnasError(f"{where}: head.box_score_thresh = {short(t)} is not allowed: must be a number in [0.0, 1.0]")
+    n = head["num_classes"]
+    if not _int_in(n, 2, MAX_CLASSES + 1):
+        raise JdnasError(f"{where}: head.num_classes = {short(n)} is not allowed: must be an integer in "
+                         f"[2, {MAX_CLASSES + 1}] (background included)")
+    if head["min_size"] > head["max_size"]:
+        raise JdnasError(f"{where}: head.min_size = {head['min_size']} is above head.max_size = {head['max_size']}")
+    return head
+
+
+def _int_in(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def check_state_dict(sd: Any, where: str) -> None:
+    """Weights must be tensors of a floating dtype (integer buffers only for BatchNorm's
+    num_batches_tracked) whose every value is finite: a NaN, inf or int64 weight is a poisoned
+    checkpoint. The first bad tensor is named."""
+    if not isinstance(sd, dict):
+        raise JdnasError(f"{where}: state_dict: not a mapping of names to tensors (got {type(sd).__name__})")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise JdnasError(f"{where}: state_dict: entry {str(k)[:100]!r} is a {type(v).__name__}, not a tensor")
+        if not v.is_floating_point():
+            if k.endswith("num_batches_tracked") and not v.is_complex():
+                continue
+            raise JdnasError(f"{where}: state_dict: {k}: dtype {str(v.dtype).replace('torch.', '')}, expected a "
+                             "floating-point weight (a damaged or foreign checkpoint)")
+        if v.numel() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            kind = "NaN" if bool(torch.isnan(v).any()) else "inf"
+            raise JdnasError(f"{where}: state_dict: {k}: {bad} of {v.numel()} values are non-finite ({kind}): a "
+                             "poisoned checkpoint (a diverged training?); use an earlier checkpoint or retrain")
 
 
 def head_config(model_params: dict[str, Any], num_classes: int) -> dict[str, Any]:
@@ -141,6 +236,8 @@ def save_detector(path: str | Path, model: Detector, **meta: Any) -> None:
 def read_checkpoint(path: str | Path, fmt: str = CHECKPOINT_FORMAT, hint: str = "") -> dict[str, Any]:
     """Load a jdnas checkpoint of format `fmt` with weights_only=True; a clear error if it is not one."""
     path = Path(path)
+    if path.is_dir():
+        raise JdnasError(f"{path}: is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise JdnasError(f"{path}: checkpoint not found{hint}")
     try:
@@ -149,6 +246,16 @@ def read_checkpoint(path: str | Path, fmt: str = CHECKPOINT_FORMAT, hint: str = 
         raise JdnasError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         raise JdnasError(f"{path}: format: not a {fmt} checkpoint")
+    if "state_dict" in ckpt:
+        check_state_dict(ckpt["state_dict"], str(path))
+    if fmt == CHECKPOINT_FORMAT and "head" in ckpt and "arch" in ckpt:
+        ckpt["head"] = check_head(ckpt["head"], str(path))
+        try:
+            arch = Arch.from_json(ckpt["arch"])
+        except Exception as e:  # noqa: BLE001 - any malformed Arch JSON
+            raise JdnasError(f"{path}: arch: not a valid Arch ({type(e).__name__}: {str(e)[:200]})") from None
+        h = ckpt["head"]
+        check_size(arch, h["fpn_channels"], h["representation_size"], h["num_classes"], f"{path}: arch")
     return ckpt
 
 
@@ -161,11 +268,9 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Detec
     try:
         arch = Arch.from_json(ckpt["arch"])
     except Exception as e:  # noqa: BLE001 - any malformed Arch JSON
-        raise JdnasError(f"{path}: arch: not a valid Arch ({type(e).__name__}: {e})") from None
-    head = ckpt["head"]
-    missing = [k for k in (*HEAD_KEYS, "num_classes") if not isinstance(head, dict) or k not in head]
-    if missing:
-        raise JdnasError(f"{path}: head: missing key '{missing[0]}'")
+        raise JdnasError(f"{path}: arch: not a valid Arch ({type(e).__name__}: {str(e)[:200]})") from None
+    head = check_head(ckpt["head"], str(path))
+    check_size(arch, head["fpn_channels"], head["representation_size"], head["num_classes"], f"{path}: arch")
     try:
         model = build_detector(arch, head)
     except Exception as e:  # noqa: BLE001 - a head value of the wrong type or range

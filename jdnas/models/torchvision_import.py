@@ -12,15 +12,24 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from jdnas.errors import JdnasError
 from jdnas.models.arch import Arch, Stage
-from jdnas.models.detector import build_detector, head_config, save_detector
+from jdnas.models.detector import build_detector, check_size, check_state_dict, head_config, save_detector
 
 BODY = "backbone.body."
+# torchvision's own head settings (fasterrcnn_resnet50_fpn's defaults): what an import keeps
+# unless the params set a key (the FPN and box-head widths are read from the tensors)
+TORCHVISION_HEAD: dict[str, Any] = {
+    "min_size": 800, "max_size": 1333, "anchor_sizes": [32, 64, 128, 256, 512],
+    "rpn_pre_nms_top_n_train": 2000, "rpn_post_nms_top_n_train": 2000,
+    "rpn_pre_nms_top_n_test": 1000, "rpn_post_nms_top_n_test": 1000,
+    "rpn_batch_size_per_image": 256, "box_batch_size_per_image": 512,
+    "box_detections_per_img": 100, "box_score_thresh": 0.05,
+}
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -33,7 +42,8 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]  # torchvision's reference scripts save {"model": state_dict, ...}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise JdnasError(f"{path}: not a state_dict (a mapping of names to tensors)")
+        raise JdnasError(f"{path}: not a state_dict (a mapping of names to tensors; got {type(obj).__name__})")
+    check_state_dict(obj, str(path))  # NaN / inf / integer weights: a poisoned source
     return obj
 
 
@@ -67,10 +77,17 @@ def convert_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def import_torchvision(src: str | Path, dst: str | Path, model_params: dict[str, Any]) -> dict[str, Any]:
+def import_torchvision(src: str | Path, dst: str | Path, model_params: dict[str, Any],
+                       from_params: Iterable[str] | None = None) -> dict[str, Any]:
     """Convert `src` (a torchvision Faster R-CNN ResNet-FPN state_dict) into a jdnas checkpoint at
-    `dst` that `load_detector` reads; nothing is written unless every tensor finds its place."""
+    `dst` that `load_detector` reads; nothing is written unless every tensor finds its place.
+
+    Head settings: those named in `from_params` come from `model_params`, the others are
+    torchvision's own (`TORCHVISION_HEAD`); `from_params=None` takes every one from the params."""
     src = Path(src)
+    keys = [k for k in TORCHVISION_HEAD]
+    given = set(keys) if from_params is None else set(from_params) & set(keys)
+    model_params = {**model_params, **{k: v for k, v in TORCHVISION_HEAD.items() if k not in given}}
     sd = _load(src)
     arch = arch_of(sd, src)
     for key in ("backbone.fpn.inner_blocks.0.0.weight", "roi_heads.box_head.fc6.weight",
@@ -87,6 +104,7 @@ def import_torchvision(src: str | Path, dst: str | Path, model_params: dict[str,
     if "auto" in (head["min_size"], head["max_size"], head["anchor_sizes"]):
         raise JdnasError("params: model.min_size, max_size and anchor_sizes must be numbers to import a detector "
                          "(auto needs the data: pass --data data/prepared after `jdnas prepare-data`)")
+    check_size(arch, head["fpn_channels"], head["representation_size"], head["num_classes"], f"{src}: arch")
     model = build_detector(arch, head)
     converted = convert_state_dict(sd)
     target = model.state_dict()
@@ -104,4 +122,6 @@ def import_torchvision(src: str | Path, dst: str | Path, model_params: dict[str,
     model.load_state_dict(converted)
     save_detector(dst, model.eval(), stage="import_torchvision", source=str(src))
     return {"arch": str(arch), "fpn_channels": head["fpn_channels"], "representation_size": head["representation_size"],
-            "classes": head["num_classes"] - 1, "out": str(dst)}
+            "classes": head["num_classes"] - 1, "out": str(dst),
+            "head_from_params": [k for k in keys if k in given],
+            "head_from_torchvision": [k for k in keys if k not in given]}
