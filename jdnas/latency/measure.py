@@ -97,9 +97,10 @@ def median(values: list[float]) -> float:
 @torch.inference_mode()
 def measure_all(builders: dict[Hashable, Builder], timer: Timer, warmup: int, runs: int, rounds: int = 1,
                 seed: int = 0, progress: Callable[[int, int], None] | None = None,
-                slots: dict[Hashable, int] | None = None, keep_bytes: int = 0) -> dict[Hashable, float]:
-    """Median milliseconds of each builder's call: `runs` timed calls (split over `rounds`
-    shuffled passes), each batch of timed calls preceded by `warmup` untimed ones.
+                slots: dict[Hashable, int] | None = None, keep_bytes: int = 0,
+                stat: Callable[[list[float]], float] | None = None) -> dict[Hashable, float]:
+    """Median milliseconds (or `stat` of the timings) of each builder's call: `runs` timed calls
+    (split over `rounds` shuffled passes), each batch of timed calls preceded by `warmup` untimed ones.
 
     `slots[key]` > 1 gives a key that many separate places in every pass (and as many times
     the timed calls): for the entries every prediction shares, whose error no arch escapes.
@@ -129,7 +130,8 @@ def measure_all(builders: dict[Hashable, Builder], timer: Timer, warmup: int, ru
             done += 1
             if progress:
                 progress(done, total)
-    return {k: median(v) for k, v in samples.items()}
+    stat = stat or median
+    return {k: stat(v) for k, v in samples.items()}
 
 
 def latency_images(split: str | Path, max_size: int, n: int = 8) -> list[torch.Tensor]:

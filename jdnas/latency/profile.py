@@ -5,7 +5,7 @@ the presets. With `latency.table` set, that table is checked to cover the space 
 
 Calibration: a part timed on its own runs with its weights and input hot in cache; inside a
 whole forward it runs slower (on the 2-core shared CPU it was developed on: the backbone 1.1x
-when idle, up to 1.5x under load; the parts outside it, whose cost follows the head, ~1.15x).
+when idle, up to 1.5x under load; the parts outside it, whose cost follows the head, 1.0-1.3x).
 So calibration detectors are also timed end to end, in the same interleaved rounds: the base,
 the space's smallest and largest and two random archs, at the base's head, at the space's
 smallest head and at random grid heads (the base's input size). A least-squares fit of
@@ -48,9 +48,11 @@ from jdnas.models.arch import Arch, Head, resolve_arch
 from jdnas.models.detector import head_config
 
 CACHE = "cache.csv"
-SLOTS = 3  # fixed parts are in every prediction, calibration archs set the factor: time them 3x as often
+SLOTS = 3  # fixed parts are in every prediction, calibration detectors set the factors: time them 3x as often
 VALIDATION_SLOTS = 2  # the validation's measured side is its ground truth: time it 2x as often
 KEEP_BYTES = 1 << 30  # built modules kept between passes (the rest are rebuilt each pass)
+FACTOR_RANGE = (0.5, 3.0)  # plausible in-context factors (outside: clamped, with a warning)
+BACKBONE_PARTS = ("stem", "block", "fpn_lateral")  # x the backbone's in-context factor (FIXED_PARTS: the head's)
 
 
 def table_dir(params: dict, root: str | Path = "runs/latency") -> Path:
@@ -196,9 +198,6 @@ def entry_builders(prof: Profiler, entries: Iterable[Entry]) -> tuple[dict, dict
     return builders, slots
 
 
-FACTOR_RANGE = (0.5, 3.0)
-
-
 def _clamped(factor: float, what: str) -> float:
     lo, hi = FACTOR_RANGE
     if not lo <= factor <= hi:
@@ -249,9 +248,6 @@ def fit_context2(b: list[float], h: list[float], y: list[float]) -> tuple[float,
         return 1.0, fh, g
     fb, g = fit_context(b, [w - v for v, w in zip(h, y)])
     return fb, 1.0, g
-
-
-BACKBONE_PARTS = ("stem", "block", "fpn_lateral")
 
 
 def finish_table(prof: Profiler, raw: dict[Entry, float], calibration: list[tuple[Arch, Head]]
