@@ -49,9 +49,12 @@ def _paths(run: Path) -> dict[str, Path]:
             "table": run / "runs" / "latency" / device / "table.csv"}
 
 
+PARAMS: list[Path] = []  # --params (default: the run's params.yaml)
+
+
 def _params(run: Path, override: dict) -> dict:
     from jdnas.config import load_params, merge
-    return merge(load_params([run / "params.yaml"]), override, source="ablation")
+    return merge(load_params(PARAMS or [run / "params.yaml"]), override, source="ablation")
 
 
 def _slug(name: str) -> str:
@@ -168,15 +171,20 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=REPO, help="a finished run's folder (params.yaml, data/, runs/)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "ablation")
     ap.add_argument("--jobs", type=int, default=2, help="variants run at once (one core each)")
+    ap.add_argument("--params", type=Path, action="append", default=[],
+                    help="params files for the searches (default: the run's params.yaml)")
+    ap.add_argument("--only", action="append", default=[], help="run only these variants (names as in the table)")
     ap.add_argument("--correlation", action="store_true", help="also measure the screen's rank correlation")
     ap.add_argument("--seeds", type=int, default=0,
                     help="instead of the ablation: the full search and prune_kd over this many search seeds")
     args = ap.parse_args()
     run, out = args.run.resolve(), args.out.resolve()
+    PARAMS.extend(p.resolve() for p in args.params)
     if args.seeds:
         return seed_spread(run, out, args.seeds, args.jobs)
     with ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_variant, str(run), str(out), name) for name in VARIANTS]
+        futures = [pool.submit(run_variant, str(run), str(out), name) for name in VARIANTS
+                   if not args.only or name in args.only]
         rows = [f.result() for f in futures]
         full = next(r for r in rows if r["name"] == "full")
         rows.append(pool.submit(run_prune_kd, str(run), str(out), full["summary"]).result())

@@ -117,7 +117,8 @@ def iteration_cost(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
                 sync()
                 t0 = clock()
             images, targets = to_device(images, targets, device)
-            with jittered_input([probe], cfg.get("scales", [1.0]), 0, i):  # priced at the sizes it trains at
+            scales = cfg.get("scales", [1.0])  # priced at the sizes it trains at, each as often as drawn
+            with jittered_input([probe], [scales[i % len(scales)]], 0, i):
                 loss = sum(loss_fn(probe, images, targets).values())
             opt.zero_grad()
             loss.backward()

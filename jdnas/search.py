@@ -314,6 +314,45 @@ def rank_cuts(rows: list[dict], parent_ap: float, latency_ms: float) -> list[dic
     return sorted(rows, key=lambda x: -gain(x))  # stable: equal gains keep the screen's order
 
 
+def cut_starts(ranked: list[dict], latency_ms: float, tolerance: float) -> list[tuple[Action, list[Action]]]:
+    """Where finalists' cuts start, and the order they compose in: alternately by efficiency alone
+    and big cuts first (those saving more than `tolerance` of the latency, prune_kd's rule), so
+    that many small cuts and a few big ones both reach the trial, where training decides."""
+    by_gain = [x["action"] for x in ranked]
+    big = [x["action"] for x in ranked if x["latency_ms"] < latency_ms * (1 - tolerance)]
+    by_size = big + [a for a in by_gain if a not in big]
+    starts = []
+    for a, b in zip(by_gain, by_size):
+        starts += [(a, by_gain), (b, by_size)]
+    return starts
+
+
+def _chain_latency(moves: list[Action], arch: Arch, head: Head, bounds: dict, base_head: Head,
+                   table: LatencyTable) -> float | None:
+    """The predicted latency after `moves` in order, or None when one is illegal where it lands."""
+    for a in moves:
+        if not is_legal(a, arch, bounds, head, base_head):
+            return None
+        arch, head = child(a, arch, head)
+    try:
+        return table.predict(arch, head)
+    except NotCovered:
+        return None
+
+
+def trim_cut(moves: list[Action], ms: float, arch: Arch, head: Head, bounds: dict, base_head: Head,
+             table: LatencyTable, goal_ms: float) -> tuple[list[Action], float]:
+    """The composed cut less every cut the goal no longer needs (the least efficient tried first):
+    a cut that lands far below the goal costs AP for latency nobody asked for."""
+    moves = list(moves)
+    for a in list(reversed(moves)):
+        rest = [m for m in moves if m != a]
+        lat = _chain_latency(rest, arch, head, bounds, base_head, table) if rest else None
+        if lat is not None and lat <= goal_ms:
+            moves, ms = rest, lat
+    return moves, ms
+
+
 def teacher_move(current: str, space: PoolSpace, cfg: dict, rng: random.Random) -> str:
     """Another teacher: one stage's depth or width changed, or a new member drawn."""
     gene = TeacherGene.parse(current)
@@ -355,15 +394,15 @@ def propose(ctx: Context, r: int) -> dict[str, Any]:
     if above:
         ranked = rank_cuts(rows, parent_ap, state.latency_ms)
         goal = round_goal(state.latency_ms, ctx.target_ms, ctx.cfg["rounds"] - r + 1)
-        order = [x["action"] for x in ranked]
         screen_ap = {x["action"]: x["ap"] for x in rows}
         seen = set()
-        for first in order:
+        for first, order in cut_starts(ranked, state.latency_ms, ctx.cfg["latency_tolerance"]):
             moves, ms = compose_cut(first, order, arch, head, ctx.bounds, ctx.base_head, ctx.table, goal)
+            moves, ms = trim_cut(moves, ms, arch, head, ctx.bounds, ctx.base_head, ctx.table, goal)
             key = tuple(sorted(map(str, moves)))
             if moves and key not in seen:
                 seen.add(key)
-                finalists.append((moves, ms, screen_ap[first] if len(moves) == 1 else None))
+                finalists.append((moves, ms, screen_ap[moves[0]] if len(moves) == 1 else None))
             if len(finalists) == k:
                 break
     else:

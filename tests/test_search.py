@@ -206,3 +206,25 @@ def test_a_damaged_search_summary_stops_a_matched_baseline(tmp_path):
     with pytest.raises(JdnasError, match=r"summary.json: missing key 'compute'"):
         run_matched("control", {"device": "cpu"}, tmp_path, "config/latency/smoke_cpu.csv", tmp_path / "b.pt",
                     tmp_path / "s.pt", summary, tmp_path / "out")
+
+
+def test_finalists_start_from_small_cuts_and_big_ones_and_drop_what_the_goal_does_not_need(smoke_params):
+    from jdnas.search import cut_starts, trim_cut
+    p, table, arch, head = _space_and_table(smoke_params)
+    full = table.predict(arch, head)
+    cuts = candidate_actions(arch, head, head, p["search_space"], table, full, 0.5 * full)
+    rows = [{"action": a, "latency_ms": ms, "ap": 10.0} for a, ms in cuts.items()]
+    ranked = rank_cuts(rows, 10.0, full)
+    starts = cut_starts(ranked, full, 0.04)
+    big = {x["action"] for x in ranked if x["latency_ms"] < 0.96 * full}
+    assert starts[0][0] == ranked[0]["action"] and starts[1][0] in big  # small first, then big first
+    goal = 0.9 * full
+    moves, ms = compose_cut(starts[0][0], starts[0][1], arch, head, p["search_space"], head, table, goal)
+    trimmed, t_ms = trim_cut(moves, ms, arch, head, p["search_space"], head, table, goal)
+    assert set(trimmed) <= set(moves) and t_ms <= goal and t_ms >= ms
+    for a in trimmed if len(trimmed) > 1 else []:  # nothing left to drop
+        rest = [m for m in trimmed if m != a]
+        a_, h_ = arch, head
+        for m in rest:
+            a_, h_ = child(m, a_, h_)
+        assert table.predict(a_, h_) > goal
