@@ -248,6 +248,7 @@ SCHEMA: dict = {
         "proposals_ratios": numbers([0.5], 0.0, 1.0),
         "min_head_ratio": number(0.25, 0.0, 1.0, lo_open=True),
         "min_input_ratio": number(0.5, 0.0, 1.0, lo_open=True),
+        "resize_min_object": number(12.0, 0.0, 4096.0),
     },
     "latency": {
         "device": text("cpu", pattern=lambda v: v == "onnxruntime" or _is_device(v),
@@ -261,6 +262,8 @@ SCHEMA: dict = {
         "reuse_entries": flag(True),
         "table": text(None, nullable=True, words="a path to a table.csv"),
         "validation_archs": integer(30, 0),
+        "max_mape": number(5.0, 0.0, 1000.0, lo_open=True),
+        "allow_inaccurate": flag(False),
         "space": {
             "extra_blocks": strings([], ("basic", "bottleneck"), min_len=0),
             "width_ratios": numbers([0.25, 0.5, 0.75, 1.0, 1.5], 0.0, 16.0),

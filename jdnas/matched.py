@@ -34,7 +34,7 @@ from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, load_detector, read_checkpoint, save_detector
 from jdnas.morphism import child, legal_actions
 from jdnas.screen import Screen
-from jdnas.search import CUT_KINDS, inputs_fingerprint
+from jdnas.search import CUT_KINDS, inputs_fingerprint, search_bounds
 from jdnas.seeding import derive_seed
 
 
@@ -123,8 +123,8 @@ class PruneKD(Matched):
     def prune(self, out: Path, share: float) -> dict[str, Any]:
         model = load_detector(self.base)
         base_head = Head.of(model.head_cfg)
-        bounds = {**self.params["search_space"],
-                  "actions": [a for a in self.params["search_space"]["actions"] if a in CUT_KINDS]}
+        space = search_bounds(self.params["search_space"], self.data_dir, base_head)  # as the joint search
+        bounds = {**space, "actions": [a for a in space["actions"] if a in CUT_KINDS]}
         cfg = self.params["search"]
         batch = self.params["eval"]["batch_size"]
         lat = self.table.predict(model.arch, base_head)

@@ -26,8 +26,9 @@ from jdnas.io import atomic_path  # noqa: E402
 from jdnas.stages import REPORT_PLOTS  # noqa: E402
 
 PLOTS = REPORT_PLOTS  # the stage's declared outputs
-COLUMNS = ["model", "AP", "AP50", "latency_ms", "latency_source", "predicted_latency_ms", "latency_onnxruntime_ms",
-           "params", "flops", "compute", "compute_unit", "cumulative_compute", "meets_target"]
+COLUMNS = ["model", "AP", "AP50", "latency_ms", "latency_source", "predicted_latency_ms", "measured_latency_ratio",
+           "predicted_latency_ratio", "latency_onnxruntime_ms", "params", "flops", "compute", "compute_unit",
+           "cumulative_compute", "target_ms", "meets_target", "meets_target_predicted"]
 # where each row's model is, under runs/ (naive steps: baseline/steps/<step>/model.pt)
 MODEL_FILES = {"base": "base/model.pt", "control": "control/finetune/model.pt", "prune_kd": "prune_kd/kd/model.pt",
                "joint/final": "final/model.pt"}
@@ -38,6 +39,7 @@ COMPUTE_RULE = ("Compute is measured around everything a pipeline runs (training
                 "prune_kd = pool + its own; control and the naive pipeline's steps are their own. control and "
                 "prune_kd are given the joint search's total; the naive pipeline trains for the iterations its "
                 "params give (a real budget: its compute is reported, not matched).")
+DEFAULT_TABLE_ERROR = 5.0  # percent: the bound between measured and predicted ratios without a validation.json
 STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 9, "figure.dpi": 110}
 
 
@@ -118,7 +120,7 @@ def _row(model: str, m: dict, predicted: Any, measured: Any, compute: Any, unit:
             "predicted_latency_ms": predicted, "latency_onnxruntime_ms": _num(m.get("latency_onnxruntime_ms")),
             "params": m.get("params"), "flops": m.get("flops"),
             "compute": _num(compute), "compute_unit": unit, "cumulative_compute": _num(cumulative),
-            "meets_target": bool(predicted <= target_ms)}
+            "meets_target_predicted": bool(predicted <= target_ms)}
 
 
 def summary_rows(r: Runs) -> dict[str, dict]:
@@ -141,6 +143,57 @@ def summary_rows(r: Runs) -> dict[str, dict]:
     rows.append(_row("joint/final", r.final["final"], r.states[-1]["latency_ms"], r.final["final"].get("latency_ms"),
                      joint, r.search["compute_unit"], joint, r.target_ms))
     return {row["model"]: row for row in rows}
+
+
+def _measured(row: dict) -> bool:
+    return str(row.get("latency_source", "")).startswith("measured")
+
+
+def judge_rows(rows: dict[str, dict], r: Runs) -> None:
+    """Each row's latency ratios to the base, measured and predicted, and its target check in the
+    terms of its `latency_ms`: a measured row against the target on the measured axis (the
+    target's ratio x the base's measured latency: the line ap_vs_latency.png draws), a predicted
+    one against the predicted target. `meets_target_predicted` keeps the predicted check of every
+    row. Run once the latencies are final (after `measure_rows`)."""
+    base = rows["base"]
+    base_measured = _num(base["latency_ms"]) if _measured(base) else float("nan")
+    base_predicted = _num(base["predicted_latency_ms"])
+    target_measured = target_measured_ms(r, rows)
+    for row in rows.values():
+        measured = _num(row["latency_ms"]) if _measured(row) else float("nan")
+        row["measured_latency_ratio"] = measured / base_measured if base_measured else float("nan")
+        row["predicted_latency_ratio"] = _num(row["predicted_latency_ms"]) / base_predicted if base_predicted \
+            else float("nan")
+        if math.isfinite(measured) and math.isfinite(target_measured):
+            row["target_ms"], row["meets_target"] = target_measured, bool(measured <= target_measured)
+        else:  # no measurement (or none of the base's): the row is judged, and drawn, by its prediction
+            row["target_ms"], row["meets_target"] = r.target_ms, row["meets_target_predicted"]
+
+
+def table_error(r: Runs, device: str) -> tuple[float, str]:
+    """The latency table's error, percent, and where it comes from: the validation MAPE of
+    runs/latency/<device>/validation.json when there is one, else DEFAULT_TABLE_ERROR."""
+    path = r.root / "latency" / device / "validation.json"
+    try:
+        mape = json.loads(path.read_text()).get("mape_percent")
+    except (OSError, ValueError, AttributeError):
+        mape = None
+    if isinstance(mape, (int, float)) and not isinstance(mape, bool) and math.isfinite(mape) and mape >= 0:
+        return float(mape), f"the latency table's validation MAPE ({path})"
+    return DEFAULT_TABLE_ERROR, f"the default bound (no validation MAPE in {path})"
+
+
+def disagreements(rows: dict[str, dict], bound: float) -> list[tuple[str, float]]:
+    """The rows whose measured and predicted ratios to the base differ by more than `bound`
+    percent (of the measured ratio), with the difference."""
+    out = []
+    for name, row in rows.items():
+        m, p = _num(row.get("measured_latency_ratio")), _num(row.get("predicted_latency_ratio"))
+        if math.isfinite(m) and math.isfinite(p) and m > 0:
+            diff = 100 * abs(p - m) / m
+            if diff > bound:
+                out.append((name, diff))
+    return out
 
 
 def model_files(r: Runs) -> dict[str, Path]:
@@ -213,30 +266,47 @@ def plot_trajectory(r: Runs, path: Path) -> None:
 
 def target_measured_ms(r: Runs, rows: dict[str, dict]) -> float:
     """The latency target on the measured axis: the target's ratio to the base's predicted latency,
-    times the base's measured latency."""
-    return r.target_ms / r.states[0]["latency_ms"] * rows["base"]["latency_ms"]
+    times the base's measured latency (NaN when the base has no measured latency)."""
+    base = rows["base"]
+    return r.target_ms / r.states[0]["latency_ms"] * _num(base["latency_ms"]) if _measured(base) else float("nan")
 
 
-def plot_ap_vs_latency(r: Runs, rows: dict[str, dict], path: Path) -> None:
-    """Every summary row: val AP vs latency (measured where measured), each point labelled, the
-    target as a line; the legend sits beside the axes so it never covers a point."""
-    fig, ax = plt.subplots(figsize=(9, 5))
+def plot_ap_vs_latency(r: Runs, rows: dict[str, dict], path: Path) -> list[str]:
+    """Every summary row: val AP vs latency (measured where measured: filled markers; predicted
+    otherwise: hollow), each point labelled; the target drawn in the terms of the points (the
+    measured target line for measured points, the predicted target for predicted ones) and each
+    point's 'meets/misses target' read against its own line; the legend sits beside the axes so
+    it never covers a point. Returns the legend's labels."""
+    fig, ax = plt.subplots(figsize=(10.5, 5))
     style = {"base": ("D", "C2"), "control": ("o", "C7"), "prune_kd": ("^", "C1"), "joint/final": ("*", "C3")}
     for i, (name, row) in enumerate(rows.items()):
         marker, color = style.get(name, ("s", f"C{4 + i % 5}"))
         x, y = _num(row["latency_ms"]), _num(row["AP"])
-        _scatter(ax, [x], [y], marker=marker, s=220 if name == "joint/final" else 110, color=color, edgecolor="k",
-                 zorder=3, label=f"{name} ({'meets' if row['meets_target'] else 'misses'} target)")
+        measured = _measured(row)
+        _scatter(ax, [x], [y], marker=marker, s=220 if name == "joint/final" else 110,
+                 color=color if measured else "none", edgecolor="k" if measured else color,
+                 linewidth=1 if measured else 2, zorder=3,
+                 label=f"{name} ({'meets' if row['meets_target'] else 'misses'} target, "
+                       f"{'measured' if measured else 'predicted'})")
         if np.isfinite(x) and np.isfinite(y):
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
     target = target_measured_ms(r, rows)
-    ax.axvline(target, color="k", ls=":", label=f"latency target ({target:.2f} ms)")
+    kinds = {_measured(row) and math.isfinite(target) for row in rows.values()}  # judged by measurement?
+    if True in kinds:
+        ax.axvline(target, color="k", ls=":", label=f"latency target, measured ({target:.2f} ms = "
+                   f"{r.target_ms / r.states[0]['latency_ms']:.2f}x the base's measured)")
+    if False in kinds:
+        ax.axvline(r.target_ms, color="grey", ls="--", label=f"latency target, predicted ({r.target_ms:.2f} ms)")
     ax.margins(x=0.1, y=0.08)  # room for the labels of the points at the edges
-    ax.set(title="Every pipeline's result: val AP vs latency",
-           xlabel=f"latency (ms per image, {rows['base']['latency_source']})", ylabel="val AP (%)")
+    terms = ("measured" if kinds == {True} else "predicted" if kinds == {False}
+             else "filled: measured, hollow: predicted")
+    ax.set(title="Every pipeline's result: val AP vs latency", xlabel=f"latency (ms per image, {terms})",
+           ylabel="val AP (%)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    legend = ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    labels = [t.get_text() for t in legend.get_texts()]
     _save(fig, path)
+    return labels
 
 
 def plot_teacher_pool(r: Runs, path: Path) -> None:
@@ -288,10 +358,20 @@ def _md_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _same_terms(a: dict, b: dict) -> tuple[bool, bool, str]:
+    """Both rows' target checks in the same terms: measured when both were measured, else both
+    predicted (a measured check is never set against a predicted one)."""
+    if _measured(a) and _measured(b) and "meets_target_predicted" in a and "meets_target_predicted" in b:
+        return bool(a["meets_target"]), bool(b["meets_target"]), "measured"
+    return (bool(a.get("meets_target_predicted", a["meets_target"])),
+            bool(b.get("meets_target_predicted", b["meets_target"])), "predicted")
+
+
 def _wins(a: dict, b: dict) -> bool:
-    """Whether row a beats row b at the same target: meeting it first, then AP, then latency."""
-    return (a["meets_target"], _num(a["AP"]), -_num(a["latency_ms"])) > \
-        (b["meets_target"], _num(b["AP"]), -_num(b["latency_ms"]))
+    """Whether row a beats row b at the same target: meeting it first (both in the same terms), then
+    AP, then latency."""
+    ma, mb, _ = _same_terms(a, b)
+    return (ma, _num(a["AP"]), -_num(a["latency_ms"])) > (mb, _num(b["AP"]), -_num(b["latency_ms"]))
 
 
 def verdict(rows: dict[str, dict]) -> str:
@@ -301,12 +381,13 @@ def verdict(rows: dict[str, dict]) -> str:
     def pct(a: float, b: float) -> str:
         return f"{100 * (a / b - 1):+.0f}%" if b else "–"
     who = ("**the joint search wins**" if _wins(j, p) else "**prune + KD wins**" if _wins(p, j) else "**a tie**")
+    mj, mp, _ = _same_terms(j, p)
     return (f"At the same latency target, the joint search vs pruning + KD: val AP {_fmt(_num(j['AP']))} vs "
             f"{_fmt(_num(p['AP']))} (ΔAP {_num(j['AP']) - _num(p['AP']):+.2f}), latency {_fmt(_num(j['latency_ms']))} "
             f"vs {_fmt(_num(p['latency_ms']))} ms ({pct(_num(j['latency_ms']), _num(p['latency_ms']))}), compute "
             f"{_fmt(_num(j['compute']))} vs {_fmt(_num(p['compute']))} {j['compute_unit']} "
-            f"({pct(_num(j['compute']), _num(p['compute']))}); target met: {_fmt(bool(j['meets_target']))} vs "
-            f"{_fmt(bool(p['meets_target']))}: {who}.")
+            f"({pct(_num(j['compute']), _num(p['compute']))}); target met: {_fmt(mj)} vs "
+            f"{_fmt(mp)}: {who}.")
 
 
 def promise(rows: dict[str, dict]) -> str:
@@ -316,12 +397,13 @@ def promise(rows: dict[str, dict]) -> str:
     j, b = rows["joint/final"], rows["base"]
     ratio = _num(j["latency_ms"]) / _num(b["latency_ms"])
     delta = _num(j["AP"]) - _num(b["AP"])
-    fast = (f"meets the latency target (predicted; measured {ratio:.2f}x the base's latency)" if j["meets_target"]
+    meets = j.get("meets_target_predicted", j["meets_target"])  # the line says "predicted"
+    fast = (f"meets the latency target (predicted; measured {ratio:.2f}x the base's latency)" if meets
             else f"**misses the latency target** (predicted; measured {ratio:.2f}x the base's latency)")
     acc = (f"keeps the base's accuracy (val AP {_fmt(_num(j['AP']))} vs {_fmt(_num(b['AP']))}, {delta:+.2f})"
            if delta >= 0 else f"**is less accurate than the base** (val AP {_fmt(_num(j['AP']))} vs "
            f"{_fmt(_num(b['AP']))}, {delta:+.2f})")
-    return f"**The final student {fast} and {acc}.**" if j["meets_target"] and delta >= 0 else \
+    return f"**The final student {fast} and {acc}.**" if meets and delta >= 0 else \
         f"The final student {fast} and {acc}."
 
 
@@ -354,12 +436,43 @@ def latency_shares(r: Runs) -> list[dict]:
     return rows
 
 
+def agreement_lines(rows: dict[str, dict], bound: float, source: str) -> list[str]:
+    """One line per row whose measured and predicted ratios to the base differ by more than the
+    table's error; one line saying so when none does; one naming the rows without a measurement."""
+    lines = []
+    for name, diff in disagreements(rows, bound):
+        row = rows[name]
+        terms = ("the two checks disagree: " + ("meets" if row["meets_target"] else "misses")
+                 + " the target measured, " + ("meets" if row["meets_target_predicted"] else "misses")
+                 + " it predicted" if row["meets_target"] != row["meets_target_predicted"] else
+                 "both checks agree (" + ("meets" if row["meets_target"] else "misses") + " the target)")
+        lines.append(f"- **{name}**: measured {row['measured_latency_ratio']:.3f}x the base's latency, predicted "
+                     f"{row['predicted_latency_ratio']:.3f}x: they differ by {diff:.1f}%, more than the table's "
+                     f"error ({bound:.2f}%); {terms}.")
+    if not lines:
+        lines.append(f"- Every measured row's ratio to the base is within {bound:.2f}% of its predicted ratio.")
+    unmeasured = [n for n, row in rows.items() if not math.isfinite(_num(row.get("measured_latency_ratio")))]
+    if unmeasured:
+        lines.append(f"- No measured latency for {', '.join(unmeasured)}: judged by the prediction only.")
+    return [f"Bound: {source}, {bound:.2f}%.", ""] + lines
+
+
 def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
     b = r.baseline
+    bound, source = table_error(r, device)
+    target = target_measured_ms(r, rows)
+    j = rows["joint/final"]
+    _, _, verdict_terms = _same_terms(j, rows["prune_kd"])
+    measured_check = (f" (predicted; measured: **{_fmt(bool(j['meets_target']))}**, "
+                      f"{_fmt(_num(j['latency_ms']))} vs {_fmt(target)} ms)" if _measured(j) and math.isfinite(target)
+                      else " (predicted; no measured latency)")
     intro = [
         "# Joint-DetNAS report", "",
         promise(rows), "",
         verdict(rows), "",
+        f"The verdict's 'target met' is the {verdict_terms} check of both rows"
+        + (" (measured latency against the measured target line)." if verdict_terms == "measured" else
+           " (not every row has a measured latency)."), "",
         "Compared on the same data and latency target: the base detector; `control`, the base fine-tuned for "
         "the joint search's compute (no action, no KD); `prune_kd`, the base pruned greedily over the same "
         "whole-detector space to the target, then distilled from the pool's largest teacher, for the same "
@@ -379,15 +492,22 @@ def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
         f"({', '.join(f'{k} {v:,} it' for k, v in b.get('iters', {}).items())}).",
         f"- Final student: predicted latency **{_fmt(_num(r.final['final'].get('predicted_latency_ratio')))}x** "
         f"the base's, measured **{_fmt(_num(rows['joint/final']['latency_ms']) / _num(rows['base']['latency_ms']))}x**;"
-        f" meets the target: **{_fmt(bool(r.final['final'].get('meets_target')))}**. Exported to ONNX "
+        f" meets the target: **{_fmt(bool(r.final['final'].get('meets_target')))}**{measured_check}. Exported to ONNX "
         f"(`runs/final/model.onnx`) and timed under onnxruntime on the CPU: "
         f"**{_fmt(_num(r.final['final'].get('latency_ratio_onnxruntime')))}x** the base's "
         f"({_fmt(_num(r.final['final'].get('latency_onnxruntime_ms')))} vs "
         f"{_fmt(_num(r.final['base'].get('latency_onnxruntime_ms')))} ms).", "",
         "## Models", "",
-        "latency_ms: every model timed in one interleaved measurement (latency_source); meets_target uses the "
-        "predicted latency; compute is what produced the model, cumulative_compute adds up its pipeline.", "",
+        "latency_ms: every model timed in one interleaved measurement (latency_source: measured, or predicted "
+        "where a model was not timed); measured_latency_ratio and predicted_latency_ratio: its latency over the "
+        "base's, each in its own terms. meets_target compares latency_ms with target_ms in the same terms: "
+        f"a measured row with the measured target line ({_fmt(target)} ms, the target's "
+        f"{r.target_ms / r.states[0]['latency_ms']:.2f}x the base's measured latency), a predicted one with the "
+        f"predicted target ({r.target_ms:.2f} ms); meets_target_predicted is the predicted check of every row. "
+        "Compute is what produced the model, cumulative_compute adds up its pipeline.", "",
         _md_table(list(rows.values()), COLUMNS), "",
+        "## Predicted vs measured", "",
+        *agreement_lines(rows, bound, source), "",
         "## Teacher per round", "",
         _md_table([{**s, "accepted": s.get("accepted") or "–"} for s in r.states],
                   ["round", "teacher", "student_arch", "ap", "latency_ms", "score", "accepted"]), "",
@@ -418,6 +538,7 @@ def write_report(runs: str | Path, out: str | Path, params: dict, data: str | Pa
     rows = summary_rows(r)
     if data is not None:
         measure_rows(rows, r, Path(data), params)
+    judge_rows(rows, r)
     with atomic_path(out / "summary.csv") as tmp:
         pd.DataFrame(list(rows.values()), columns=COLUMNS).to_csv(tmp, index=False)
     with plt.rc_context(STYLE):

@@ -173,7 +173,7 @@ class Context:
         from jdnas.io import file_sha256
         from jdnas.teacher_pool import load_supernet
         self.params, self.cfg = params, params["search"]
-        self.seed, self.bounds = int(params["seed"]), params["search_space"]
+        self.seed = int(params["seed"])
         self.eval_batch = params["eval"]["batch_size"]
         self.pool_eval = params["teacher_pool"]["eval"]
         self.device = resolve_device(params["device"])
@@ -187,6 +187,7 @@ class Context:
         self.table = LatencyTable.load(latency_table)
         ckpt = read_checkpoint(base)
         self.base_arch, self.base_head = Arch.from_json(ckpt["arch"]), Head.of(ckpt["head"])
+        self.bounds = search_bounds(params["search_space"], self.data_dir, self.base_head)
         self.target_ms = self.cfg["latency_target"] * self.latency(self.base_arch, self.base_head)
         self.recipe = Recipe.of(params["train_student"], self.cfg["iters"])
         self._train_set: CocoDetection | None = None
@@ -210,6 +211,13 @@ class Context:
     def screen(self) -> Screen:
         return Screen(self.train_set, self.minival, self.cfg["screen_images"], self.cfg["screen_bn_batches"],
                       self.pool_eval["bn_batch_size"], self.eval_batch, derive_seed(self.seed, "screen"), self.device)
+
+
+def search_bounds(bounds: dict, data_dir: Path, base_head: Head) -> dict:
+    """The search space's bounds for these data: resize only as far as the objects stay visible."""
+    from jdnas.data.inspect import data_bounds
+    stats = load_json(data_dir / "manifest.json", ["stats"])["stats"]["train"]
+    return data_bounds(bounds, stats, base_head.min_size, base_head.max_size)
 
 
 # --- teachers: extracted once per search ----------------------------------------------------------
@@ -281,7 +289,7 @@ def round_goal(latency_ms: float, target_ms: float, rounds_left: int) -> float:
     return latency_ms * (target_ms / latency_ms) ** (1.0 / max(1, rounds_left))
 
 
-def compose_cut(first: Action, ranked: list[Action], arch: Arch, head: Head, ctx_bounds: dict,
+def compose_cut(first: Action, ranked: list[Action], arch: Arch, head: Head, bounds: dict,
                 base_head: Head, table: LatencyTable, goal_ms: float) -> tuple[list[Action], float]:
     """`first`, then the next best-ranked cuts (one per kind and stage, each legal where it lands)
     until the predicted latency reaches `goal_ms`; the move and its predicted latency."""
@@ -289,7 +297,7 @@ def compose_cut(first: Action, ranked: list[Action], arch: Arch, head: Head, ctx
     a_arch, a_head, ms = arch, head, math.inf
     for a in [first] + [x for x in ranked if x != first]:
         key = (a.kind, a.stage)
-        if key in used or not is_legal(a, a_arch, ctx_bounds, a_head, base_head):
+        if key in used or not is_legal(a, a_arch, bounds, a_head, base_head):
             continue
         n_arch, n_head = child(a, a_arch, a_head)
         try:
@@ -308,7 +316,7 @@ def compose_cut(first: Action, ranked: list[Action], arch: Arch, head: Head, ctx
 
 def rank_cuts(rows: list[dict], parent_ap: float, latency_ms: float) -> list[dict]:
     """Cuts by predicted latency saved per screen AP lost (a loss under 0.1 AP counts as 0.1),
-    as prune_kd ranks them; ties by action string."""
+    as prune_kd ranks them; ties keep the screen's (legal_actions') order."""
     def gain(x: dict) -> float:
         return (latency_ms - x["latency_ms"]) / max(parent_ap - x["ap"], 0.1)
     return sorted(rows, key=lambda x: -gain(x))  # stable: equal gains keep the screen's order
@@ -365,6 +373,40 @@ def teacher_move(current: str, space: PoolSpace, cfg: dict, rng: random.Random) 
     return current
 
 
+def _screen(ctx: Context, lin: Lineage, options: dict[Action, float], state: State, r: int,
+            spent: Spent) -> tuple[float, list[dict]]:
+    """The parent's screen AP and `{"action", "latency_ms", "ap"}` per legal move (ablation
+    `search.screen: false`: every move alike, in a seeded random order)."""
+    if not ctx.cfg["screen"]:
+        rows = [{"action": a, "latency_ms": ms, "ap": state.ap} for a, ms in options.items()]
+        random.Random(derive_seed(ctx.seed, "draw", r)).shuffle(rows)
+        return state.ap, rows
+    with spent.on("screening"), ctx.screen() as screen:
+        parent_ap = screen.score(lin.model)
+        rows = [{"action": x["action"], "latency_ms": options[x["action"]], "ap": x["ap"]}
+                for x in screen.actions(lin.model, list(options), seed=derive_seed(ctx.seed, "morph", r))]
+    return parent_ap, rows
+
+
+def _cut_finalists(ctx: Context, rows: list[dict], parent_ap: float, arch: Arch, head: Head, latency_ms: float,
+                   goal: float, k: int) -> list[tuple[list[Action], float, float | None]]:
+    """Up to k distinct cuts that reach the round's goal: (moves, predicted latency, screen AP of
+    a single-action move)."""
+    ranked = rank_cuts(rows, parent_ap, latency_ms)
+    screen_ap = {x["action"]: x["ap"] for x in rows}
+    finalists, seen = [], set()
+    for first, order in cut_starts(ranked, latency_ms, ctx.cfg["latency_tolerance"]):
+        moves, ms = compose_cut(first, order, arch, head, ctx.bounds, ctx.base_head, ctx.table, goal)
+        moves, ms = trim_cut(moves, ms, arch, head, ctx.bounds, ctx.base_head, ctx.table, goal)
+        key = tuple(sorted(map(str, moves)))
+        if moves and key not in seen:
+            seen.add(key)
+            finalists.append((moves, ms, screen_ap[moves[0]] if len(moves) == 1 else None))
+        if len(finalists) == k:
+            break
+    return finalists
+
+
 def propose(ctx: Context, r: int) -> dict[str, Any]:
     """Screen the current student's legal moves; the round's finalists (proposals.json) and every
     screened move (screen.csv)."""
@@ -381,34 +423,13 @@ def propose(ctx: Context, r: int) -> dict[str, Any]:
     above = not state.meets_target
     options = candidate_actions(arch, head, ctx.base_head, ctx.bounds, ctx.table, state.latency_ms, ctx.target_ms)
     k, rng = ctx.cfg["candidates"], random.Random(derive_seed(ctx.seed, "teacher", r))
-    if ctx.cfg["screen"]:
-        with spent.on("screening"), ctx.screen() as screen:
-            parent_ap = screen.score(lin.model)
-            rows = [{"action": x["action"], "latency_ms": options[x["action"]], "ap": x["ap"]}
-                    for x in screen.actions(lin.model, list(options), seed=derive_seed(ctx.seed, "morph", r))]
-    else:  # ablation: every move looks alike, so the rank is a seeded draw
-        parent_ap = state.ap
-        rows = [{"action": a, "latency_ms": ms, "ap": parent_ap} for a, ms in options.items()]
-        random.Random(derive_seed(ctx.seed, "draw", r)).shuffle(rows)
-    finalists: list[tuple[list[Action], float, float | None]] = []
+    parent_ap, rows = _screen(ctx, lin, options, state, r, spent)
     if above:
-        ranked = rank_cuts(rows, parent_ap, state.latency_ms)
         goal = round_goal(state.latency_ms, ctx.target_ms, ctx.cfg["rounds"] - r + 1)
-        screen_ap = {x["action"]: x["ap"] for x in rows}
-        seen = set()
-        for first, order in cut_starts(ranked, state.latency_ms, ctx.cfg["latency_tolerance"]):
-            moves, ms = compose_cut(first, order, arch, head, ctx.bounds, ctx.base_head, ctx.table, goal)
-            moves, ms = trim_cut(moves, ms, arch, head, ctx.bounds, ctx.base_head, ctx.table, goal)
-            key = tuple(sorted(map(str, moves)))
-            if moves and key not in seen:
-                seen.add(key)
-                finalists.append((moves, ms, screen_ap[moves[0]] if len(moves) == 1 else None))
-            if len(finalists) == k:
-                break
+        finalists = _cut_finalists(ctx, rows, parent_ap, arch, head, state.latency_ms, goal, k)
     else:
-        finalists.append(([], state.latency_ms, parent_ap))  # the control: it can win here
-        for x in sorted(rows, key=lambda x: -x["ap"])[:max(0, k - 1)]:
-            finalists.append(([x["action"]], x["latency_ms"], x["ap"]))
+        finalists = [([], state.latency_ms, parent_ap)]  # the control: it can win here
+        finalists += [([x["action"]], x["latency_ms"], x["ap"]) for x in sorted(rows, key=lambda x: -x["ap"])[:k - 1]]
     cands = [Candidate(r, i, moves_text(m), state.teacher, ap, round(ms, 4)) for i, (m, ms, ap) in
              enumerate(finalists)]
     if cands:

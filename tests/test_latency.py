@@ -149,38 +149,123 @@ def test_table_round_trip(tmp_path, default_params, space):
     assert back.predict(arch) == pytest.approx(table.predict(arch), abs=1e-4)
     assert back.input_hw() == HW and back.base_head == base_head(default_params)
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(JdnasError, match="not a latency table"):
+    with pytest.raises(JdnasError, match="bad.csv: line 1: not a latency table"):
         LatencyTable.load(tmp_path / "bad.csv")
     with pytest.raises(JdnasError, match="latency table not found"):
         LatencyTable.load(tmp_path / "missing.csv")
 
 
-@pytest.mark.parametrize("corrupt, words", [
-    (lambda lines: lines[:2] + [lines[2].replace(lines[2].split(",")[-3], "nan", 1)] + lines[3:],
-     "line 3: ms = nan must be finite and >= 0"),
-    (lambda lines: lines[:2] + [lines[2].replace(lines[2].split(",")[-3], "inf", 1)] + lines[3:],
-     "line 3: ms = inf must be finite"),
-    (lambda lines: lines[:2] + [lines[2].replace(lines[2].split(",")[-3], "-1.0", 1)] + lines[3:],
-     "line 3: ms = -1.0 must be finite and >= 0"),
-    (lambda lines: lines + [lines[1]], "appears twice"),
-    (lambda lines: lines[:2] + [lines[2].rsplit(",", 2)[0]] + lines[3:], "line 3: 10 fields, expected 12"),
-])
-def test_a_corrupt_table_is_refused_at_load(tmp_path, default_params, corrupt, words):
-    """A table that would predict NaN, inf or a negative latency (so a candidate would look
-    perfect) or that is cut short never loads."""
+def _set(lines: list[str], n: int, field: str, value: str) -> list[str]:
+    """`lines` with line n's (1-based) `field` set to `value`."""
+    header = lines[0].split(",")
+    cells = lines[n - 1].split(",")
+    cells[header.index(field)] = value
+    return lines[:n - 1] + [",".join(cells)] + lines[n:]
+
+
+def _first(lines: list[str], part: str) -> int:
+    """The line number (1-based) of the first row of `part`."""
+    return next(i for i, line in enumerate(lines, start=1) if line.startswith(part + ","))
+
+
+def _drop_column(lines: list[str], field: str) -> list[str]:
+    i = lines[0].split(",").index(field)
+    return [",".join(c for j, c in enumerate(line.split(",")) if j != i) for line in lines]
+
+
+# (how to damage the saved table's lines, the line the error names (None: a line of the part given,
+# see _first), the words it must hold). Every case is refused at load with one line naming the
+# file, the line and, for a bad cell, the field.
+CORRUPT = {
+    "ms nan": (lambda ls: _set(ls, 3, "ms", "nan"), 3, "line 3, field ms: nan is not a finite number"),
+    "ms inf": (lambda ls: _set(ls, 3, "ms", "inf"), 3, "line 3, field ms: inf is not a finite number"),
+    "ms -inf on the glue": (lambda ls: _set(ls, _first(ls, "glue"), "ms", "-inf"), "glue",
+                            "field ms: -inf is not a finite number"),
+    "ms negative": (lambda ls: _set(ls, 3, "ms", "-1.0"), 3, "line 3, field ms: -1.0 is negative"),
+    "ms 1e300": (lambda ls: _set(ls, 3, "ms", "1e300"), 3, "line 3, field ms: 1e300 ms is more than an hour"),
+    "ms just over an hour": (lambda ls: _set(ls, 4, "ms", "3600000.5"), 4,
+                             "field ms: 3600000.5 ms is more than an hour"),
+    "glue below minus an hour": (lambda ls: _set(ls, _first(ls, "glue"), "ms", "-4e6"), "glue",
+                                 "field ms: -4e6 ms is more than an hour below zero"),
+    "ms not a number": (lambda ls: _set(ls, 3, "ms", "fast"), 3, "line 3, field ms: 'fast' is not a number"),
+    "ms empty": (lambda ls: _set(ls, 3, "ms", ""), 3, "line 3, field ms: '' is not a number"),
+    "isolated_ms nan": (lambda ls: _set(ls, 5, "isolated_ms", "nan"), 5, "line 5, field isolated_ms: nan is not"),
+    "isolated_ms negative": (lambda ls: _set(ls, 5, "isolated_ms", "-0.5"), 5, "field isolated_ms: -0.5 is negative"),
+    "a backbone row of other settings": (lambda ls: _set(ls, 7, "settings", "0123456789ab"), 7,
+                                         "line 7, field settings: '0123456789ab' differs from the settings 'proxy'"),
+    "a head row of other settings": (lambda ls: _set(ls, _first(ls, "roi_heads"), "settings", "cafe"), "roi_heads",
+                                     "field settings: 'cafe' differs from the settings 'proxy' of the table's other"),
+    "a row without settings": (lambda ls: _set(ls, 9, "settings", ""), 9, "line 9, field settings: '' differs"),
+    "missing ms column": (lambda ls: _drop_column(ls, "ms"), 1, "line 1: not a latency table (missing column ms;"),
+    "missing settings column": (lambda ls: _drop_column(ls, "settings"), 1, "missing column settings"),
+    "unknown column": (lambda ls: [ls[0] + ",note"] + [x + ",hi" for x in ls[1:]], 1, "unknown column 'note'"),
+    "a column twice": (lambda ls: [ls[0] + ",ms"] + [x + ",1.0" for x in ls[1:]], 1, "column ms twice"),
+    "other columns": (lambda ls: ["a,b", "1,2"], 1, "missing columns part, block"),
+    "an entry twice": (lambda ls: ls + [ls[1]], len, "appears twice (also line 2)"),
+    "a row cut short": (lambda ls: ls[:2] + [ls[2].rsplit(",", 2)[0]] + ls[3:], 3, "line 3: 10 fields, expected 12"),
+    "cin not an integer": (lambda ls: _set(ls, 3, "cin", "8.5"), 3, "line 3, field cin: '8.5' is not an integer"),
+    "a negative width": (lambda ls: _set(ls, 3, "cout", "-8"), 3, "line 3, field cout: -8 is out of range"),
+    "an unknown part": (lambda ls: _set(ls, 3, "part", "turbo"), 3, "line 3, field part: 'turbo' is not a part"),
+    "header only": (lambda ls: ls[:1], None, "a latency table with no entries"),
+    "empty file": (lambda ls: [], None, "not a latency table (empty file"),
+    "binary (PNG)": (lambda ls: b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", None, "not a latency table (a binary file"),
+    "not UTF-8": (lambda ls: ("\n".join(ls[:3]) + "\n").encode() + b"block,b\xe4sic\n", None, "not UTF-8 CSV text"),
+    "a CSV quote left open": (lambda ls: ls[:3] + ['block,"basic' + "x" * 200_000], 4, "line 4: not a latency table"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_a_damaged_table_is_refused_at_load_with_one_line(tmp_path, default_params, case):
+    """A table that would predict NaN, inf, a negative or an absurd latency (so a candidate would
+    look perfect, or never fit), that mixes timings of other settings, that is cut short or is not
+    a table at all never loads: one line naming the file, the line and the field."""
+    corrupt, line, words = CORRUPT[case]
     synthetic_table(default_params).save(tmp_path / "t.csv")
     lines = (tmp_path / "t.csv").read_text().splitlines()
-    assert not lines[2].startswith("glue")
-    (tmp_path / "t.csv").write_text("\n".join(corrupt(lines)) + "\n")
+    assert not lines[2].startswith("glue") and lines[1].endswith(",proxy")
+    damaged = corrupt(lines)
+    if isinstance(damaged, bytes):
+        (tmp_path / "t.csv").write_bytes(damaged)
+    else:
+        (tmp_path / "t.csv").write_text("\n".join(damaged) + ("\n" if damaged else ""))
     with pytest.raises(JdnasError) as e:
         LatencyTable.load(tmp_path / "t.csv")
-    assert words in str(e.value) and "t.csv" in str(e.value)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400 and msg.startswith(f"{tmp_path / 't.csv'}: "), msg
+    assert words in msg, msg
+    if line is not None:
+        n = line(damaged) if callable(line) else _first(damaged, line) if isinstance(line, str) else line
+        assert f"line {n}" in msg, msg
 
 
-def test_a_binary_file_is_not_a_table(tmp_path):
-    (tmp_path / "t.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
-    with pytest.raises(JdnasError, match="t.csv: not a latency table"):
-        LatencyTable.load(tmp_path / "t.csv")
+def test_what_a_table_may_hold(tmp_path, default_params):
+    """The checks refuse only what cannot be a latency: a negative glue (a part that overlaps the
+    rest), an entry of almost an hour, a table of two settings hashes (the backbone's and the
+    head's, as the profiler writes them) load; the profiler's cache, which merges runs of several
+    settings on purpose, loads when asked not to check them."""
+    synthetic_table(default_params).save(tmp_path / "t.csv")
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    glue = _first(lines, "glue")
+    lines = _set(_set(lines, glue, "ms", "-0.25"), 3, "ms", "3599999.0")
+    head = [i for i, x in enumerate(lines, start=1) if x.split(",")[0] in ("transform", "fpn_top", "rpn", "roi_heads",
+                                                                              "glue")]
+    for n in head:
+        lines = _set(lines, n, "settings", "headhash")
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    table = LatencyTable.load(tmp_path / "t.csv")
+    assert min(table.ms.values()) == -0.25 and max(table.ms.values()) == 3599999.0
+    assert set(table.settings.values()) == {"proxy", "headhash"}
+    mixed = _set(lines, 3, "settings", "another_run")
+    (tmp_path / "cache.csv").write_text("\n".join(mixed) + "\n")
+    with pytest.raises(JdnasError, match="line 3, field settings"):
+        LatencyTable.load(tmp_path / "cache.csv")
+    assert len(LatencyTable.load(tmp_path / "cache.csv", check_settings=False)) == len(table)
+    # not a file: one line each, never a traceback
+    with pytest.raises(JdnasError, match="is a directory, not a latency table"):
+        LatencyTable.load(tmp_path)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(JdnasError, match="symbolic link that leads nowhere"):
+        LatencyTable.load(tmp_path / "loop")
 
 
 def test_bottleneck_space_around_a_basic_base(default_params):
@@ -259,7 +344,8 @@ def test_missing_cuda_is_a_one_line_error(tmp_path, smoke_params, prepared):
 
 def test_stage_on_smoke_config_and_rerun_reuses(tmp_path, smoke_params, prepared):
     from jdnas.latency.profile import profile_latency
-    smoke_params = with_overrides(smoke_params, {"latency": {"table": None}})  # time it here
+    # time it here; live timings never decide a test: the accuracy gate (test_latency_gate.py) is off
+    smoke_params = with_overrides(smoke_params, {"latency": {"table": None, "max_mape": 1000.0}})
     out = tmp_path / "runs" / "latency" / "cpu"
     first = profile_latency(smoke_params, prepared, out)
     table = LatencyTable.load(out / "table.csv")
@@ -327,7 +413,7 @@ def test_stage_times_onnxruntime_when_asked(tmp_path, smoke_params, prepared):
     end to end against exported detectors, and its own cache settings."""
     from jdnas.latency.profile import profile_latency, table_dir
     params = with_overrides(smoke_params, {"latency": {"table": None, "device": "onnxruntime", "runs": 1,
-                                                       "validation_archs": 2}})
+                                                       "validation_archs": 2, "max_mape": 1000.0}})
     assert table_dir(params, tmp_path) == tmp_path / "onnxruntime"
     out = tmp_path / "onnxruntime"
     result = profile_latency(params, prepared, out)
@@ -380,11 +466,12 @@ def test_pinned_table_is_used_as_is_and_must_cover_the_space(tmp_path, smoke_par
     from jdnas.latency.profile import profile_latency
     pinned = REPO / smoke_params["latency"]["table"]
     out = tmp_path / "pinned"
-    result = profile_latency(with_overrides(smoke_params, {"latency": {"table": str(pinned)}}), prepared, out)
+    live = {"table": str(pinned), "max_mape": 1000.0}  # live timings never decide a test: the gate is off
+    result = profile_latency(with_overrides(smoke_params, {"latency": live}), prepared, out)
     assert result["entries_timed"] == 0 and (out / "table.csv").read_bytes() == pinned.read_bytes()
     v = json.loads((out / "validation.json").read_text())
     assert v["calibration"]["pinned"] == str(pinned) and v["n"] == smoke_params["latency"]["validation_archs"]
     # a table of another space is refused with one line naming it
-    wider = with_overrides(smoke_params, {"latency": {"table": str(pinned)}, "model": {"fpn_channels": 24}})
+    wider = with_overrides(smoke_params, {"latency": live, "model": {"fpn_channels": 24}})
     with pytest.raises(JdnasError, match="latency.table lacks .* profiled for another space"):
         profile_latency(wider, prepared, tmp_path / "other")

@@ -109,7 +109,7 @@ def test_table_predicts_every_head_of_the_space(prof, default_params):
     raw = synthetic_raw(prof, spaces, cal)
     table, info = finish_table(prof, raw, cal)
     assert info["in_context_factor"] == pytest.approx(FB) and info["head_context_factor"] == pytest.approx(FH)
-    assert list(info["glue_ms"].values()) == [pytest.approx(GLUE)]
+    assert list(info["glue_ms"].values()) == [pytest.approx(GLUE)] * len(prof.rungs())  # one per input size
     for e, v in table.ms.items():
         if e.part in FIXED_PARTS:
             assert v == pytest.approx(FH * table.isolated[e])
@@ -117,10 +117,9 @@ def test_table_predicts_every_head_of_the_space(prof, default_params):
             assert v == pytest.approx(FB * table.isolated[e])
     rng = random.Random(3)
     (space,) = spaces
-    hw = prof.input_hw
     for i in range(40):
         arch, head = space.sample(rng, off_grid=i % 2 == 1), prof.head_space.sample(rng)
-        b, f = parts_ms(arch, head, hw)
+        b, f = parts_ms(arch, head, prof.hw(head))  # the head's input size (resize in the space: several)
         assert table.predict(arch, head) == pytest.approx(FB * b + FH * f + GLUE, rel=1e-9), f"{arch} {head}"
     # the same timings give the same table (a profile is deterministic given its timings)
     again, _ = finish_table(prof, dict(raw), cal)
@@ -150,7 +149,7 @@ def test_glue_at_other_input_sizes(tmp_path, default_params):
     leaves over its calibrated parts: predictions hold at every size."""
     from jdnas.latency.profile import Profiler, calibration_detectors, finish_table
     from conftest import with_overrides
-    acts = default_params["search_space"]["actions"] + ["resize"]
+    acts = list(dict.fromkeys(default_params["search_space"]["actions"] + ["resize"]))
     params = with_overrides(default_params, {"search_space": {"actions": acts}})
     threads = torch.get_num_threads()
     try:
@@ -216,4 +215,5 @@ def test_calibration_e2e_entries_are_cached_with_their_head(prof, default_params
     cal = calibration_detectors(prof, spaces)
     e2e = {e for e in needed_entries(prof, spaces, cal) if e.part == "e2e"}
     assert {e2e_entry(a, h, prof.input_hw) for a, h in cal} <= e2e
-    assert len({e.block for e in e2e}) == len(e2e) == len(cal)  # the base at its head is one of them
+    # the base at its head is one of them; the base at every other input size sets that size's glue
+    assert len({e.block for e in e2e}) == len(e2e) == len(cal) + len(prof.rungs()) - 1

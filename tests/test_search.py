@@ -228,3 +228,25 @@ def test_finalists_start_from_small_cuts_and_big_ones_and_drop_what_the_goal_doe
         for m in rest:
             a_, h_ = child(m, a_, h_)
         assert table.predict(a_, h_) > goal
+
+
+def test_resize_goes_only_as_low_as_the_objects_stay_visible():
+    from jdnas.data.inspect import data_bounds, resize_floor
+    stats = {"short_side": {"median": 256}, "long_side": {"median": 256}, "object_size": {"p5": 24.0}}
+    # at 160 px the 5th-percentile object is 15 px: 12 px is reached at 0.8x
+    assert resize_floor(stats, 160, 160, 12.0) == pytest.approx(0.8)
+    bounds = {"min_input_ratio": 0.5, "resize_min_object": 12.0}
+    assert data_bounds(bounds, stats, 160, 160)["min_input_ratio"] == pytest.approx(0.8)
+    assert data_bounds({**bounds, "resize_min_object": 0.0}, stats, 160, 160)["min_input_ratio"] == 0.5
+    tiny = {**stats, "object_size": {"p5": 10.0}}
+    assert data_bounds(bounds, tiny, 128, 128)["min_input_ratio"] == 1.0  # no resize at all
+
+
+def test_objects_too_small_for_resize_leave_every_other_head_action_legal(smoke_params):
+    from jdnas.data.inspect import data_bounds
+    from jdnas.morphism import legal_actions
+    p, table, arch, head = _space_and_table(smoke_params)
+    tiny = {"short_side": {"median": 64}, "long_side": {"median": 64}, "object_size": {"p5": 4.0}}
+    bounds = data_bounds({**p["search_space"], "resize_min_object": 12.0}, tiny, head.min_size, head.max_size)
+    kinds = {a.kind for a in legal_actions(arch, bounds, head, head)}
+    assert "resize" not in kinds and {"fpn_prune", "head_prune", "proposals"} <= kinds

@@ -49,6 +49,21 @@ def input_scale(stats: dict, min_size: int, max_size: int) -> float:
     return min(min_size / stats["short_side"]["median"], max_size / stats["long_side"]["median"])
 
 
+def resize_floor(stats: dict, min_size: int, max_size: int, smallest_px: float) -> float:
+    """The lowest input ratio (x min_size/max_size) at which the train split's 5th-percentile
+    object still measures `smallest_px` pixels: below it `resize` makes objects vanish, which
+    fine-tuning does not win back (the default synthetic set: objects from 10 px, so none)."""
+    p5 = stats["object_size"]["p5"] * input_scale(stats, min_size, max_size)
+    return smallest_px / max(p5, 1e-6)
+
+
+def data_bounds(bounds: dict[str, Any], stats: dict, min_size: int, max_size: int) -> dict[str, Any]:
+    """The search-space bounds with `min_input_ratio` raised to what the data allow (resize_floor),
+    at most to 1: every other action keeps the input size, and stays legal."""
+    floor = resize_floor(stats, min_size, max_size, bounds["resize_min_object"])
+    return {**bounds, "min_input_ratio": min(1.0, max(bounds["min_input_ratio"], floor))}
+
+
 def suggest_model(stats: dict, detections_per_img: int) -> dict[str, Any]:
     """Model settings for data like `stats`:
 

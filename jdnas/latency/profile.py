@@ -16,7 +16,17 @@ absorb the base head's in-context slowdown and charge it to every smaller head. 
 prediction stays a plain sum of `ms` entries. With a single head in the space the head factor
 cannot be told from the glue: it stays 1 (the glue then holds that head's slowdown).
 
-Outputs in `runs/latency/<device>/`: `table.csv`, `validation.json`, `validation.png`.
+Accuracy gate: a table whose validation MAPE over the random detectors is above
+`latency.max_mape` (percent) gets one more pass: the entries the worst predictions read are
+re-timed with every validation detector, each re-timed value the mean of its two passes, and the
+table refitted. Still above, the stage stops with one line (naming the MAPE, the bound and what to
+do), or, with `latency.allow_inaccurate: true`, keeps the table with a loud warning on stderr.
+validation.json records `max_mape`, `meets_max_mape` and `retried` (and the first pass's figures).
+A refused table is not written, and its timings are not cached (the rerun times them afresh).
+
+Outputs in `runs/latency/<device>/`: `table.csv`, `validation.json`, `validation.png`
+(`refused_validation.json`, not a stage output, keeps the validation of a refused table: the
+workflow tools delete a failed stage's outputs).
 Measurements are also merged into `cache.csv` beside them (not a stage output, so the
 workflow tools leave it alone): a later run with the same device and timing settings measures
 only the entries it lacks, e.g. after the space grows.
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -48,10 +59,12 @@ from jdnas.models.arch import Arch, Head, resolve_arch
 from jdnas.models.detector import head_config
 
 CACHE = "cache.csv"
+REFUSED = "refused_validation.json"  # a refused table's validation (the workflow tools delete a failed stage's outputs)
 SLOTS = 3  # fixed parts are in every prediction, calibration detectors set the factors: time them 3x as often
 VALIDATION_SLOTS = 2  # the validation's measured side is its ground truth: time it 2x as often
 KEEP_BYTES = 1 << 30  # built modules kept between passes (the rest are rebuilt each pass)
 FACTOR_RANGE = (0.5, 3.0)  # plausible in-context factors (outside: clamped, with a warning)
+RETRY_SHARE = 3  # a retry re-times the entries of at most a third of the validation detectors (the worst)
 BACKBONE_PARTS = ("stem", "block", "fpn_lateral")  # x the backbone's in-context factor (FIXED_PARTS: the head's)
 
 
@@ -90,6 +103,7 @@ class Profiler:
         self.base_head = self.head_space.base
         self.input_hw = self.hw(self.base_head)
         self.base = resolve_arch(model["base"], model["width"])
+        self.base_width = model["width"]
         self._parts: dict[Head, HeadParts] = {}
         g = torch.Generator().manual_seed(self.seed)
         self.image = torch.rand(3, *self.image_hw, generator=g).to(self.device)
@@ -109,15 +123,15 @@ class Profiler:
         what = self.head_conditions if e.part in HEAD_PARTS + ("e2e",) else self.conditions
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
-    def measure(self, builders: dict, desc: str, slots: dict | None = None) -> dict:
+    def measure(self, builders: dict, desc: str, slots: dict | None = None, seed_offset: int = 0) -> dict:
         step = max(1, sum((slots or {}).get(k, 1) for k in builders) * self.cfg["rounds"] // 10)
 
         def progress(done: int, total: int) -> None:
             if done % step == 0 or done == total:
                 print(f"{desc}: {done}/{total}", file=sys.stderr, flush=True)
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed + seed_offset)
         return measure_all(builders, self.timer, self.cfg["warmup"], self.cfg["runs"], self.cfg["rounds"],
-                           self.seed, progress, slots, KEEP_BYTES)
+                           self.seed + seed_offset, progress, slots, KEEP_BYTES)
 
     def hw(self, head: Head) -> tuple[int, int]:
         """The network input size of a head's min/max size for the profiling image."""
@@ -294,7 +308,7 @@ def load_cache(path: Path) -> LatencyTable | None:
     if not path.is_file():
         return None
     try:
-        return LatencyTable.load(path)
+        return LatencyTable.load(path, check_settings=False)  # it merges runs of several settings on purpose
     except JdnasError as e:
         print(f"profile_latency: ignoring cache ({e})", file=sys.stderr)
         return None
@@ -327,9 +341,100 @@ def build_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable 
     return table, info
 
 
+def space_grid(prof: Profiler, spaces: list[LatencySpace]) -> LatencyTable:
+    """Every entry a table for `spaces` holds (at 0 ms): what a pinned table must cover."""
+    return LatencyTable(dict.fromkeys(needed_entries(prof, spaces, []), 0.0)
+                        | {head_entries(prof.hw(h), h, prof.classes)[-1]: 0.0 for h in prof.rungs()})
+
+
+def validation_set(prof: Profiler, spaces: list[LatencySpace], grid: LatencyTable | None = None
+                   ) -> list[tuple[str, Arch, Head]]:
+    """The detectors the table is validated on (random archs and heads of the space, then the
+    presets it covers), drawn from the profiler's seed: the same for a timed and a pinned table."""
+    grid = grid or space_grid(prof, spaces)
+    return validation_archs(spaces, prof.head_space, prof.cfg["validation_archs"], prof.seed, prof.base_width,
+                            grid.covers)
+
+
+def validation_rows(archs: list[tuple[str, Arch, Head]], measured: dict[int, float], table: LatencyTable
+                    ) -> list[dict]:
+    return [{"kind": kind, "arch": str(arch), "head": str(head), "measured_ms": round(measured[i], 4),
+             "predicted_ms": round(table.predict(arch, head), 4)} for i, (kind, arch, head) in enumerate(archs)]
+
+
+def _error(row: dict) -> float:
+    return abs(row["predicted_ms"] - row["measured_ms"]) / row["measured_ms"] * 100
+
+
+def _random_metrics(rows: list[dict]) -> dict[str, Any]:
+    """The gated figures: MAPE, Spearman and worst error over the random detectors (not the presets)."""
+    return summarize([r for r in rows if r["kind"].startswith("random")])
+
+
+def _above(metrics: dict, bound: float) -> bool:
+    return metrics["mape_percent"] is not None and metrics["mape_percent"] > bound
+
+
+def worst_archs(rows: list[dict], bound: float) -> list[int]:
+    """The random detectors whose error is above the bound, worst first: at most a third of them
+    (at least one), so a retry re-times the entries behind the worst predictions, not the table."""
+    random_rows = [(i, r) for i, r in enumerate(rows) if r["kind"].startswith("random")]
+    cap = max(1, math.ceil(len(random_rows) / RETRY_SHARE))
+    return [i for i, r in sorted(random_rows, key=lambda ir: -_error(ir[1])) if _error(r) > bound][:cap]
+
+
+def retry_pass(prof: Profiler, spaces: list[LatencySpace], archs: list[tuple[str, Arch, Head]],
+               validate: dict, table: LatencyTable, calibration: dict[str, Any], raw: dict[Entry, float] | None,
+               measured: dict[int, float], worst: list[int]
+               ) -> tuple[LatencyTable, dict[str, Any], dict[Entry, float] | None, dict[int, float], int]:
+    """The one extra pass of a table whose validation MAPE is above `latency.max_mape`: the timed
+    entries the worst detectors' predictions read (a timed table; a pinned one is fixed) and every
+    validation detector again, interleaved in one pass. Each re-timed value is the mean of its two
+    passes (neither pass is trusted over the other: a busy spell in either is halved), the table
+    is refitted from the updated timings. Returns the table, its calibration, the timings, the
+    validation measurements and how many entries were re-timed."""
+    entries: set[Entry] = set()
+    if raw is not None:
+        for i in worst:
+            _, arch, head = archs[i]
+            entries |= table.entries_used(arch, head) & raw.keys()  # the glue is computed, not timed
+    builders, slots = entry_builders(prof, sorted(entries))
+    builders.update(validate)
+    slots.update({k: VALIDATION_SLOTS for k in validate})
+    what = (f"re-timing {len(entries)} entries behind the {len(worst)} worst predictions and re-validating"
+            if raw is not None else "pinned table (fixed): re-validating")
+    print(f"profile_latency: {what} {len(validate)} detectors (one extra pass)", file=sys.stderr, flush=True)
+    timed = prof.measure(builders, "profile_latency (retry)", slots, seed_offset=1)
+    measured = {i: (m + timed[("arch", i)]) / 2 for i, m in measured.items()}
+    if raw is None:
+        return table, calibration, raw, measured, 0
+    raw = {**raw, **{k[1]: round((raw[k[1]] + v) / 2, DECIMALS) for k, v in timed.items() if k[0] == "entry"}}
+    table, info = finish_table(prof, raw, calibration_detectors(prof, spaces))
+    return table, {**calibration, **info}, raw, measured, len(entries)
+
+
+def inaccurate_message(metrics: dict, cfg: dict, out: Path, retried: bool, allowed: bool = False) -> str:
+    """The one line of a table above `latency.max_mape`: its figures, the bound, what to do."""
+    remedy = (f"profile on a quieter machine or raise latency.rounds (now {cfg['rounds']}) for a better one"
+              if allowed else f"profile on a quieter machine, raise latency.rounds (now {cfg['rounds']}), or set "
+              "latency.allow_inaccurate: true to use it anyway")
+    return (f"profile_latency: the table's validation MAPE is {metrics['mape_percent']:.1f}% (worst "
+            f"{metrics['max_abs_error_percent']:.1f}%, over {metrics['n']} random detectors), above "
+            f"latency.max_mape = {cfg['max_mape']:g}%" + (" after one more pass" if retried else "")
+            + f": {remedy} (see {out / REFUSED})")
+
+
 def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | None = None,
                     spaces: list[LatencySpace] | None = None) -> dict[str, Any]:
-    """The stage: table.csv, validation.json and validation.png in `out_dir`."""
+    """The stage: table.csv, validation.json and validation.png in `out_dir`.
+
+    The table is kept only if its validation MAPE over the random detectors is at most
+    `latency.max_mape` (percent); above it, one more pass re-times the entries behind the worst
+    predictions and re-validates (`retry_pass`); still above, the stage stops with one line
+    (validation.json and the plot are written, table.csv is not), or with
+    `latency.allow_inaccurate: true` warns on stderr and keeps it. validation.json records the
+    bound, `meets_max_mape` and whether it retried. A pinned table (`latency.table`) is gated alike
+    (its retry re-validates only)."""
     start = time.perf_counter()
     cfg = params["latency"]
     target_device(cfg["device"])  # a device this machine lacks fails first, before any work
@@ -341,35 +446,60 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
 
     # the validation archs are timed in the same shuffled passes as the table's entries, so both
     # see the same machine conditions (a busy spell does not bias one against the other)
-    grid = LatencyTable(dict.fromkeys(needed_entries(prof, spaces, []), 0.0)
-                        | {head_entries(prof.hw(h), h, prof.classes)[-1]: 0.0 for h in prof.rungs()})
-    archs = validation_archs(spaces, prof.head_space, cfg["validation_archs"], prof.seed, params["model"]["width"],
-                             grid.covers)
+    grid = space_grid(prof, spaces)
+    archs = validation_set(prof, spaces, grid)
     extra = {("arch", i): (lambda a=a, h=h: prof.detector_call(a, h))
              for i, (_, a, h) in enumerate(archs)}
+    raw = None
     if cfg["table"]:
         table = pinned_table(cfg["table"], grid)
         calibration = {"pinned": cfg["table"], "entries_timed": 0, "entries_reused": len(table)}
         timed = prof.measure(extra, "profile_latency (pinned table: validation)", {k: VALIDATION_SLOTS for k in extra})
     else:
         table, calibration, raw, timed = time_table(prof, spaces, cache, extra, VALIDATION_SLOTS)
-        LatencyTable({**(cache.ms if cache else {}), **raw},
-                     {**(cache.settings if cache else {}), **{e: prof.settings(e) for e in raw}}).save(cache_path)
-    table.save(out / "table.csv")
+    timed_now, reused_now = calibration.pop("entries_timed"), calibration.pop("entries_reused")
+    measured = {i: timed[("arch", i)] for i in range(len(archs))}
+    rows = validation_rows(archs, measured, table)
+    metrics = _random_metrics(rows)
 
-    rows = [{"kind": kind, "arch": str(arch), "head": str(head), "measured_ms": round(timed[("arch", i)], 4),
-             "predicted_ms": round(table.predict(arch, head), 4)} for i, (kind, arch, head) in enumerate(archs)]
-    metrics = summarize([r for r in rows if r["kind"].startswith("random")])
-    timed_now = calibration.pop("entries_timed")
+    gate: dict[str, Any] = {"max_mape": cfg["max_mape"], "allow_inaccurate": cfg["allow_inaccurate"],
+                            "retried": False}
+    if _above(metrics, cfg["max_mape"]):
+        worst = worst_archs(rows, cfg["max_mape"])
+        print(f"profile_latency: validation MAPE {metrics['mape_percent']:.1f}% is above latency.max_mape = "
+              f"{cfg['max_mape']:g}%", file=sys.stderr, flush=True)
+        first = {**metrics, "worst_archs": [rows[i]["arch"] + " " + rows[i]["head"] for i in worst]}
+        table, calibration, raw, measured, retimed = retry_pass(prof, spaces, archs, extra, table, calibration, raw,
+                                                                measured, worst)
+        rows = validation_rows(archs, measured, table)
+        metrics = _random_metrics(rows)
+        gate.update(retried=True, entries_retimed=retimed, archs_revalidated=len(archs), first_pass=first)
+    gate["meets_max_mape"] = None if metrics["mape_percent"] is None else not _above(metrics, cfg["max_mape"])
+    accepted = gate["meets_max_mape"] is not False or cfg["allow_inaccurate"]
+
+    if raw is not None:
+        cached = {**(cache.ms if cache else {})}
+        cached_settings = {**(cache.settings if cache else {})}
+        if accepted:  # merge this run's timings (a rerun of the same settings reuses them)
+            cached.update(raw)
+            cached_settings.update({e: prof.settings(e) for e in raw})
+        else:  # a table that failed: none of its timings is reused (a quieter rerun times them afresh)
+            cached = {e: v for e, v in cached.items() if e not in raw}
+        if cached:
+            LatencyTable(cached, {e: cached_settings[e] for e in cached}).save(cache_path)
+        elif cache is not None:
+            cache_path.unlink(missing_ok=True)
+
     base = table.breakdown(prof.base)
     result = {
         **metrics,
+        **gate,
         "grid": summarize([r for r in rows if r["kind"] == "random_grid"]),
         "off_grid": summarize([r for r in rows if r["kind"] == "random_off_grid"]),
         "all_with_presets": summarize(rows),
         "conditions": {**prof.conditions, "input_size": list(prof.input_hw), "image_size": list(prof.image_hw),
                        "load_average": _load_average()},
-        "entries": len(table), "entries_timed": timed_now, "entries_reused": calibration.pop("entries_reused"),
+        "entries": len(table), "entries_timed": timed_now, "entries_reused": reused_now,
         "calibration": calibration,
         # false when every entry came from the cache: the validation then ran later than the table
         "validation_interleaved_with_table": timed_now > 0,
@@ -383,14 +513,40 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
     if prof.device.type == "cpu":
         load = result["conditions"]["load_average"]
         how = f"{c['threads']} thread(s), {c['clock']}" + (f", load {load[0]} on {os.cpu_count()} CPUs" if load else "")
+    verdict = {None: "not checked", True: f"<= max {cfg['max_mape']:g}%",
+               False: f"ABOVE max {cfg['max_mape']:g}%"}[gate["meets_max_mape"]]
     title = (f"{c['device']} ({c['device_name']}), {how}\n"
-             f"random archs: MAPE {metrics['mape_percent']}%, Spearman {fmt(metrics['spearman'])} "
-             f"(n={metrics['n']})")
+             f"random archs: MAPE {metrics['mape_percent']}% ({verdict}{', retried' if gate['retried'] else ''}), "
+             f"Spearman {fmt(metrics['spearman'])} (n={metrics['n']})")
     plot_validation(rows, out / "validation.png", title)
     result["seconds"] = round(time.perf_counter() - start, 2)  # the whole stage, wall clock
     write_json(out / "validation.json", result)
+    if gate["meets_max_mape"] is None:
+        print("profile_latency: latency.validation_archs = 0: the table is not validated (latency.max_mape "
+              "not checked)", file=sys.stderr, flush=True)
+    elif not gate["meets_max_mape"]:
+        if not accepted:
+            _drop_stale(out / "table.csv", cfg["table"])
+            write_json(out / REFUSED, result)
+            raise JdnasError(inaccurate_message(metrics, cfg, out, gate["retried"]))
+        message = inaccurate_message(metrics, cfg, out, gate["retried"], allowed=True)
+        bar = "!" * 78
+        print(f"{bar}\nWARNING (latency.allow_inaccurate: true, the table is used anyway): "
+              f"{message.removeprefix('profile_latency: ')}\n"
+              "Every predicted latency (the search's target, its decisions) carries this error.\n"
+              f"{bar}", file=sys.stderr, flush=True)
+    (out / REFUSED).unlink(missing_ok=True)
+    table.save(out / "table.csv")
     return {k: result[k] for k in ("n", "mape_percent", "spearman", "max_abs_error_percent", "entries",
-                                   "entries_timed", "seconds")}
+                                   "entries_timed", "seconds", "meets_max_mape")}
+
+
+def _drop_stale(path: Path, pinned: str | None) -> None:
+    """An earlier run's table.csv beside a validation.json that refused this one would pass for
+    this run's table: remove it (never the pinned table itself, should it be given as this path)."""
+    if pinned and Path(pinned).resolve() == path.resolve():
+        return
+    path.unlink(missing_ok=True)
 
 
 def pinned_table(path: str | Path, grid: LatencyTable) -> LatencyTable:

@@ -12,22 +12,29 @@ error, not a guess.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
-from jdnas.errors import JdnasError
+from jdnas.errors import JdnasError, short
 from jdnas.io import atomic_path
 from jdnas.latency.grid import axes as _axes, family as _family, with_axis as _set
-from jdnas.latency.space import Entry, arch_entries, head_entries
+from jdnas.latency.space import HEAD_PARTS, Entry, arch_entries, head_entries
 from jdnas.models.arch import Arch, Head
 
 KEY_FIELDS = tuple(f.name for f in fields(Entry))
 COLUMNS = KEY_FIELDS + ("ms", "isolated_ms", "settings")
 BREAKDOWN = ("stem", "backbone", "fpn", "rpn", "roi_heads", "transform", "glue")
 DECIMALS = 6  # milliseconds are written with this many decimals (a cached timing is read back at it)
+MAX_MS = 3.6e6  # an entry above an hour is not a latency (a corrupt or hand-edited table)
+MAX_KEY = 1 << 20  # widths, strides and sizes of an entry (the schema's bounds are far below)
+MAX_TABLE_BYTES = 256 << 20  # a table of every entry of a large space is a few MB
+BACKBONE_PARTS = ("stem", "block", "fpn_lateral")
+# every part a table (or the profiler's cache, which also keeps end-to-end timings) holds
+PARTS = BACKBONE_PARTS + HEAD_PARTS + ("e2e",)
 
 
 class NotCovered(JdnasError):
@@ -43,6 +50,7 @@ class LatencyTable:
         self.settings = dict(settings or {})
         self.isolated = dict(isolated or {})  # the timing of the entry on its own, where ms was calibrated
         self.source = source
+        self._trace: set[Entry] | None = None  # see entries_used
         self._grid: dict[tuple, list[set[int]]] = {}
         for e in self.ms:
             axes = _axes(e)
@@ -60,6 +68,8 @@ class LatencyTable:
 
     def _lookup(self, e: Entry, depth: int) -> float:
         if e in self.ms:
+            if self._trace is not None:
+                self._trace.add(e)
             return self.ms[e]
         grid = self._grid.get(_family(e))
         if grid is None or depth > 8:
@@ -122,6 +132,16 @@ class LatencyTable:
         """Predicted end-to-end latency of a detector with backbone `arch` and `head`, in milliseconds."""
         return self.breakdown(arch, head)["total"]
 
+    def entries_used(self, arch: Arch, head: Head | None = None) -> set[Entry]:
+        """The table's entries the prediction of a detector reads (the grid neighbours of an
+        interpolated width included)."""
+        self._trace = set()
+        try:
+            self.predict(arch, head)
+            return self._trace
+        finally:
+            self._trace = None
+
     def covers(self, arch: Arch, head: Head | None = None) -> bool:
         try:
             self.predict(arch, head)
@@ -144,34 +164,133 @@ class LatencyTable:
             w.writerows(self.rows())
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatencyTable":
-        """Read a table written by `save`; a clear error if the file is missing or malformed."""
+    def load(cls, path: str | Path, check_settings: bool = True) -> "LatencyTable":
+        """Read a table written by `save`, checked like data: one line naming the file, the line
+        and the field for a file that is not a CSV table (binary, not UTF-8, missing or unknown
+        columns), a bad value (an entry that is not a number, `ms` non-finite, negative outside
+        the glue, or above an hour), an entry twice, or, with `check_settings`, a row timed
+        under other settings than the rest of its kind (backbone parts share one settings hash,
+        the parts outside the backbone another). The profiler's cache, which merges runs of
+        several settings on purpose, is read with `check_settings=False`."""
         path = Path(path)
+        if path.is_dir():
+            raise JdnasError(f"{path}: is a directory, not a latency table (give the table.csv file)")
         if not path.is_file():
+            if path.exists():
+                raise JdnasError(f"{path}: not a regular file, not a latency table (give the table.csv file)")
+            if path.is_symlink():
+                raise JdnasError(f"{path}: a symbolic link that leads nowhere (dangling or a loop), not a latency "
+                                 "table")
             raise JdnasError(f"{path}: latency table not found (run the profile_latency stage)")
         try:
-            with path.open(newline="", encoding="utf-8") as f:
-                rows = list(csv.reader(f))
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise JdnasError(f"{path}: not a latency table (not CSV text: {e})") from None
-        if not rows or tuple(rows[0]) != COLUMNS:
-            raise JdnasError(f"{path}: not a latency table (columns must be {', '.join(COLUMNS)})")
-        ms, settings, isolated = {}, {}, {}
-        for n, values in enumerate(rows[1:], start=2):
-            if len(values) != len(COLUMNS):
-                raise JdnasError(f"{path}: line {n}: {len(values)} fields, expected {len(COLUMNS)}")
-            row = dict(zip(COLUMNS, values))
-            try:
-                e = Entry(row["part"], row["block"], *(int(row[k]) for k in KEY_FIELDS[2:]))
-                value = float(row["ms"])
-                if not math.isfinite(value) or (value < 0 and e.part != "glue"):
-                    raise ValueError(f"ms = {row['ms']} must be finite and >= 0")
+            size = path.stat().st_size
+            if size > MAX_TABLE_BYTES:
+                raise JdnasError(f"{path}: {size:,} bytes: too large for a latency table (at most "
+                                 f"{MAX_TABLE_BYTES:,})")
+            data = path.read_bytes()
+        except OSError as e:
+            raise JdnasError(f"{path}: cannot read the latency table ({e.strerror or e})") from None
+        if b"\0" in data:
+            raise JdnasError(f"{path}: not a latency table (a binary file: NUL byte at offset {data.index(0)})")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise JdnasError(f"{path}: not a latency table (not UTF-8 CSV text: byte 0x{data[e.start]:02x} at "
+                             f"offset {e.start})") from None
+        reader = csv.reader(io.StringIO(text, newline=""))
+        try:
+            header = next(reader, None)
+            if not header:
+                raise JdnasError(f"{path}: not a latency table (empty file; columns must be {', '.join(COLUMNS)})")
+            cls._check_header(path, header)
+            ms, settings, isolated, lines = {}, {}, {}, {}
+            for values in reader:
+                n = reader.line_num
+                if not values:
+                    continue  # a blank line
+                if len(values) != len(header):
+                    raise JdnasError(f"{path}: line {n}: {len(values)} fields, expected {len(COLUMNS)}")
+                row = dict(zip(header, values))
+                e = cls._entry(path, n, row)
                 if e in ms:
-                    raise ValueError(f"{e} appears twice")
-                ms[e] = value
-                if row["isolated_ms"]:
-                    isolated[e] = float(row["isolated_ms"])
-            except (ValueError, TypeError) as err:
-                raise JdnasError(f"{path}: line {n}: {err}") from None
-            settings[e] = row["settings"]
+                    raise JdnasError(f"{path}: line {n}: {e} appears twice (also line {lines[e]})")
+                ms[e] = _milliseconds(path, n, "ms", row["ms"], negative_ok=e.part == "glue")
+                if row["isolated_ms"].strip():
+                    isolated[e] = _milliseconds(path, n, "isolated_ms", row["isolated_ms"], negative_ok=False)
+                settings[e], lines[e] = row["settings"], n
+        except csv.Error as e:
+            raise JdnasError(f"{path}: line {reader.line_num}: not a latency table (not CSV text: {e})") from None
+        if not ms:
+            raise JdnasError(f"{path}: a latency table with no entries (only its header): re-profile it")
+        if check_settings:
+            _check_settings(path, settings, lines)
         return cls(ms, settings, source=str(path), isolated=isolated)
+
+    @staticmethod
+    def _check_header(path: Path, header: list[str]) -> None:
+        names = [h.strip() for h in header]
+        missing = [c for c in COLUMNS if c not in names]
+        unknown = [h for h in names if h not in COLUMNS]
+        twice = sorted({h for h in names if names.count(h) > 1})
+        if missing or unknown or twice:
+            what = "; ".join(x for x in (
+                f"missing column{'s' * (len(missing) > 1)} {', '.join(missing)}" if missing else "",
+                f"unknown column{'s' * (len(unknown) > 1)} {', '.join(short(u, 40) for u in unknown[:3])}"
+                if unknown else "",
+                f"column {', '.join(twice)} twice" if twice else "") if x)
+            raise JdnasError(f"{path}: line 1: not a latency table ({what}; columns must be {', '.join(COLUMNS)})")
+        header[:] = names
+
+    @staticmethod
+    def _entry(path: Path, n: int, row: dict[str, str]) -> Entry:
+        """The entry a row keys, each key field checked."""
+        part = row["part"].strip()
+        if part not in PARTS:
+            raise JdnasError(f"{path}: line {n}, field part: {short(row['part'], 40)} is not a part of a "
+                             f"latency table (one of {', '.join(PARTS)})")
+        ints = []
+        for k in KEY_FIELDS[2:]:
+            try:
+                v = int(row[k])
+            except ValueError:
+                raise JdnasError(f"{path}: line {n}, field {k}: {short(row[k], 40)} is not an integer") from None
+            if not 0 <= v <= MAX_KEY:
+                raise JdnasError(f"{path}: line {n}, field {k}: {v} is out of range (0 to {MAX_KEY:,})")
+            ints.append(v)
+        return Entry(part, row["block"], *ints)
+
+
+def _milliseconds(path: Path, n: int, field: str, text: str, negative_ok: bool) -> float:
+    """A table cell in milliseconds: a finite number, >= 0 (the glue may be negative), at most an hour."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise JdnasError(f"{path}: line {n}, field {field}: {short(text, 40)} is not a number") from None
+    if not math.isfinite(v):
+        raise JdnasError(f"{path}: line {n}, field {field}: {text.strip()} is not a finite number of milliseconds")
+    if v < 0 and not negative_ok:
+        raise JdnasError(f"{path}: line {n}, field {field}: {text.strip()} is negative (only the glue may be)")
+    if abs(v) > MAX_MS:
+        raise JdnasError(f"{path}: line {n}, field {field}: {text.strip()} ms is more than an hour"
+                         + (" below zero" if v < 0 else "") + f" ({MAX_MS:.0f} ms): not a latency")
+    return v
+
+
+def _check_settings(path: Path, settings: dict[Entry, str], lines: dict[Entry, int]) -> None:
+    """Every backbone row under one settings hash, every other row under one (the head's): a row of
+    another hash than the rest of its kind was timed under other conditions (device, clock,
+    threads, runs, head config) and would mix two machines' milliseconds in one prediction."""
+    for kind, parts in (("backbone", BACKBONE_PARTS), ("head", HEAD_PARTS + ("e2e",))):
+        rows = sorted((lines[e], s) for e, s in settings.items() if e.part in parts)
+        if not rows:
+            continue
+        counts: dict[str, int] = {}
+        for _, s in rows:
+            counts[s] = counts.get(s, 0) + 1
+        if len(counts) == 1:
+            continue
+        rest = max(counts, key=lambda s: (counts[s], -next(n for n, x in rows if x == s)))
+        n, odd = next((n, s) for n, s in rows if s != rest)
+        raise JdnasError(f"{path}: line {n}, field settings: {short(odd, 40)} differs from the settings "
+                         f"{short(rest, 40)} of the table's other {counts[rest]} {kind} rows: entries timed under "
+                         "other conditions (device, clock, runs, head) were mixed in: re-profile the table")
