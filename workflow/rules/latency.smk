@@ -7,8 +7,9 @@ rule profile_latency:
         "../../envs/jdnas.yaml"
     log:
         "logs/profile_latency.log",
-    # every core by default (no other job disturbs the timings): Snakemake lowers a rule's threads
-    # to --cores; the local profile sets 1, as the CPU-time clock is robust to a neighbour
+    # every core (no other job disturbs the timings): Snakemake lowers a rule's threads to --cores;
+    # first among the ready jobs, so it does not wait behind the training jobs
+    priority: 50
     threads: 1024
     resources:
         gpu=1 if PARAMS["latency"]["device"] == "cuda" else 0,
