@@ -163,12 +163,13 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
     ) for name, steps in MATCHED.items()),
     StageDef(
         "report", f"jdnas report --runs runs --data {DATA} --out {REPORT}",
-        deps=(DATA, f"{BASE}/metrics.json", f"{FINAL}/metrics.json", f"{SEARCH}/history.csv", f"{SEARCH}/summary.json",
+        deps=(DATA, f"{LATENCY}/validation.json", f"{BASE}/metrics.json", f"{FINAL}/metrics.json", f"{SEARCH}/history.csv", f"{SEARCH}/summary.json",
               f"{POOL}/pool.csv", f"{BASELINE}/metrics.json", "runs/control/summary.json",
               "runs/prune_kd/summary.json"),
         outs=(f"{REPORT}/report.md", f"{REPORT}/summary.csv") + tuple(f"{REPORT}/{p}" for p in REPORT_PLOTS),
         # it times every row's model in one interleaved measurement
-        params=("device", "search.rounds", "search.latency_target", "latency.clock", "teacher_pool.eval"),
+        params=("device", "search.rounds", "search.latency_target", "latency.clock", "latency.device",
+                "teacher_pool.eval"),
         code=("jdnas/report.py",),
     ),
 ]}
