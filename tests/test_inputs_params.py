@@ -13,6 +13,19 @@ BASE = [REPO / "params.yaml"]
 
 # (override, words in the one line)
 BAD = {
+    # the joint search's own keys
+    "search iters 0": ({"search": {"iters": 0}}, "search.iters = 0 is not allowed"),
+    "trial longer than its round": ({"search": {"trial_iters": 500, "round_iters": 100}},
+                                    "search.trial_iters must be <= search.round_iters"),
+    "confidence 1": ({"search": {"confidence": 1.0}}, "search.confidence = 1.0 is not allowed"),
+    "bootstrap 1 resample": ({"search": {"bootstrap": 1}}, "search.bootstrap = 1 is not allowed"),
+    "screen a string": ({"search": {"screen": "yes"}}, "search.screen = 'yes' is not allowed"),
+    "teacher moves negative": ({"search": {"teacher_moves": -1}}, "search.teacher_moves = -1 is not allowed"),
+    "no teacher move kind": ({"search": {"teacher_mutate": 0, "teacher_resample": 0}}, "at least one must be > 0"),
+    "resize_min_object negative": ({"search_space": {"resize_min_object": -1}},
+                                   "search_space.resize_min_object = -1 is not allowed"),
+    "max_mape 0": ({"latency": {"max_mape": 0}}, "latency.max_mape = 0 is not allowed"),
+    "ap_tolerance negative": ({"search": {"ap_tolerance": -0.5}}, "search.ap_tolerance = -0.5 is not allowed"),
     # sizes that decide memory
     "representation_size 1e9": ({"model": {"representation_size": 10**9}}, "model.representation_size = 1000000000"),
     "fpn_channels 1e7": ({"model": {"fpn_channels": 10**7}}, "model.fpn_channels = 10000000 is not allowed"),
