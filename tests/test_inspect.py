@@ -42,7 +42,7 @@ def test_crowded_images_raise_detections_per_image_and_are_warned_about():
     assert s["box_detections_per_img"] == 70
     model = {"min_size": 128, "max_size": 128, "anchor_sizes": [16, 32, 64, 128, 256], "box_detections_per_img": 50}
     warnings = check_fit(stats, model, {"images": 4, "boxes": 43})
-    assert any("an image has 61 objects but model.box_detections_per_img is 50" in w for w in warnings)
+    assert any("a training image has 61 objects but model.box_detections_per_img is 50" in w for w in warnings)
     assert any("minival has 4 images and 43 boxes" in w for w in warnings)
 
 
@@ -80,3 +80,24 @@ def test_inspect_data_prints_stats_snippet_and_warnings(prepared, capsys):
     assert "object_size" in out and "model:\n  min_size:" in out and "anchor_sizes: [" in out
     assert "warning: minival has" in out  # the smoke data's minival is tiny
     assert main(["inspect-data", "--params", str(REPO / "params.yaml")]) == 2  # synthetic, nothing prepared
+
+
+def test_auto_anchors_follow_a_fixed_input_size_and_detections_count_val_too():
+    """600-px images run at a fixed 224 px: `auto` anchors are fitted at 224, not at 608; and a val
+    image with more objects than any training image raises box_detections_per_img."""
+    stats = data_stats(_coco(600, 600, [40, 80, 120], per_image=3))
+    at_608 = suggest_model(stats, 50)["anchor_sizes"]
+    at_224 = suggest_model(stats, 50, (224, 224))["anchor_sizes"]
+    assert at_224[0] < at_608[0]
+    val = data_stats(_coco(600, 600, [40], per_image=61, images=2))
+    assert suggest_model(stats, 50, val=val)["box_detections_per_img"] == 70
+    model = {"min_size": 224, "max_size": 224, "anchor_sizes": at_224, "box_detections_per_img": 50}
+    assert any("a val image has 61 objects" in w for w in check_fit(stats, model, val=val))
+
+
+def test_a_from_scratch_base_on_too_few_images_points_to_an_import():
+    stats = data_stats(_coco(128, 128, [20, 40], per_image=2, images=20))
+    model = {"min_size": 128, "max_size": 128, "anchor_sizes": [16, 32, 64, 128, 256], "box_detections_per_img": 50}
+    assert any("only 20 training images" in w and "import-torchvision" in w
+               for w in check_fit(stats, model, from_scratch=True))
+    assert not any("training images" in w for w in check_fit(stats, model, from_scratch=False))

@@ -112,12 +112,14 @@ def prepare_data(params: dict, out_dir: str | Path = DEFAULT_OUT) -> dict[str, A
 def data_fit(pool: dict, val: dict, minival: dict | None, model: dict) -> dict[str, Any]:
     """Stats of the training images (minival included) and of val, the model settings that fit
     them, the model params with `auto` resolved, and warnings where the params and data disagree."""
-    stats = data_stats(pool)
-    suggested = suggest_model(stats, model["box_detections_per_img"])
+    stats, val_stats = data_stats(pool), data_stats(val)
+    suggested = suggest_model(stats, model["box_detections_per_img"], (model["min_size"], model["max_size"]), val_stats)
     resolved = resolve_auto(model, suggested)
     counts = None if minival is None else {"images": len(minival["images"]), "boxes": len(minival["annotations"])}
-    return {"stats": {"train": stats, "val": data_stats(val)}, "suggested": suggested,
-            "model": {k: resolved[k] for k in suggested}, "warnings": check_fit(stats, resolved, counts)}
+    scratch = not model.get("checkpoint") and not str(model.get("base", "")).endswith((".pt", ".pth"))
+    return {"stats": {"train": stats, "val": val_stats}, "suggested": suggested,
+            "model": {k: resolved[k] for k in suggested},
+            "warnings": check_fit(stats, resolved, counts, val_stats, from_scratch=scratch)}
 
 
 TRAIN_SECTIONS = ("train_base", "train_student", "teacher_pool.train")
