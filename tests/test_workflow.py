@@ -112,7 +112,8 @@ def decisions(ws: Path) -> list[dict]:
     """history.csv without the timing column: what the search decided and measured."""
     import pandas as pd
     history = pd.read_csv(ws / "runs/search/history.csv").drop(columns=["seconds", "cpu_seconds"])
-    return history.fillna("").to_dict("records")  # NaN (a composed move's screen AP) never equals itself
+    # NaN (a composed move's screen AP) never equals itself
+    return history.astype(object).where(history.notna(), "").to_dict("records")
 
 
 @pytest.mark.slow
