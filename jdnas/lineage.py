@@ -23,7 +23,7 @@ from jdnas.engine import detection_loss, train_detector
 from jdnas.errors import JdnasError
 from jdnas.io import save_torch
 from jdnas.models.arch import Head
-from jdnas.models.detector import Detector, build_detector, load_detector, save_detector, set_input_size
+from jdnas.models.detector import FPN_LEVELS, Detector, build_detector, load_detector, save_detector, set_input_size
 from jdnas.morphism import Action, apply_with_followers
 
 LINEAGE_FORMAT = "jdnas-lineage/1"
@@ -110,7 +110,6 @@ def _identity_adapters(levels: list[str], idx: Tensor, channels: int) -> dict[st
 def apply_moves(lin: Lineage, moves: list[Action], seed: int = 0) -> Lineage:
     """The child lineage after `moves`: weights inherited (jdnas.morphism), momentum and KD
     adapters sliced with the weights' channel indices; what an action creates anew starts fresh."""
-    from jdnas.models.detector import FPN_LEVELS
     model, momentum = lin.model, dict(lin.momentum)
     adapters = dict(lin.adapters)
     for a in moves:

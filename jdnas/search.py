@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pandas as pd
-import torch
 
 from jdnas.bootstrap import image_matches, is_tie, paired_bootstrap
 from jdnas.data.dataset import CocoDetection
@@ -446,11 +445,6 @@ def propose(ctx: Context, r: int) -> dict[str, Any]:
 
 
 # --- candidate: a finalist's trial --------------------------------------------------------------------
-def _fingerprint(*parts: Any) -> str:
-    from jdnas.base_detector import fingerprint
-    return fingerprint(*parts)
-
-
 def _evaluate(ctx: Context, model: Detector, out: Path | None, spent: Spent) -> dict[str, Any]:
     """Minival metrics of `model`; its detections kept in out/detections.json (for the bootstrap)."""
     with spent.on("evaluation"):
@@ -464,8 +458,9 @@ def _evaluate(ctx: Context, model: Detector, out: Path | None, spent: Spent) -> 
 def _train(ctx: Context, lin: Lineage, teacher: Detector, until: int, seed: int, out: Path, spent: Spent,
            part: str, init: Path) -> Lineage:
     """The lineage trained to `until`, resumable through out/train_state.pt."""
+    from jdnas.base_detector import fingerprint
     from jdnas.io import file_sha256
-    fp = _fingerprint(file_sha256(init)[:16], lin.it, until, lin.teacher, ctx.recipe.cfg, seed, ctx.pool_key,
+    fp = fingerprint(file_sha256(init)[:16], lin.it, until, lin.teacher, ctx.recipe.cfg, seed, ctx.pool_key,
                       ctx.cfg["continuous"])
     recipe, start, stop = ctx.recipe, lin, until
     if not ctx.cfg["continuous"]:  # ablation: the segment restarts a schedule of its own, momentum and adapters
