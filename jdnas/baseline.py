@@ -36,7 +36,7 @@ from jdnas.data.dataset import CocoDetection, IterationSampler, collate
 from jdnas.engine import detection_loss, evaluate, make_optimizer, schedule_for, to_device, train_detector
 from jdnas.device import resolve_device
 from jdnas.errors import JdnasError
-from jdnas.io import resume_dir, write_json
+from jdnas.io import load_json, resume_dir, write_json
 from jdnas.latency import LatencyTable
 from jdnas.latency.measure import latency_images, measure_latency
 from jdnas.models.arch import Arch, Head, resolve_arch
@@ -49,6 +49,7 @@ from jdnas.tblog import TrainLog
 
 STEPS = ("nas", "retrain", "prune", "kd")
 NAS_STEPS = STEPS[:2]  # stage baseline_nas; the rest is stage baseline_naive
+PROBE_ITERS = 10  # timed iterations that price a matched fine-tune (3 misjudged a loaded machine by 6%)
 
 
 # --- the pieces ------------------------------------------------------------------------------
@@ -143,6 +144,7 @@ def run_step(out: Path, budget: "Budget", run: Callable[[Path, float], dict[str,
     if not done.is_file():
         share = budget.share(out.name)
         t0, c0 = time.time(), budget.clock()
+        budget.step_start = c0
         result = run(out, share)
         spent = budget.clock() - c0 + result.pop("resumed_compute", 0.0)
         write_json(done, {"step": out.name, **result, "share": round(share, 2), "compute": round(spent, 2),
@@ -155,7 +157,9 @@ def run_step(out: Path, budget: "Budget", run: Callable[[Path, float], dict[str,
 def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: torch.device, budget: "Budget",
               init: Path, share: float, out: Path, teacher: Path | None, iters: int | None = None) -> dict[str, Any]:
     """`jdnas train` from `init` (KD when a teacher is given) on val, for `iters` iterations or, if
-    None, for those `share` buys, priced by a measured iteration that includes the teacher's forward pass."""
+    None, for those `share` buys: what the step has not yet spent (its teacher, the probe) less
+    the closing val evaluation (priced as the forward passes of as many training iterations as it
+    has images per batch), at the price of a measured iteration that includes the teacher's forward pass."""
     from jdnas.student import train_student
     cfg = params["train_student"]
     kd = teacher if teacher is not None and cfg["kd_weight"] > 0 else None
@@ -165,14 +169,22 @@ def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: to
         iters, cost = (json.loads(plan.read_text())[k] for k in ("iters", "cost_per_iter"))
     elif iters is None:
         student = load_detector(init)
-        cost = iteration_cost(student, train_set, cfg, device, budget.clock,
+        cost = iteration_cost(student, train_set, cfg, device, budget.clock, iters=PROBE_ITERS,
                               teacher=kd and set_input_size(load_detector(kd), student.head_cfg))
-        iters = max(params["baseline"]["min_iters"], int(share / cost))
+        left = share - (budget.clock() - budget.step_start) - eval_cost(data_dir, cfg, cost)
+        iters = max(params["baseline"]["min_iters"], int(left / cost))
         write_json(plan, {"iters": iters, "cost_per_iter": cost, "share": share})
     metrics = train_student({**params, "train_student": schedule_for(cfg, iters)}, data_dir, out, init, None, kd,
                             eval_split="val", seed=params["seed"])
     resumed = metrics.get("resumed_cpu_seconds", 0.0) if budget.unit == "cpu_seconds" else 0.0
     return {**metrics, "iters": iters, "cost_per_iter": cost and round(cost, 4), "resumed_compute": resumed}
+
+
+def eval_cost(data_dir: Path, cfg: dict[str, Any], iter_cost: float) -> float:
+    """What evaluating on val costs, from a training iteration's price: a forward pass is about a
+    third of an iteration (forward + backward, per `batch_size` images)."""
+    images = len(load_json(Path(data_dir) / "val.json", ["images"])["images"])
+    return images / cfg["batch_size"] * iter_cost / 3
 
 
 class Budget:
@@ -181,6 +193,7 @@ class Budget:
 
     def __init__(self, total: float | None, unit: str, shares: list[float], steps: tuple[str, ...] = STEPS) -> None:
         self.total, self.unit, self.spent, self.steps = total, unit, 0.0, steps
+        self.step_start = self.clock()  # where the running step's compute began (run_step sets it)
         self.shares = dict(zip(steps, shares))
 
     def clock(self) -> float:

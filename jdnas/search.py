@@ -521,8 +521,9 @@ def pick(results: list[dict], target_ms: float, penalty: float, tolerance: float
     compete, on minival AP; above it, on score (AP - penalty x predicted overshoot). The best
     score leads; a finalist that `tie(leader, other, offset)` (the paired bootstrap, with `offset`
     the score difference the latencies make) cannot tell apart takes the lead when it is cheaper
-    (predicted latency lower by more than `tolerance`, the table's error), or as cheap and closer
-    to the lineage (the control, then the current teacher). Ties in score go to the lower index."""
+    (predicted latency lower by more than `tolerance`, the table's error; latency under the target
+    counts as the target: a cut past it buys nothing), or as cheap and closer to the lineage (the
+    control, then the current teacher). Ties in score go to the lower index."""
     pool = [x for x in results if x["latency_ms"] <= target_ms] if under else list(results)
     pool = pool or list(results)
 
@@ -532,14 +533,17 @@ def pick(results: list[dict], target_ms: float, penalty: float, tolerance: float
     def closeness(x: dict) -> int:
         return 0 if x.get("control") else 1 if x["teacher"] == current_teacher else 2
 
+    def cost(x: dict) -> float:
+        return max(x["latency_ms"], target_ms)
+
     def preferred(x: dict, lead: dict) -> bool:
-        if x["latency_ms"] < lead["latency_ms"] * (1 - tolerance):
+        if cost(x) < cost(lead) * (1 - tolerance):
             return True
-        same = abs(x["latency_ms"] - lead["latency_ms"]) <= tolerance * lead["latency_ms"]
+        same = abs(cost(x) - cost(lead)) <= tolerance * cost(lead)
         return same and closeness(x) < closeness(lead)
 
     lead = max(pool, key=lambda x: (s(x), -x["index"]))
-    for x in sorted(pool, key=lambda x: (x["latency_ms"], closeness(x), x["index"])):
+    for x in sorted(pool, key=lambda x: (cost(x), closeness(x), x["index"])):
         if x is not lead and preferred(x, lead):
             offset = (s(lead) - lead["ap"]) - (s(x) - x["ap"])
             if tie(lead, x, offset):

@@ -60,7 +60,7 @@ class FakeClock:
         from jdnas.latency.profile import Profiler
         clock = self
 
-        def measure(prof, builders, desc, slots=None, seed_offset=0):
+        def measure(prof, builders, desc, seed_offset=0):
             return clock.read(prof, builders)
         monkeypatch.setattr(Profiler, "measure", measure)
         return self
@@ -71,8 +71,8 @@ class FakeClock:
         self.calls.append(set(builders))
         archs = validation_set(prof, spaces_from_params(prof.params))
         out = {}
-        for key in builders:
-            kind, what = key
+        for key in builders:  # a key (kind, what, draw) is one init of (kind, what): read as (kind, what)
+            kind, what = key = key[:2]
             if kind == "arch":
                 _, arch, head = archs[what]
                 truth = (self.pinned.predict(arch, head) if self.pinned else

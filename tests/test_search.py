@@ -105,6 +105,17 @@ def test_pick_takes_the_best_score_unless_a_cheaper_finalist_ties_it():
     assert pick([_r(0, 10.0, 9.0), _r(1, 30.0, 8.0)], 8.0, 5.0, 0.04, False, TEACHER, never)["index"] == 1
 
 
+def test_pick_does_not_prefer_a_cut_past_the_target():
+    # the default run's last round: both finalists meet the target, the bootstrap calls them a
+    # tie; the deeper cut buys no latency that matters, so the better score keeps the round
+    always = lambda a, b, off: True  # noqa: E731
+    enough, deeper = _r(0, 72.08, 11.28), _r(1, 71.06, 9.86)
+    assert pick([enough, deeper], 11.33, 60.0, 0.04, False, TEACHER, always) is enough
+    # one still above the target: cheaper (down to the target) wins the tie
+    above = _r(0, 72.08, 12.5)
+    assert pick([above, deeper], 11.33, 1.0, 0.04, False, TEACHER, always) is deeper
+
+
 def test_pick_under_the_target_is_a_hard_constraint_and_ties_go_to_the_lineage():
     always = lambda a, b, off: True  # noqa: E731
     control, above = _r(0, 20.0, 7.0, control=True), _r(1, 40.0, 8.01)

@@ -57,11 +57,15 @@ from jdnas.latency.table import BREAKDOWN, DECIMALS, LatencyTable
 from jdnas.latency.validate import fmt, plot_validation, summarize, validation_archs
 from jdnas.models.arch import Arch, Head, resolve_arch
 from jdnas.models.detector import head_config
+from jdnas.seeding import derive_seed
 
 CACHE = "cache.csv"
 REFUSED = "refused_validation.json"  # a refused table's validation (the workflow tools delete a failed stage's outputs)
-SLOTS = 3  # fixed parts are in every prediction, calibration detectors set the factors: time them 3x as often
-VALIDATION_SLOTS = 2  # the validation's measured side is its ground truth: time it 2x as often
+# The parts outside the backbone (the RPN's and the box head's NMS, the RoI pooling) cost what
+# their random weights make them select: up to 20% apart between two random inits of one detector.
+# So each is timed on several inits (draws) and its entry is their mean; end to end alike.
+DRAWS = 3  # fixed parts are in every prediction, calibration detectors set the factors: 3 inits each
+VALIDATION_DRAWS = 2  # the validation's measured side is its ground truth: 2 inits each
 KEEP_BYTES = 1 << 30  # built modules kept between passes (the rest are rebuilt each pass)
 FACTOR_RANGE = (0.5, 3.0)  # plausible in-context factors (outside: clamped, with a warning)
 RETRY_SHARE = 3  # a retry re-times the entries of at most a third of the validation detectors (the worst)
@@ -104,7 +108,7 @@ class Profiler:
         self.input_hw = self.hw(self.base_head)
         self.base = resolve_arch(model["base"], model["width"])
         self.base_width = model["width"]
-        self._parts: dict[Head, HeadParts] = {}
+        self._parts: dict[tuple[Head, int], HeadParts] = {}
         g = torch.Generator().manual_seed(self.seed)
         self.image = torch.rand(3, *self.image_hw, generator=g).to(self.device)
         self.conditions = {
@@ -116,22 +120,28 @@ class Profiler:
         if self.onnx_threads:
             import onnxruntime
             self.conditions["onnxruntime"] = onnxruntime.__version__
-        self.head_conditions = {**self.conditions, "head": self.head_cfg, "image": list(self.image_hw)}
+        self.head_conditions = {**self.conditions, "head": self.head_cfg, "image": list(self.image_hw),
+                                "weight_draws": DRAWS}
 
     def settings(self, e: Entry) -> str:
         """Hash of what an entry's measurement depends on (a cached one is reused only if equal)."""
         what = self.head_conditions if e.part in HEAD_PARTS + ("e2e",) else self.conditions
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
-    def measure(self, builders: dict, desc: str, slots: dict | None = None, seed_offset: int = 0) -> dict:
-        step = max(1, sum((slots or {}).get(k, 1) for k in builders) * self.cfg["rounds"] // 10)
+    def measure(self, builders: dict, desc: str, seed_offset: int = 0) -> dict:
+        """Time `builders` in shuffled passes; a key `(kind, what, draw)` is one init of `(kind, what)`,
+        and the result holds `(kind, what)`: the mean over its draws."""
+        step = max(1, len(builders) * self.cfg["rounds"] // 10)
 
         def progress(done: int, total: int) -> None:
             if done % step == 0 or done == total:
                 print(f"{desc}: {done}/{total}", file=sys.stderr, flush=True)
-        torch.manual_seed(self.seed + seed_offset)
-        return measure_all(builders, self.timer, self.cfg["warmup"], self.cfg["runs"], self.cfg["rounds"],
-                           self.seed + seed_offset, progress, slots, KEEP_BYTES)
+        timed = measure_all(builders, self.timer, self.cfg["warmup"], self.cfg["runs"], self.cfg["rounds"],
+                            self.seed + seed_offset, progress, None, KEEP_BYTES)
+        draws: dict = {}
+        for k, v in timed.items():
+            draws.setdefault(k[:2], []).append(v)
+        return {k: sum(v) / len(v) for k, v in draws.items()}
 
     def hw(self, head: Head) -> tuple[int, int]:
         """The network input size of a head's min/max size for the profiling image."""
@@ -144,14 +154,21 @@ class Profiler:
         """The base head at every input size of the space, largest first."""
         return [replace(self.base_head, min_size=a, max_size=b) for a, b in self.head_space.sizes]
 
-    def detector(self, arch: Arch, head: Head | None = None) -> Any:
-        return calibrated_detector(arch, (head or self.base_head).apply(self.head_cfg), self.image, self.device)
+    def detector(self, arch: Arch, head: Head | None = None, draw: int = 0) -> Any:
+        """A detector of `arch` at `head` with the random init numbered `draw` (the same on every run)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, "latency weights", draw))
+            return calibrated_detector(arch, (head or self.base_head).apply(self.head_cfg), self.image, self.device)
 
-    def detector_call(self, arch: Arch, head: Head | None = None) -> Any:
-        """The end-to-end call of a detector of `arch` (at `head`) on the profiling image."""
-        return detector_call(self.detector(arch, head), self.image, self.onnx_threads)
+    def detector_call(self, arch: Arch, head: Head | None = None, draw: int = 0) -> Any:
+        """The end-to-end call of a detector of `arch` (at `head`, init `draw`) on the profiling image."""
+        return detector_call(self.detector(arch, head, draw), self.image, self.onnx_threads)
 
-    def parts(self, e: Entry) -> HeadParts:
+    def detector_calls(self, kind: str, what: Any, arch: Arch, head: Head, draws: int) -> dict:
+        """Builders of `detector_call` on `draws` inits, keyed `(kind, what, draw)`."""
+        return {(kind, what, d): (lambda d=d: self.detector_call(arch, head, d)) for d in range(draws)}
+
+    def parts(self, e: Entry, draw: int = 0) -> HeadParts:
         """The reference detector's parts (the base arch) for the head an entry is timed at."""
         head = self.base_head
         if e.part == "transform":
@@ -160,9 +177,9 @@ class Profiler:
             head = next(replace(h, fpn=e.cin) for h in self.rungs() if self.hw(h) == (e.height, e.width))
         elif e.part == "roi_heads":
             head = replace(head, fpn=e.cin, proposals=e.mid, rep=e.hidden)
-        if head not in self._parts:
-            self._parts[head] = HeadParts(self.detector(self.base, head), self.image, head.proposals)
-        return self._parts[head]
+        if (head, draw) not in self._parts:
+            self._parts[head, draw] = HeadParts(self.detector(self.base, head, draw), self.image, head.proposals)
+        return self._parts[head, draw]
 
 
 def calibration_detectors(prof: Profiler, spaces: list[LatencySpace]) -> list[tuple[Arch, Head]]:
@@ -196,20 +213,20 @@ def needed_entries(prof: Profiler, spaces: list[LatencySpace], calibration: list
     return needed
 
 
-def entry_builders(prof: Profiler, entries: Iterable[Entry]) -> tuple[dict, dict]:
-    """What to time for each entry (keyed ("entry", e)), and the slots of the shared ones."""
-    entries = list(entries)
+def entry_builders(prof: Profiler, entries: Iterable[Entry]) -> dict:
+    """What to time for each entry: keyed ("entry", e), or ("entry", e, draw) for the parts whose
+    cost follows their random weights (the fixed parts and whole detectors: DRAWS inits each)."""
     builders: dict = {}
     for e in entries:
         if e.part == "e2e":
             arch, head = e.block.split("|")
-            builders[("entry", e)] = lambda a=arch, h=head: prof.detector_call(Arch.parse(a), Head.parse(h))
+            builders.update(prof.detector_calls("entry", e, Arch.parse(arch), Head.parse(head), DRAWS))
         elif e.part in FIXED_PARTS:
-            builders[("entry", e)] = lambda e=e: prof.parts(e).call(e, prof.onnx_threads)
+            builders.update({("entry", e, d): (lambda e=e, d=d: prof.parts(e, d).call(e, prof.onnx_threads))
+                             for d in range(DRAWS)})
         else:
             builders[("entry", e)] = lambda e=e: backbone_call(e, prof.device, prof.onnx_threads)
-    slots = {k: SLOTS for k in builders if k[1].part in FIXED_PARTS + ("e2e",)}
-    return builders, slots
+    return builders
 
 
 def _clamped(factor: float, what: str) -> float:
@@ -315,18 +332,16 @@ def load_cache(path: Path) -> LatencyTable | None:
 
 
 def time_table(prof: Profiler, spaces: list[LatencySpace], cache: LatencyTable | None = None,
-               extra: dict | None = None, extra_slots: int = 1
-               ) -> tuple[LatencyTable, dict[str, Any], dict[Entry, float], dict]:
+               extra: dict | None = None) -> tuple[LatencyTable, dict[str, Any], dict[Entry, float], dict]:
     """Time what the table needs (reusing matching cached timings) together with the `extra`
     builders, interleaved. Returns the table, its calibration, the raw timings, the extra timings."""
     calibration = calibration_detectors(prof, spaces)
     needed = needed_entries(prof, spaces, calibration)
     reused = reusable(prof, needed, cache)
     missing = sorted(needed - set(reused))
-    builders, slots = entry_builders(prof, missing)
+    builders = entry_builders(prof, missing)
     builders.update(extra or {})
-    slots.update({k: extra_slots for k in extra or {}})
-    timed = prof.measure(builders, "profile_latency", slots)
+    timed = prof.measure(builders, "profile_latency")
     # fresh timings at the precision the cache keeps: a rerun from the cache builds the same table
     raw = {**reused, **{k[1]: round(v, DECIMALS) for k, v in timed.items() if k[0] == "entry"}}
     table, info = finish_table(prof, raw, calibration)
@@ -398,13 +413,12 @@ def retry_pass(prof: Profiler, spaces: list[LatencySpace], archs: list[tuple[str
         for i in worst:
             _, arch, head = archs[i]
             entries |= table.entries_used(arch, head) & raw.keys()  # the glue is computed, not timed
-    builders, slots = entry_builders(prof, sorted(entries))
+    builders = entry_builders(prof, sorted(entries))
     builders.update(validate)
-    slots.update({k: VALIDATION_SLOTS for k in validate})
     what = (f"re-timing {len(entries)} entries behind the {len(worst)} worst predictions and re-validating"
             if raw is not None else "pinned table (fixed): re-validating")
     print(f"profile_latency: {what} {len(validate)} detectors (one extra pass)", file=sys.stderr, flush=True)
-    timed = prof.measure(builders, "profile_latency (retry)", slots, seed_offset=1)
+    timed = prof.measure(builders, "profile_latency (retry)", seed_offset=1)
     measured = {i: (m + timed[("arch", i)]) / 2 for i, m in measured.items()}
     if raw is None:
         return table, calibration, raw, measured, 0
@@ -448,15 +462,15 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
     # see the same machine conditions (a busy spell does not bias one against the other)
     grid = space_grid(prof, spaces)
     archs = validation_set(prof, spaces, grid)
-    extra = {("arch", i): (lambda a=a, h=h: prof.detector_call(a, h))
-             for i, (_, a, h) in enumerate(archs)}
+    extra = {k: b for i, (_, a, h) in enumerate(archs)
+             for k, b in prof.detector_calls("arch", i, a, h, VALIDATION_DRAWS).items()}
     raw = None
     if cfg["table"]:
         table = pinned_table(cfg["table"], grid)
         calibration = {"pinned": cfg["table"], "entries_timed": 0, "entries_reused": len(table)}
-        timed = prof.measure(extra, "profile_latency (pinned table: validation)", {k: VALIDATION_SLOTS for k in extra})
+        timed = prof.measure(extra, "profile_latency (pinned table: validation)")
     else:
-        table, calibration, raw, timed = time_table(prof, spaces, cache, extra, VALIDATION_SLOTS)
+        table, calibration, raw, timed = time_table(prof, spaces, cache, extra)
     timed_now, reused_now = calibration.pop("entries_timed"), calibration.pop("entries_reused")
     measured = {i: timed[("arch", i)] for i in range(len(archs))}
     rows = validation_rows(archs, measured, table)
