@@ -1,10 +1,13 @@
 """Training and evaluation loops for detectors.
 
-- `train_detector`: SGD with warm-up and a step/cosine/constant schedule, gradient clipping,
-  bf16 autocast + channels_last on CUDA, pinned batches, no host sync per step, optional DDP
-  under torchrun, a progress bar (losses, images/s), periodic training state checkpoints and
-  exact resume after a kill (same batches, same optimizer and RNG state), and TensorBoard
-  scalars (each loss term, total loss, lr, images/s) through a `TrainLog`.
+- `train_loop`: the one training loop (detectors' and the supernet's): SGD with warm-up and a
+  step/cosine/constant schedule, gradient clipping, pinned batches, no host sync per step,
+  optional DDP under torchrun, a progress bar, periodic training state checkpoints and exact
+  resume after a kill (same batches, same optimizer and RNG state), and TensorBoard scalars
+  through a `TrainLog`. A caller's step runs each iteration's forward and backward passes;
+  `LoopHooks` add state, logged values and work before a step.
+- `train_detector`: a detector's own (or KD) losses as that step, in bf16 autocast +
+  channels_last on CUDA; logs each loss term, total loss, lr and images/s.
 - `evaluate`: COCO bbox AP with pycocotools' COCOeval.
 """
 from __future__ import annotations
@@ -22,16 +25,18 @@ from tqdm import tqdm
 
 from jdnas.data.dataset import CocoDetection, batches_for, eval_loader
 from jdnas.dist import DistContext, barrier
-from jdnas.errors import JdnasError
 from jdnas.io import save_torch
 from jdnas.models.detector import Detector, jittered_input
-from jdnas.step_meter import StepMeter
+from jdnas.seeding import derive_seed
+from jdnas.step_meter import Step, StepMeter
 from jdnas.tblog import TrainLog
 
 STATE_FORMAT = "jdnas-train-state/1"
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 LossFn = Callable[[Detector, list, list], dict[str, torch.Tensor]]
+# step(it, images, targets, forward): forward and backward passes; returns the detached terms to log
+TrainStep = Callable[[int, list, list, torch.nn.Module], dict[str, torch.Tensor]]
 
 
 def lr_factor(it: int, cfg: dict[str, Any]) -> float:
@@ -120,6 +125,151 @@ def load_train_state(path: Path, fingerprint: str, format_tag: str, desc: str, q
     return None
 
 
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, nothing on the CPU: what a step's forward passes run under."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class LoopHooks:
+    """What a run adds to `train_loop` beside its step; each does nothing here."""
+
+    hidden: tuple[str, ...] = ()  # logged terms kept off the bar and the summary's last_losses
+
+    def before_step(self, it: int, optimizer: torch.optim.Optimizer) -> None:
+        """Iteration `it` starts (its batch on the device, before lr, zero_grad and the step)."""
+
+    def state(self) -> dict[str, Any]:
+        """Extra fields of the saved training state."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """A saved state (with those fields) is resumed."""
+
+    def log_values(self, step: Step) -> dict[str, float]:
+        """Extra values logged with a step's losses and lr."""
+        return {}
+
+    def postfix(self, step: Step, shown: dict[str, str]) -> dict[str, str]:
+        """The progress bar's postfix from a step's losses as shown (`loss_` stripped)."""
+        return shown
+
+
+def train_loop(model: torch.nn.Module, dataset: CocoDetection, cfg: dict[str, Any], state_path: str | Path,
+               seed: int, device: torch.device, step: TrainStep, hooks: LoopHooks = LoopHooks(),
+               fingerprint: str = "", desc: str = "train", hint: str = "lower the lr in params",
+               extra: torch.nn.Module | None = None, stop_after: int | None = None, log: TrainLog | None = None,
+               on_eval: Callable[[int], None] | None = None, eval_every: int = 0, ctx: DistContext = DistContext(),
+               first: int = 0, until: int | None = None, momentum: dict[str, torch.Tensor] | None = None,
+               find_unused_parameters: bool = False) -> dict[str, Any]:
+    """The one training loop (see `train_detector` for the arguments it shares): SGD on `model` (on
+    `device` already) and `extra`, `step(it, images, targets, forward)` running the forward and
+    backward passes of each iteration and returning the detached terms to log; `hooks` add to it.
+
+    Under DDP `forward` is the wrapper (`find_unused_parameters` for steps that leave weights
+    unused); rank 0 trains from `seed` (or the resumed RNG), every other rank from a seed derived
+    from its rank and start, so ranks draw different samples.
+    """
+    state_path = Path(state_path)
+    trained = model if extra is None else torch.nn.ModuleList([model, extra.to(device)])
+    optimizer = make_optimizer(trained, cfg)
+    named = named_parameters(model, extra)
+    load_momentum(optimizer, named, momentum or {})
+    state = load_train_state(state_path, fingerprint, STATE_FORMAT, desc, quiet=not ctx.is_main)
+    start = first if state is None else int(state["iter"])
+    # RPN / RoI sampling draw from torch's global generator
+    torch.manual_seed(seed if ctx.is_main else derive_seed(seed, "rank", ctx.rank, start))
+    seconds, cpu_seconds = 0.0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if extra is not None:
+            extra.load_state_dict(state["extra"])
+        optimizer.load_state_dict(state["optimizer"])
+        seconds, cpu_seconds = float(state["seconds"]), float(state.get("cpu_seconds", 0.0))
+        hooks.load_state(state)
+        if ctx.is_main:
+            torch.set_rng_state(state["rng"])
+            if device.type == "cuda" and state.get("cuda_rng") is not None:  # torchvision's samplers draw on the GPU
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+        print(f"{desc}: resuming from {state_path} at iteration {start}/{cfg['iters']}", file=sys.stderr)
+
+    def save(it: int) -> None:
+        if ctx.is_main:
+            save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,
+                                    "seconds": meter.seconds, "cpu_seconds": meter.cpu_seconds,
+                                    "rng": torch.get_rng_state(),
+                                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    **({"extra": extra.state_dict()} if extra is not None else {}), **hooks.state()})
+            if log is not None:
+                log.flush()
+        barrier(ctx)
+
+    end = cfg["iters"] if until is None else min(until, cfg["iters"])
+    total = end if stop_after is None else min(end, start + stop_after)
+    loader = batches_for(dataset, cfg["batch_size"], total, seed, start, cfg["workers"], ctx=ctx,
+                         pin_memory=device.type == "cuda")
+    params = [p for p in trained.parameters() if p.requires_grad]
+    forward = model
+    if ctx.active:  # gradients averaged in buckets, overlapped with the (last) backward pass
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters)
+    trained.train()
+    bar = progress_bar(cfg["iters"], start, desc) if ctx.is_main else None
+    if log is not None:
+        log.start(start, cfg["iters"])
+    meter = StepMeter(device, desc, hint, seconds=seconds, cpu_seconds=cpu_seconds)
+    it, last = start, {}
+    try:
+        for images, targets in loader:
+            meter.begin()
+            images, targets = to_device(images, targets, device)
+            hooks.before_step(it, optimizer)
+            for g in optimizer.param_groups:
+                g["lr"] = cfg["lr"] * lr_factor(it, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            losses = step(it, images, targets, forward)
+            if cfg["clip_grad"] > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
+            optimizer.step()
+            it += 1
+            evals = on_eval is not None and eval_every > 0 and it % eval_every == 0 and it < end
+            saves = it % cfg["checkpoint_every"] == 0 or it == total
+            for s in meter.end(it - 1, losses, len(images) * ctx.world, read=evals or saves):
+                if log is not None:
+                    log.add(s.it, {**s.values, "lr": cfg["lr"] * lr_factor(s.it, cfg), **hooks.log_values(s)})
+                last = {k: round(v, 4) for k, v in s.values.items() if k not in hooks.hidden}
+                if bar is not None:
+                    bar.set_postfix(hooks.postfix(s, {k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items()}),
+                                    refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if evals and ctx.is_main:
+                with torch.random.fork_rng(devices=[]):
+                    model.eval()
+                    on_eval(it)
+                    trained.train()
+            if saves:
+                save(it)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"iters": it, "seconds": round(meter.seconds, 2), "cpu_seconds": round(meter.cpu_seconds, 2),
+            "resumed_cpu_seconds": cpu_seconds, "last_losses": last, "momentum": momentum_of(optimizer, named)}
+
+
+class _Throughput(LoopHooks):
+    """train_detector's additions: images/s in the log and on the bar, the total loss off the bar."""
+
+    hidden = ("loss",)
+
+    def log_values(self, step: Step) -> dict[str, float]:
+        return {"img_per_s": step.img_per_s}
+
+    def postfix(self, step: Step, shown: dict[str, str]) -> dict[str, str]:
+        return {**shown, "img/s": f"{step.img_per_s:.1f}"}
+
+
 def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any], state_path: str | Path,
                    seed: int, device: torch.device, fingerprint: str = "", loss_fn: LossFn = detection_loss,
                    desc: str = "train", stop_after: int | None = None,
@@ -150,98 +300,20 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     modules as `extra.<name>`; a missing or misshapen one starts at zero), and the summary returns
     them (`momentum`), so the next segment continues where this one stopped.
     """
-    state_path = Path(state_path)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    trained = model if extra is None else torch.nn.ModuleList([model, extra.to(device)])
-    optimizer = make_optimizer(trained, cfg)
-    named = named_parameters(model, extra)
-    load_momentum(optimizer, named, momentum or {})
-    start, seconds, cpu_seconds = first, 0.0, 0.0
-    torch.manual_seed(seed)  # RPN / RoI sampling draw from torch's global generator
-    state = load_train_state(state_path, fingerprint, STATE_FORMAT, desc)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        if extra is not None:
-            extra.load_state_dict(state["extra"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, seconds = int(state["iter"]), float(state["seconds"])
-        cpu_seconds = float(state.get("cpu_seconds", 0.0))
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:  # torchvision's samplers draw on the GPU
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        print(f"{desc}: resuming from {state_path} at iteration {start}/{cfg['iters']}", file=sys.stderr)
 
-    def save(it: int) -> None:
-        if not ctx.is_main:
-            barrier(ctx)
-            return
-        save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,
-                                "seconds": meter.seconds, "cpu_seconds": meter.cpu_seconds,
-                                "rng": torch.get_rng_state(),
-                                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                                "model": model.state_dict(),
-                                "optimizer": optimizer.state_dict(),
-                                **({"extra": extra.state_dict()} if extra is not None else {})})
-        if log is not None:
-            log.flush()
-        barrier(ctx)
-
-    end = cfg["iters"] if until is None else min(until, cfg["iters"])
-    total = end if stop_after is None else min(end, start + stop_after)
-    loader = batches_for(dataset, cfg["batch_size"], total, seed, start, cfg["workers"], ctx=ctx,
-                         pin_memory=device.type == "cuda")
-    params = [p for p in trained.parameters() if p.requires_grad]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    forward = model
-    if ctx.active:  # gradients averaged in buckets, overlapped with the backward pass
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
-                                                            else None)
-    trained.train()
-    bar = progress_bar(cfg["iters"], start, desc) if ctx.is_main else None
-    if log is not None:
-        log.start(start, cfg["iters"])
-    meter = StepMeter(device, desc, "lower the lr in params", seconds=seconds, cpu_seconds=cpu_seconds)
-    it, last, resumed_cpu = start, {}, cpu_seconds
-    for images, targets in loader:
-        meter.begin()
-        images, targets = to_device(images, targets, device)
-        lr = cfg["lr"] * lr_factor(it, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        with amp, jittered_input([model], cfg.get("scales", [1.0]), seed, it):
+    def step(it: int, images: list, targets: list, forward: torch.nn.Module) -> dict[str, torch.Tensor]:
+        with autocast(device), jittered_input([model], cfg.get("scales", [1.0]), seed, it):
             losses = loss_fn(forward, images, targets)
         loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg["clip_grad"] > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
-        optimizer.step()
-        it += 1
-        evals = on_eval is not None and eval_every > 0 and it % eval_every == 0 and it < end
-        saves = it % cfg["checkpoint_every"] == 0 or it == total
-        for step in meter.end(it - 1, {**losses, "loss": loss}, len(images) * ctx.world, read=evals or saves):
-            if log is not None:
-                log.add(step.it, {**step.values, "lr": cfg["lr"] * lr_factor(step.it, cfg),
-                                  "img_per_s": step.img_per_s})
-            last = {k: round(v, 4) for k, v in step.values.items() if k != "loss"}
-            if bar is not None:
-                bar.set_postfix({**{k.replace("loss_", ""): f"{v:.3f}" for k, v in last.items()},
-                                 "img/s": f"{step.img_per_s:.1f}"}, refresh=False)
-        if bar is not None:
-            bar.update(1)
-        if evals and ctx.is_main:
-            with torch.random.fork_rng(devices=[]):
-                model.eval()
-                on_eval(it)
-                trained.train()
-        if saves:
-            save(it)
-    if bar is not None:
-        bar.close()
-    return {"iters": it, "seconds": round(meter.seconds, 2), "cpu_seconds": round(meter.cpu_seconds, 2),
-            "resumed_cpu_seconds": resumed_cpu, "last_losses": last, "momentum": momentum_of(optimizer, named)}
+        return {**{k: v.detach() for k, v in losses.items()}, "loss": loss.detach()}
+
+    return train_loop(model, dataset, cfg, state_path, seed, device, step, _Throughput(), fingerprint=fingerprint,
+                      desc=desc, extra=extra, stop_after=stop_after, log=log, on_eval=on_eval, eval_every=eval_every, ctx=ctx,
+                      first=first, until=until, momentum=momentum)
 
 
 def named_parameters(model: torch.nn.Module, extra: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:

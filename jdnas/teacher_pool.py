@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from jdnas.base_detector import fingerprint
-from jdnas.data.dataset import CocoDetection, IterationSampler, batches_for, collate
-from jdnas.dist import DistContext, barrier, check_in_sync, init_distributed, shutdown
+from jdnas.data.dataset import CocoDetection, IterationSampler, collate
+from jdnas.dist import DistContext, check_in_sync, init_distributed, shutdown
 from jdnas.device import resolve_device
-from jdnas.engine import evaluate, load_train_state, lr_factor, make_optimizer, progress_bar, to_device
+from jdnas.engine import LoopHooks, autocast, evaluate, train_loop
 from jdnas.errors import JdnasError
 from jdnas.io import atomic_path, file_sha256, save_torch
 from jdnas.latency.measure import latency_images, measure_latency
@@ -37,10 +37,9 @@ from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, head_config, jittered_input, read_checkpoint
 from jdnas.models.elastic import PoolSpace, Supernet, sort_channels
-from jdnas.step_meter import StepMeter
+from jdnas.step_meter import Step
 from jdnas.tblog import TrainLog
 
-STATE_FORMAT = "jdnas-pool-train-state/1"
 SUPERNET_FORMAT = "jdnas-supernet/1"
 CSV_COLUMNS = ("arch", "role", "AP", "AP50", "params", "flops", "latency_ms")
 PHASES = ("full", "depth", "width")
@@ -107,6 +106,67 @@ class _Recorder:
 
 
 # --- training -------------------------------------------------------------------------------
+class _Sandwich(LoopHooks):
+    """The sandwich rule as `train_loop`'s step and hooks: the members' forward and backward
+    passes with in-place distillation, the channel sort when the width phase starts (kept in
+    the training state as `channels_sorted`), the phase in the log and on the bar."""
+
+    hidden = ("loss_distill",)
+
+    def __init__(self, supernet: Supernet, cfg: dict[str, Any], seed: int, device: torch.device,
+                 ctx: DistContext, desc: str) -> None:
+        self.supernet, self.cfg, self.seed, self.device, self.ctx, self.desc = supernet, cfg, seed, device, ctx, desc
+        self.channels_sorted = False
+        self.recorder = _Recorder(supernet.model.backbone)
+
+    def before_step(self, it: int, optimizer: torch.optim.Optimizer) -> None:
+        if phase_at(it, self.cfg) == "width" and not self.channels_sorted:
+            moved = sort_channels(self.supernet, optimizer)
+            self.channels_sorted = True
+            if self.ctx.is_main:
+                print(f"{self.desc}: width phase at iteration {it}: sorted {moved} channel groups by importance",
+                      file=sys.stderr)
+
+    def step(self, it: int, images: list, targets: list, forward: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Largest, smallest and random members, gradients accumulated; under DDP they are averaged
+        in the last pass's backward only (`no_sync` before). Returns the loss per role (mean over
+        the random members) and the distillation loss."""
+        cfg, supernet = self.cfg, self.supernet
+        teacher_feats = None
+        losses_of: dict[str, list[torch.Tensor]] = defaultdict(list)
+        members = sandwich(supernet.space, it, cfg, self.seed)
+        for i, (role, arch) in enumerate(members):
+            supernet.set_active(arch)
+            sync = i == len(members) - 1 or not self.ctx.active
+            with autocast(self.device), jittered_input([supernet.model], cfg["scales"], self.seed, it), \
+                    (contextlib.nullcontext() if sync else forward.no_sync()):
+                losses = forward(images, targets)
+                feats = self.recorder.output
+                if teacher_feats is None:
+                    teacher_feats = {k: v.detach() for k, v in feats.items()}
+                elif cfg["distill_weight"] > 0:
+                    losses["loss_distill"] = cfg["distill_weight"] * fpn_distill_loss(feats, teacher_feats)
+                loss = sum(losses.values())
+                loss.backward()
+            losses_of[f"loss_{role}"].append(loss.detach())
+            if "loss_distill" in losses:
+                losses_of["loss_distill"].append(losses["loss_distill"].detach())
+        supernet.set_active(supernet.space.largest())
+        return {k: torch.stack(v).mean() for k, v in losses_of.items()}
+
+    def state(self) -> dict[str, Any]:
+        return {"channels_sorted": self.channels_sorted}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.channels_sorted = bool(state["channels_sorted"])
+
+    def log_values(self, step: Step) -> dict[str, float]:
+        return {"phase": PHASES.index(phase_at(step.it, self.cfg))}
+
+    def postfix(self, step: Step, shown: dict[str, str]) -> dict[str, str]:
+        return {"phase": phase_at(step.it, self.cfg), **shown}
+
+
 def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, Any], state_path: str | Path,
                    seed: int, device: torch.device, fingerprint: str = "", ctx: DistContext = DistContext(),
                    desc: str = "train_teacher_pool", stop_after: int | None = None,
@@ -119,118 +179,22 @@ def train_supernet(supernet: Supernet, dataset: CocoDetection, cfg: dict[str, An
     over the random members), distillation loss, lr and phase (0 full, 1 depth, 2 width). Returns
     iterations done, wall and CPU seconds (resumed runs included).
     """
-    state_path = Path(state_path)
     if ctx.active and cfg["batch_size"] < ctx.world:
         raise JdnasError(f"teacher_pool.train.batch_size = {cfg['batch_size']} is smaller than the {ctx.world} "
                          "DDP processes: every process needs at least one image")
     model = supernet.model.to(device)
-    optimizer = make_optimizer(model, cfg)
-    start, seconds, cpu_seconds, channels_sorted = 0, 0.0, 0.0, False
-    torch.manual_seed(seed + ctx.rank)  # RPN / RoI sampling draw from the global generator
-    state = load_train_state(state_path, fingerprint, STATE_FORMAT, desc, quiet=not ctx.is_main)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, seconds, cpu_seconds = int(state["iter"]), float(state["seconds"]), float(state["cpu_seconds"])
-        channels_sorted = bool(state["channels_sorted"])
-        if ctx.is_main:
-            torch.set_rng_state(state["rng"])
-            if device.type == "cuda" and state.get("cuda_rng") is not None:  # torchvision samples on the GPU
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-        else:
-            torch.manual_seed(seed * 7919 + ctx.rank * 104729 + start)
-        print(f"{desc}: resuming from {state_path} at iteration {start}/{cfg['iters']}", file=sys.stderr)
-
-    def save(it: int) -> None:
-        if ctx.is_main:
-            save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,
-                                    "seconds": meter.seconds, "cpu_seconds": meter.cpu_seconds,
-                                    "rng": torch.get_rng_state(),
-                                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                                    "channels_sorted": channels_sorted, "model": model.state_dict(),
-                                    "optimizer": optimizer.state_dict()})
-            if log is not None:
-                log.flush()
-        barrier(ctx)
-
-    total = cfg["iters"] if stop_after is None else min(cfg["iters"], start + stop_after)
-    loader = batches_for(dataset, cfg["batch_size"], total, seed, start, cfg["workers"], ctx=ctx,
-                         pin_memory=device.type == "cuda")
-    params = [p for p in model.parameters() if p.requires_grad]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    forward: torch.nn.Module = model
-    if ctx.active:
-        # gradients accumulate locally over the sandwich's passes (no_sync) and are averaged in
-        # buckets during the last pass's backward, overlapped with it; a member leaves some
-        # weights unused, so DDP looks for them
-        forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
-    recorder = _Recorder(model.backbone)
-    model.train()
-    bar = progress_bar(cfg["iters"], start, desc) if ctx.is_main else None
-    if log is not None:
-        log.start(start, cfg["iters"])
-    meter = StepMeter(device, desc, "lower teacher_pool.train.lr", seconds=seconds, cpu_seconds=cpu_seconds)
-    it, last = start, {}
+    rule = _Sandwich(supernet, cfg, seed, device, ctx, desc)
     try:
-        for images, targets in loader:
-            meter.begin()
-            images, targets = to_device(images, targets, device)
-            if phase_at(it, cfg) == "width" and not channels_sorted:
-                moved = sort_channels(supernet, optimizer)
-                channels_sorted = True
-                if ctx.is_main:
-                    print(f"{desc}: width phase at iteration {it}: sorted {moved} channel groups by importance",
-                          file=sys.stderr)
-            lr = cfg["lr"] * lr_factor(it, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            teacher_feats = None
-            losses_of: dict[str, list[torch.Tensor]] = defaultdict(list)  # loss per role, distill loss
-            members = sandwich(supernet.space, it, cfg, seed)
-            for i, (role, arch) in enumerate(members):
-                supernet.set_active(arch)
-                sync = i == len(members) - 1 or not ctx.active
-                with amp, jittered_input([supernet.model], cfg["scales"], seed, it), \
-                        (contextlib.nullcontext() if sync else forward.no_sync()):
-                    losses = forward(images, targets)
-                    feats = recorder.output
-                    if teacher_feats is None:
-                        teacher_feats = {k: v.detach() for k, v in feats.items()}
-                    elif cfg["distill_weight"] > 0:
-                        losses["loss_distill"] = cfg["distill_weight"] * fpn_distill_loss(feats, teacher_feats)
-                    loss = sum(losses.values())
-                    loss.backward()
-                losses_of[f"loss_{role}"].append(loss.detach())
-                if "loss_distill" in losses:
-                    losses_of["loss_distill"].append(losses["loss_distill"].detach())
-            supernet.set_active(supernet.space.largest())
-            if cfg["clip_grad"] > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
-            optimizer.step()
-            it += 1
-            saves = it % cfg["checkpoint_every"] == 0 or it == total
-            means = {k: torch.stack(v).mean() for k, v in losses_of.items()}
-            for step in meter.end(it - 1, means, len(images) * ctx.world, read=saves):
-                last = {k.replace("loss_", ""): round(v, 4) for k, v in step.values.items() if k != "loss_distill"}
-                if log is not None:
-                    log.add(step.it, {**step.values, "lr": cfg["lr"] * lr_factor(step.it, cfg),
-                                      "phase": PHASES.index(phase_at(step.it, cfg))})
-                if bar is not None:
-                    bar.set_postfix({"phase": phase_at(step.it, cfg), **{k: f"{v:.3f}" for k, v in last.items()}},
-                                    refresh=False)
-            if bar is not None:
-                bar.update(1)
-            if saves:
-                save(it)
+        # a member leaves some weights unused, so DDP looks for them
+        out = train_loop(model, dataset, cfg, state_path, seed, device, rule.step, rule, fingerprint=fingerprint,
+                         desc=desc, hint="lower teacher_pool.train.lr", stop_after=stop_after, log=log, ctx=ctx,
+                         find_unused_parameters=True)
     finally:
-        recorder.close()
-        if bar is not None:
-            bar.close()
-    check_in_sync(params, ctx)
-    return {"iters": it, "seconds": round(meter.seconds, 2), "cpu_seconds": round(meter.cpu_seconds, 2),
-            "channels_sorted": channels_sorted, "last_losses": last}
+        rule.recorder.close()
+    check_in_sync([p for p in model.parameters() if p.requires_grad], ctx)
+    return {"iters": out["iters"], "seconds": out["seconds"], "cpu_seconds": out["cpu_seconds"],
+            "channels_sorted": rule.channels_sorted,
+            "last_losses": {k.replace("loss_", ""): v for k, v in out["last_losses"].items()}}
 
 
 # --- checkpoints ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 
 from jdnas.base_detector import train_base
 from jdnas.data.dataset import CocoDetection
-from jdnas.engine import coco_metrics, evaluate, lr_factor, train_detector
+from jdnas.engine import LoopHooks, coco_metrics, evaluate, lr_factor, train_detector, train_loop
 from jdnas.device import resolve_device
 from jdnas.errors import JdnasError
 from jdnas.models.arch import Arch, resolve_arch
@@ -74,6 +74,75 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(prepared, smoke_p
     out = train_detector(d, ds, {**cfg, "iters": 1}, tmp_path / "b.pt", seed=1, device=torch.device("cpu"),
                          fingerprint="other")
     assert out["iters"] == 1
+
+
+class _Counting(LoopHooks):
+    """Counts steps in its own saved state and logs the count; the step's "hidden" term stays off the bar."""
+
+    hidden = ("hidden",)
+
+    def __init__(self):
+        self.steps = 0
+
+    def before_step(self, it, optimizer):
+        self.steps += 1
+
+    def state(self):
+        return {"steps": self.steps}
+
+    def load_state(self, state):
+        self.steps = state["steps"]
+
+    def log_values(self, step):
+        return {"steps": float(self.steps)}
+
+
+class _Rows:
+    def __init__(self):
+        self.rows = {}
+
+    def start(self, step, total):
+        pass
+
+    def add(self, it, values):
+        self.rows[it] = dict(values)
+
+    def flush(self):
+        pass
+
+
+def test_train_loop_resumes_a_step_exactly_and_logs_what_it_returns(prepared, smoke_params, tmp_path):
+    """A trivial step (a linear model on the images' channel means, noise from torch's global RNG as
+    RPN sampling draws it): killed after 3 iterations and resumed, the loop ends with the weights and
+    hook state of an uninterrupted run; every returned term reaches the log, the hidden one only there."""
+    ds = CocoDetection(prepared / "train.json", max_size=64)
+    cfg = {**smoke_params["train_base"], "iters": 6, "checkpoint_every": 2}
+    cpu = torch.device("cpu")
+
+    def run(path, stop_after=None):
+        torch.manual_seed(0)
+        model, hooks, log, returned = torch.nn.Linear(3, 1), _Counting(), _Rows(), {}
+
+        def step(it, images, targets, forward):
+            x = torch.stack([im.mean((1, 2)) for im in images]) + 0.1 * torch.rand(len(images), 3)
+            loss = (forward(x) - 1).pow(2).mean()
+            loss.backward()
+            returned[it] = {"loss_fit": loss.item(), "hidden": 2 * loss.item()}
+            return {"loss_fit": loss.detach(), "hidden": 2 * loss.detach()}
+        out = train_loop(model, ds, cfg, path, 1, cpu, step, hooks, fingerprint="x", stop_after=stop_after, log=log)
+        return model, hooks, log, returned, out
+
+    a, ha, log, returned, out = run(tmp_path / "a.pt")
+    assert out["iters"] == 6 and ha.steps == 6 and set(out["last_losses"]) == {"loss_fit"}
+    assert sorted(log.rows) == list(range(6))
+    for it, values in returned.items():
+        assert log.rows[it] == {**values, "lr": pytest.approx(cfg["lr"] * lr_factor(it, cfg)), "steps": it + 1}
+    _, _, _, _, out = run(tmp_path / "b.pt", stop_after=3)
+    assert out["iters"] == 3 and torch.load(tmp_path / "b.pt", weights_only=True)["steps"] == 3
+    b, hb, log, _, out = run(tmp_path / "b.pt")
+    assert out["iters"] == 6 and hb.steps == 6 and sorted(log.rows) == [3, 4, 5]
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
 
 
 def test_an_unreadable_training_state_is_ignored_not_fatal(prepared, smoke_params, tmp_path, capsys):
