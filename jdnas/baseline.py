@@ -158,12 +158,15 @@ def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: to
               init: Path, share: float, out: Path, teacher: Path | None, iters: int | None = None) -> dict[str, Any]:
     """`jdnas train` from `init` (KD when a teacher is given) on val, for `iters` iterations or, if
     None, for those `share` buys: what the step has not yet spent (its teacher, the probe) less
-    the closing val evaluation (priced as the forward passes of as many training iterations as it
-    has images per batch), at the price of a measured iteration that includes the teacher's forward pass."""
+    the closing val evaluation (`eval_cost`), at the price of a measured iteration that includes
+    the teacher's forward pass; replanned at every checkpoint of the schedule's first half at the
+    price training has paid so far (a short probe misjudges a machine whose load changes)."""
     from jdnas.student import train_student
     cfg = params["train_student"]
     kd = teacher if teacher is not None and cfg["kd_weight"] > 0 else None
-    cost = None
+    cost, replan = None, None
+    least = params["baseline"]["min_iters"]
+    val_images = len(load_json(Path(data_dir) / "val.json", ["images"])["images"])
     plan = out / "plan.json"  # a killed run resumes on the iterations it planned, not on a new probe's
     if iters is None and plan.is_file():
         iters, cost = (json.loads(plan.read_text())[k] for k in ("iters", "cost_per_iter"))
@@ -171,20 +174,27 @@ def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: to
         student = load_detector(init)
         cost = iteration_cost(student, train_set, cfg, device, budget.clock, iters=PROBE_ITERS,
                               teacher=kd and set_input_size(load_detector(kd), student.head_cfg))
-        left = share - (budget.clock() - budget.step_start) - eval_cost(data_dir, cfg, cost)
-        iters = max(params["baseline"]["min_iters"], int(left / cost))
-        write_json(plan, {"iters": iters, "cost_per_iter": cost, "share": share})
+        before = budget.clock() - budget.step_start  # the step's teacher and the probe
+        iters = max(least, int((share - before - eval_cost(val_images, cfg["batch_size"], cost)) / cost))
+        write_json(plan, {"iters": iters, "cost_per_iter": cost, "share": share, "before_training": before})
+    if cost is not None:
+        before = json.loads(plan.read_text()).get("before_training", 0.0)
+
+        def replan(it: int, seconds: float, cpu_seconds: float) -> int:
+            spent = cpu_seconds if budget.unit == "cpu_seconds" else seconds
+            price = spent / it
+            return max(least, it + int((share - before - eval_cost(val_images, cfg["batch_size"], price) - spent) / price))
     metrics = train_student({**params, "train_student": schedule_for(cfg, iters)}, data_dir, out, init, None, kd,
-                            eval_split="val", seed=params["seed"])
+                            eval_split="val", seed=params["seed"], replan=replan)
     resumed = metrics.get("resumed_cpu_seconds", 0.0) if budget.unit == "cpu_seconds" else 0.0
-    return {**metrics, "iters": iters, "cost_per_iter": cost and round(cost, 4), "resumed_compute": resumed}
+    return {**metrics, "iters": metrics["train_iters"], "planned_iters": iters, "cost_per_iter": cost and round(cost, 4),
+            "resumed_compute": resumed}
 
 
-def eval_cost(data_dir: Path, cfg: dict[str, Any], iter_cost: float) -> float:
-    """What evaluating on val costs, from a training iteration's price: a forward pass is about a
+def eval_cost(images: int, batch_size: int, iter_cost: float) -> float:
+    """What evaluating `images` costs, from a training iteration's price: a forward pass is about a
     third of an iteration (forward + backward, per `batch_size` images)."""
-    images = len(load_json(Path(data_dir) / "val.json", ["images"])["images"])
-    return images / cfg["batch_size"] * iter_cost / 3
+    return images / batch_size * iter_cost / 3
 
 
 class Budget:

@@ -37,6 +37,8 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LossFn = Callable[[Detector, list, list], dict[str, torch.Tensor]]
 # step(it, images, targets, forward): forward and backward passes; returns the detached terms to log
 TrainStep = Callable[[int, list, list, torch.nn.Module], dict[str, torch.Tensor]]
+Replan = Callable[[int, float, float], int]  # (iterations done, seconds, CPU-seconds) -> schedule length
+REPLAN_CAP = 2  # a replanned schedule is at most this many times the planned one
 
 
 def lr_factor(it: int, cfg: dict[str, Any]) -> float:
@@ -160,7 +162,7 @@ def train_loop(model: torch.nn.Module, dataset: CocoDetection, cfg: dict[str, An
                extra: torch.nn.Module | None = None, stop_after: int | None = None, log: TrainLog | None = None,
                on_eval: Callable[[int], None] | None = None, eval_every: int = 0, ctx: DistContext = DistContext(),
                first: int = 0, until: int | None = None, momentum: dict[str, torch.Tensor] | None = None,
-               find_unused_parameters: bool = False) -> dict[str, Any]:
+               find_unused_parameters: bool = False, replan: Replan | None = None) -> dict[str, Any]:
     """The one training loop (see `train_detector` for the arguments it shares): SGD on `model` (on
     `device` already) and `extra`, `step(it, images, targets, forward)` running the forward and
     backward passes of each iteration and returning the detached terms to log; `hooks` add to it.
@@ -168,8 +170,15 @@ def train_loop(model: torch.nn.Module, dataset: CocoDetection, cfg: dict[str, An
     Under DDP `forward` is the wrapper (`find_unused_parameters` for steps that leave weights
     unused); rank 0 trains from `seed` (or the resumed RNG), every other rank from a seed derived
     from its rank and start, so ranks draw different samples.
+
+    `replan(it, seconds, cpu_seconds)`, called at each checkpoint of the schedule's first half
+    with what training has spent so far, returns the schedule's new length (at most
+    `REPLAN_CAP` x cfg's; kept in the training state): a compute budget that holds while the
+    price of an iteration drifts with the machine's load. Not for a segment (`first`/`until`).
     """
     state_path = Path(state_path)
+    cfg = dict(cfg)  # its iters may be replanned
+    cap = REPLAN_CAP * cfg["iters"]
     trained = model if extra is None else torch.nn.ModuleList([model, extra.to(device)])
     optimizer = make_optimizer(trained, cfg)
     named = named_parameters(model, extra)
@@ -185,6 +194,7 @@ def train_loop(model: torch.nn.Module, dataset: CocoDetection, cfg: dict[str, An
             extra.load_state_dict(state["extra"])
         optimizer.load_state_dict(state["optimizer"])
         seconds, cpu_seconds = float(state["seconds"]), float(state.get("cpu_seconds", 0.0))
+        cfg["iters"] = int(state.get("iters", cfg["iters"]))
         hooks.load_state(state)
         if ctx.is_main:
             torch.set_rng_state(state["rng"])
@@ -194,7 +204,7 @@ def train_loop(model: torch.nn.Module, dataset: CocoDetection, cfg: dict[str, An
 
     def save(it: int) -> None:
         if ctx.is_main:
-            save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it,
+            save_torch(state_path, {"format": STATE_FORMAT, "fingerprint": fingerprint, "iter": it, "iters": cfg["iters"],
                                     "seconds": meter.seconds, "cpu_seconds": meter.cpu_seconds,
                                     "rng": torch.get_rng_state(),
                                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -204,10 +214,14 @@ def train_loop(model: torch.nn.Module, dataset: CocoDetection, cfg: dict[str, An
                 log.flush()
         barrier(ctx)
 
-    end = cfg["iters"] if until is None else min(until, cfg["iters"])
-    total = end if stop_after is None else min(end, start + stop_after)
-    loader = batches_for(dataset, cfg["batch_size"], total, seed, start, cfg["workers"], ctx=ctx,
-                         pin_memory=device.type == "cuda")
+    def bounds() -> tuple[int, int]:
+        """(where the schedule stops, where this call stops)."""
+        end = cfg["iters"] if until is None else min(until, cfg["iters"])
+        return end, end if stop_after is None else min(end, start + stop_after)
+
+    end, total = bounds()
+    loader = batches_for(dataset, cfg["batch_size"], max(total, cap) if replan else total, seed, start,
+                         cfg["workers"], ctx=ctx, pin_memory=device.type == "cuda")
     params = [p for p in trained.parameters() if p.requires_grad]
     forward = model
     if ctx.active:  # gradients averaged in buckets, overlapped with the (last) backward pass
@@ -222,6 +236,8 @@ def train_loop(model: torch.nn.Module, dataset: CocoDetection, cfg: dict[str, An
     it, last = start, {}
     try:
         for images, targets in loader:
+            if it >= total:  # a replanned, shorter schedule
+                break
             meter.begin()
             images, targets = to_device(images, targets, device)
             hooks.before_step(it, optimizer)
@@ -249,6 +265,12 @@ def train_loop(model: torch.nn.Module, dataset: CocoDetection, cfg: dict[str, An
                     model.eval()
                     on_eval(it)
                     trained.train()
+            if saves and replan is not None and it < total and 2 * it <= cfg["iters"]:
+                cfg["iters"] = min(cap, max(it + 1, replan(it, meter.seconds, meter.cpu_seconds)))
+                end, total = bounds()
+                if bar is not None:
+                    bar.total = cfg["iters"]
+                    bar.refresh()
             if saves:
                 save(it)
     finally:
@@ -276,7 +298,7 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
                    extra: torch.nn.Module | None = None, log: TrainLog | None = None,
                    on_eval: Callable[[int], None] | None = None, eval_every: int = 0,
                    ctx: DistContext = DistContext(), first: int = 0, until: int | None = None,
-                   momentum: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                   momentum: dict[str, torch.Tensor] | None = None, replan: Replan | None = None) -> dict[str, Any]:
     """Train `model` for cfg['iters'] iterations, checkpointing to `state_path` and resuming from it.
 
     A saved state is resumed only if its `fingerprint` (arch, params, data) matches; otherwise
@@ -298,7 +320,7 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     state is resumed and `until` where it stops (exclusive; default cfg['iters']), the lr following
     cfg's schedule over all cfg['iters']; `momentum` seeds SGD's buffers by parameter name (KD
     modules as `extra.<name>`; a missing or misshapen one starts at zero), and the summary returns
-    them (`momentum`), so the next segment continues where this one stopped.
+    them (`momentum`), so the next segment continues where this one stopped. `replan`: see `train_loop`.
     """
     model.to(device)
     if device.type == "cuda":
@@ -313,7 +335,7 @@ def train_detector(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
 
     return train_loop(model, dataset, cfg, state_path, seed, device, step, _Throughput(), fingerprint=fingerprint,
                       desc=desc, extra=extra, stop_after=stop_after, log=log, on_eval=on_eval, eval_every=eval_every, ctx=ctx,
-                      first=first, until=until, momentum=momentum)
+                      first=first, until=until, momentum=momentum, replan=replan)
 
 
 def named_parameters(model: torch.nn.Module, extra: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:

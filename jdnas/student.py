@@ -13,7 +13,7 @@ from typing import Any
 from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection
 from jdnas.distill import Distiller, Teacher
-from jdnas.engine import detection_loss, evaluate, train_detector
+from jdnas.engine import Replan, detection_loss, evaluate, train_detector
 from jdnas.device import resolve_device
 from jdnas.errors import JdnasError
 from jdnas.io import file_sha256, write_json
@@ -35,10 +35,11 @@ def parse_action(text: str | None) -> Action | None:
 
 def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init: str | Path,
                   action: str | Action | None = None, teacher: str | Path | None = None,
-                  eval_split: str = "minival", seed: int | None = None) -> dict[str, Any]:
+                  eval_split: str = "minival", seed: int | None = None, replan: Replan | None = None
+                  ) -> dict[str, Any]:
     """Load `init`, apply `action` with weight inheritance, train with KD from `teacher` (if given),
     evaluate on `eval_split`; write model.pt and metrics.json to `out_dir` (TensorBoard events in
-    out_dir/tb); return the metrics."""
+    out_dir/tb); return the metrics. `replan`: a compute budget (see `engine.train_loop`)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     cfg = params["train_student"]
     seed = params["seed"] if seed is None else seed
@@ -74,7 +75,7 @@ def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init:
         raise JdnasError(f"{split}: split not found (expected train/minival/val in {data_dir})")
     with TrainLog(out_dir) as log:
         summary = train_detector(model, train_set, cfg, state_path, seed, device, fp, loss_fn=loss_fn,
-                                 desc="train_student", extra=distiller, log=log)
+                                 desc="train_student", extra=distiller, log=log, replan=replan)
         metrics = evaluate(model, split, params["eval"]["batch_size"], device)
         log.metrics(metrics, summary["iters"], prefix=f"{eval_split}/")
     metrics.update({"split": eval_split, "arch": str(model.arch), "head": str(Head.of(model.head_cfg)),

@@ -145,9 +145,11 @@ def test_a_matched_fine_tune_resumes_on_the_iterations_it_planned(prepared, smok
     first = fine_tune(params, prepared, data, torch.device("cpu"), Budget(None, "cpu_seconds", [1.0] * 4), base_ckpt,
                       1.0, tmp_path / "a", None)
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())
-    assert plan["iters"] == first["iters"] >= params["baseline"]["min_iters"] and plan["cost_per_iter"] > 0
+    assert plan["iters"] == first["planned_iters"] >= params["baseline"]["min_iters"] and plan["cost_per_iter"] > 0
+    assert first["iters"] >= params["baseline"]["min_iters"]  # replanned on what training paid
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "plan.json").write_text(json.dumps({"iters": 3, "cost_per_iter": 0.5, "share": 1.5}))
     again = fine_tune(params, prepared, data, torch.device("cpu"), Budget(None, "cpu_seconds", [1.0] * 4), base_ckpt,
                       1000.0, tmp_path / "b", None)
-    assert again["iters"] == 3 and again["cost_per_iter"] == 0.5
+    # the plan's 3 iterations (checkpoint_every 2: no checkpoint in the first half, so no replan)
+    assert again["planned_iters"] == again["iters"] == 3 and again["cost_per_iter"] == 0.5
