@@ -13,7 +13,8 @@ cosine over the whole search, the finish being its tail). Each round r:
    other finalists; scored on minival, detections kept.
 3. `select`: the winner by score (AP, less a penalty per unit of predicted overshoot above the
    target); a paired per-image bootstrap that calls two finalists a tie gives the round to the
-   cheaper, then to the one closer to the lineage (the control, the current teacher). The winner
+   cheaper (down to the target: a cut past it buys nothing), then to the one closer to the
+   lineage (the control, the current teacher). The winner
    trains on to the round's end of the schedule: its trial iterations count as lineage.
 `finish` trains the lineage to the end of the schedule. Each distinct teacher is extracted from
 the pool and recalibrated once per search (`teachers/`), and every job accounts its compute by

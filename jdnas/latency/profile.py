@@ -136,6 +136,7 @@ class Profiler:
         def progress(done: int, total: int) -> None:
             if done % step == 0 or done == total:
                 print(f"{desc}: {done}/{total}", file=sys.stderr, flush=True)
+        torch.manual_seed(self.seed + seed_offset)  # the backbone entries' random weights and inputs
         timed = measure_all(builders, self.timer, self.cfg["warmup"], self.cfg["runs"], self.cfg["rounds"],
                             self.seed + seed_offset, progress, None, KEEP_BYTES)
         draws: dict = {}
