@@ -49,7 +49,7 @@ from jdnas.tblog import TrainLog
 
 STEPS = ("nas", "retrain", "prune", "kd")
 NAS_STEPS = STEPS[:2]  # stage baseline_nas; the rest is stage baseline_naive
-PROBE_ITERS = 10  # timed iterations that price a matched fine-tune (3 misjudged a loaded machine by 6%)
+PROBE_ITERS = 10  # timed iterations that price a matched fine-tune (3 misjudged a loaded machine by 8-37%)
 
 
 # --- the pieces ------------------------------------------------------------------------------
@@ -183,12 +183,13 @@ def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: to
         def replan(it: int, seconds: float, cpu_seconds: float) -> int:
             spent = cpu_seconds if budget.unit == "cpu_seconds" else seconds
             price = spent / it
-            return max(least, it + int((share - before - eval_cost(val_images, cfg["batch_size"], price) - spent) / price))
+            left = share - before - eval_cost(val_images, cfg["batch_size"], price) - spent
+            return max(least, it + int(left / price))
     metrics = train_student({**params, "train_student": schedule_for(cfg, iters)}, data_dir, out, init, None, kd,
                             eval_split="val", seed=params["seed"], replan=replan)
     resumed = metrics.get("resumed_cpu_seconds", 0.0) if budget.unit == "cpu_seconds" else 0.0
-    return {**metrics, "iters": metrics["train_iters"], "planned_iters": iters, "cost_per_iter": cost and round(cost, 4),
-            "resumed_compute": resumed}
+    return {**metrics, "iters": metrics["train_iters"], "planned_iters": iters,
+            "cost_per_iter": cost and round(cost, 4), "resumed_compute": resumed}
 
 
 def eval_cost(images: int, batch_size: int, iter_cost: float) -> float:
