@@ -19,11 +19,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jdnas.base_detector import train_base  # noqa: E402
+from jdnas.baselines.base import train_base  # noqa: E402
 from jdnas.config import load_params, merge  # noqa: E402
 from jdnas.data.dataset import CocoDetection  # noqa: E402
 from jdnas.data.prepare import prepare_data  # noqa: E402
-from jdnas.engine import evaluate, train_detector  # noqa: E402
+from jdnas.engine.loop import evaluate, train_detector  # noqa: E402
 from jdnas.models.detector import Detector, load_detector  # noqa: E402
 
 ROOT = REPO / "runs" / "bench"

@@ -6,7 +6,7 @@ bf16 autocast on CUDA:
 - `torchvision-ref`: the loop of torchvision's detection reference (references/detection/engine.py):
   NCHW, `foreach` SGD, the losses reduced and read with `.item()` every iteration, a finiteness
   check on the host every iteration;
-- `jdnas`: `jdnas.engine.train_detector` as the workflow runs it (channels_last, fused SGD on
+- `jdnas`: `jdnas.engine.loop.train_detector` as the workflow runs it (channels_last, fused SGD on
   CUDA, losses read every 20 iterations, pinned batches).
 Columns: images/s over the timed iterations (after warm-up), peak GPU memory, and the eval
 latency of one image (batch 1, median of 20) of the same untrained weights in each loop's
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from jdnas.config import load_params  # noqa: E402
 from jdnas.data.dataset import collate  # noqa: E402
-from jdnas.engine import lr_factor, make_optimizer, train_detector  # noqa: E402
+from jdnas.engine.loop import lr_factor, make_optimizer, train_detector  # noqa: E402
 from jdnas.models.arch import resolve_arch  # noqa: E402
 from jdnas.models.detector import build_detector, head_config  # noqa: E402
 

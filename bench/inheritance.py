@@ -19,7 +19,7 @@ from common import PARENT_ITERS, bench_params, parent, table, train_and_eval
 
 from jdnas.models.complexity import count_params
 from jdnas.models.detector import build_detector
-from jdnas.morphism import Action, morph_detector
+from jdnas.models.morphism import Action, morph_detector
 
 ACTIONS = ("prune(3,0.5)", "shallow(3,1)")
 INHERITED_ITERS = (0, 25, 50, 100, 200)

@@ -17,7 +17,7 @@ import torch
 
 from common import PARENT_ITERS, bench_params, parent, table, train_and_eval
 
-from jdnas.distill import KD_LOSSES, Distiller, Teacher
+from jdnas.joint.distill import KD_LOSSES, Distiller, Teacher
 from jdnas.models.arch import preset
 from jdnas.models.complexity import count_params
 from jdnas.models.detector import build_detector

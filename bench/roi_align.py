@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jdnas.config import load_params  # noqa: E402
-from jdnas.engine import detection_loss, make_optimizer  # noqa: E402
+from jdnas.engine.loop import detection_loss, make_optimizer  # noqa: E402
 from jdnas.models.arch import resolve_arch  # noqa: E402
 from jdnas.models.detector import FPN_LEVELS, build_detector, head_config  # noqa: E402
 from jdnas.models.roi_align import FastMultiScaleRoIAlign, roi_align_fast  # noqa: E402

@@ -66,7 +66,7 @@ def run_variant(run: str, out: str, name: str, seed: int | None = None) -> dict[
     own, the data, base, pool and table being the run's)."""
     import torch
     torch.set_num_threads(1)
-    from jdnas.search import Context, run_search
+    from jdnas.joint.search import Context, run_search
     run_p, p = Path(run), _paths(Path(run))
     params = _params(run_p, {**VARIANTS[name.split(" seed=")[0]], **({"seed": seed} if seed is not None else {})})
     root = Path(out) / _slug(name)
@@ -82,7 +82,7 @@ def run_prune_kd(run: str, out: str, summary: str, seed: int | None = None) -> d
     """prune_kd matched to the compute of the search whose `summary` it is given."""
     import torch
     torch.set_num_threads(1)
-    from jdnas.matched import run_matched
+    from jdnas.baselines.matched import run_matched
     run_p, p = Path(run), _paths(Path(run))
     name = "prune_kd" if seed is None else f"prune_kd seed={seed}"
     res = run_matched("prune_kd", _params(run_p, {} if seed is None else {"seed": seed}), p["data"], p["table"],
@@ -94,7 +94,8 @@ def run_prune_kd(run: str, out: str, summary: str, seed: int | None = None) -> d
 
 def measure(rows: list[dict], run: Path) -> None:
     """Val AP of every row, and latency of every row and the base in one interleaved measurement."""
-    from jdnas.engine import evaluate
+    from jdnas.config import val_timing
+    from jdnas.engine.loop import evaluate
     from jdnas.latency import LatencyTable
     from jdnas.latency.measure import compare_on_val
     from jdnas.models.arch import Head
@@ -105,7 +106,7 @@ def measure(rows: list[dict], run: Path) -> None:
     cpu = torch.device("cpu")
     models = {r["name"]: load_detector(r["model"]) for r in rows}
     base = load_detector(p["base"])
-    ms = compare_on_val({**models, "base": base}, p["data"], params, cpu, base.head_cfg["max_size"])
+    ms = compare_on_val({**models, "base": base}, p["data"], cpu, base.head_cfg["max_size"], **val_timing(params))
     base_pred = LatencyTable.load(p["table"]).predict(base.arch, Head.of(base.head_cfg))
     for r in rows:
         r["ap"] = evaluate(models[r["name"]], p["data"] / "val.json", params["eval"]["batch_size"], cpu)["AP"]
@@ -118,8 +119,8 @@ def screen_correlation(run: Path, out: Path) -> dict[str, float]:
     import pandas as pd
     import torch
     torch.set_num_threads(1)
-    from jdnas.lineage import Lineage, apply_moves
-    from jdnas.search import CUT_KINDS, Context, _evaluate, _train, Spent, candidate_actions
+    from jdnas.joint.lineage import Lineage, apply_moves
+    from jdnas.joint.search import CUT_KINDS, Context, _evaluate, _train, Spent, candidate_actions
     from jdnas.models.detector import load_detector
     from jdnas.models.teacher_gene import largest_gene
     p = _paths(run)
@@ -127,7 +128,7 @@ def screen_correlation(run: Path, out: Path) -> dict[str, float]:
     base = load_detector(p["base"])
     lat = ctx.latency(ctx.base_arch, ctx.base_head)
     options = candidate_actions(ctx.base_arch, ctx.base_head, ctx.base_head, ctx.bounds, ctx.table, lat, 0.0)
-    from jdnas.search import teacher_for
+    from jdnas.joint.search import teacher_for
     gene = str(largest_gene(ctx.space))
     teacher, _ = teacher_for(ctx, gene, Spent())
     rows = []

@@ -23,12 +23,12 @@ import torch
 from jdnas.config import load_params
 from jdnas.data.dataset import CocoDetection
 from jdnas.data.prepare import prepare_data
-from jdnas.engine import evaluate, train_detector
-from jdnas.device import resolve_device
+from jdnas.engine.device import resolve_device
+from jdnas.engine.loop import evaluate, train_detector
+from jdnas.joint.teacher_pool import TeacherPool, pool_space, train_supernet
 from jdnas.models.complexity import count_params
 from jdnas.models.detector import build_detector, head_config
 from jdnas.models.elastic import Supernet
-from jdnas.teacher_pool import TeacherPool, pool_space, train_supernet
 
 
 class CpuClock:

@@ -57,7 +57,7 @@ def _params(args: argparse.Namespace) -> dict:
 
 
 def _runtime(args: argparse.Namespace, params: dict, gpus: int = 1) -> None:
-    """Set torch's CPU threads; with `device: cuda`, lease `gpus` free GPUs (see jdnas.gpu) for a
+    """Set torch's CPU threads; with `device: cuda`, lease `gpus` free GPUs (see jdnas.engine.gpu) for a
     command that uses them (0: none). A torchrun child uses what its parent leased; `device:
     cuda:N` uses device N as given, leasing nothing."""
     if getattr(args, "threads", None):
@@ -65,7 +65,7 @@ def _runtime(args: argparse.Namespace, params: dict, gpus: int = 1) -> None:
         torch.set_num_threads(args.threads)
     if gpus and (params["device"] == "cuda" or os.environ.get("JDNAS_GPUS")):
         import time
-        from jdnas.gpu import inherited_lease, lease_gpus
+        from jdnas.engine.gpu import inherited_lease, lease_gpus
         inherited = inherited_lease()
         if inherited is not None:
             print(f"gpu lease: CUDA_VISIBLE_DEVICES={inherited} inherited by rank {os.environ.get('RANK', '0')}",
@@ -81,7 +81,7 @@ def _ddp(args: argparse.Namespace, params: dict, gpus: int, what: str) -> bool:
     children inherit them; True there (the children did the work). False in a child or with one GPU."""
     if gpus <= 1 or "WORLD_SIZE" in os.environ:
         return False
-    from jdnas.dist import relaunch_with_torchrun
+    from jdnas.engine.dist import relaunch_with_torchrun
     _runtime(args, params, gpus)
     if relaunch_with_torchrun(gpus, args.argv) != 0:
         raise JdnasError(f"{what}: one of the {gpus} torchrun processes failed (see above)")
@@ -152,14 +152,14 @@ def _file_out(out: str, what: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from jdnas.export import export_checkpoint
+    from jdnas.models.export import export_checkpoint
     _file_out(args.out, "the .onnx file to write")
     check_inputs_sacred(args, None)
     print(json.dumps(export_checkpoint(args.ckpt, args.out)))
 
 
 def cmd_train_base(args: argparse.Namespace) -> None:
-    from jdnas.base_detector import train_base
+    from jdnas.baselines.base import train_base
     params = _params(args)
     if _ddp(args, params, params["train_base"]["gpus"], "train-base"):
         return
@@ -170,7 +170,7 @@ def cmd_train_base(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from jdnas.student import train_student
+    from jdnas.joint.student import train_student
     params = _params(args)
     _runtime(args, params)
     print(json.dumps(train_student(params, args.data, args.out, args.init, args.action, args.teacher,
@@ -179,7 +179,7 @@ def cmd_train_teacher_pool(args: argparse.Namespace) -> None:
     params = _params(args)
     if _ddp(args, params, params["teacher_pool"]["train"]["gpus"], "train-teacher-pool"):
         return
-    from jdnas.teacher_pool import train_teacher_pool
+    from jdnas.joint.teacher_pool import train_teacher_pool
     _runtime(args, params)
     summary = train_teacher_pool(params, args.data, args.out, args.base)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -187,7 +187,7 @@ def cmd_train_teacher_pool(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_teacher_pool(args: argparse.Namespace) -> None:
-    from jdnas.teacher_pool import eval_teacher_pool
+    from jdnas.joint.teacher_pool import eval_teacher_pool
     params = _params(args)
     _runtime(args, params)
     for row in eval_teacher_pool(params, args.data, args.supernet, args.out):
@@ -195,12 +195,12 @@ def cmd_eval_teacher_pool(args: argparse.Namespace) -> None:
 
 
 def _search_context(args: argparse.Namespace, params: dict):
-    from jdnas.search import Context
+    from jdnas.joint.search import Context
     return Context(params, args.data, args.supernet, args.latency_table, args.base, args.root)
 
 
 def cmd_search_step(args: argparse.Namespace) -> None:
-    from jdnas import search
+    from jdnas.joint import search
     params = _params(args)
     _runtime(args, params, gpus=int(args.step != "history"))  # screening, trials and the lineage train
     if args.step == "history":
@@ -223,14 +223,14 @@ def cmd_search_step(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from jdnas.search import run_search
+    from jdnas.joint.search import run_search
     params = _params(args)
     _runtime(args, params)
     print(json.dumps(run_search(_search_context(args, params)).__dict__))
 
 
 def cmd_evaluate_final(args: argparse.Namespace) -> None:
-    from jdnas.final import evaluate_final, final_line
+    from jdnas.evaluation.final import evaluate_final, final_line
     params = _params(args)
     _runtime(args, params)
     summary = evaluate_final(params, args.data, args.state, args.base, args.out, args.latency_table)
@@ -242,10 +242,10 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     params = _params(args)
     _runtime(args, params)
     if args.pipeline == "naive":
-        from jdnas.baseline import run_baseline
+        from jdnas.baselines.naive import run_baseline
         result = run_baseline(params, args.data, args.latency_table, args.supernet, args.out, args.until)["final"]
     else:
-        from jdnas.matched import run_matched
+        from jdnas.baselines.matched import run_matched
         where = (args.data, args.latency_table, args.base, args.supernet)
         result = {k: v for k, v in run_matched(args.pipeline, params, *where, args.search_summary, args.out).items()
                   if k != "steps"}
@@ -253,7 +253,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from jdnas.report import write_report
+    from jdnas.evaluation.report import write_report
     params = _params(args)
     _runtime(args, params)
     rows = write_report(args.runs, args.out, params, args.data)
@@ -261,8 +261,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from jdnas.engine import evaluate
-    from jdnas.device import resolve_device
+    from jdnas.engine.loop import evaluate
+    from jdnas.engine.device import resolve_device
     from jdnas.models.detector import load_detector
     params = _params(args)
     _runtime(args, params)
@@ -288,7 +288,7 @@ def cmd_profile_latency(args: argparse.Namespace) -> None:
     params = _params(args)
     # the timings use latency.threads from the params; --threads only says how many cores the job holds
     if params["latency"]["device"] == "cuda":  # time on a GPU no other job of ours is using
-        from jdnas.gpu import lease_gpus
+        from jdnas.engine.gpu import lease_gpus
         print(f"gpu lease: CUDA_VISIBLE_DEVICES={lease_gpus(1)}", file=sys.stderr, flush=True)
     print(json.dumps(profile_latency(params, args.data, args.out)))
 
@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/final", help="output folder (default: %(default)s)")
 
     p = add("baseline", cmd_baseline, "stages baseline_nas, baseline_naive, control, prune_kd: what a user "
-            "would otherwise do, on the search's latency target (jdnas/baseline.py, jdnas/matched.py)", threads=True)
+            "would otherwise do, on the search's latency target (jdnas/baselines/naive.py, jdnas/baselines/matched.py)", threads=True)
     p.add_argument("--pipeline", default="naive", choices=["naive", "control", "prune_kd"],
                    help="naive: NAS -> retrain -> prune -> KD; control: the base fine-tuned; prune_kd: greedy "
                         "pruning to the target, then KD (default: %(default)s)")

@@ -14,9 +14,11 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from jdnas.errors import ConfigError, clip, short
+from jdnas.errors import ConfigError, JdnasError, clip, short
+from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.bounds import (MAX_BATCH, MAX_DETECTIONS, MAX_FPN, MAX_INPUT, MAX_ITERS, MAX_PROPOSALS, MAX_REP,
-                                 MAX_SAMPLES, MAX_SEED, MAX_WIDTH_MULT, MIN_WIDTH_MULT)
+    MAX_SAMPLES, MAX_SEED, MAX_WIDTH_MULT, MIN_WIDTH_MULT)
+from jdnas.models.detector import HEAD_KEYS, check_size, read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,7 @@ SCHEMA: dict = {
         "kd_bg_weight": number(0.5, 0.0),
         "kd_temperature": number(1.0, 0.0, lo_open=True),
     },
-    # the student action space (jdnas.morphism.legal_actions); stages 0..3 = C2..C5
+    # the student action space (jdnas.models.morphism.legal_actions); stages 0..3 = C2..C5
     "search_space": {
         "actions": strings(["deepen", "shallow", "shift", "prune", "slim", "fpn_prune", "head_prune", "resize",
                             "proposals"], MORPH_ACTIONS),
@@ -271,7 +273,7 @@ SCHEMA: dict = {
             "head_ratios": numbers([0.5], 0.0, 1.0, min_len=0),
         },
     },
-    # hill climbing over (student, teacher) pairs (jdnas.search)
+    # hill climbing over (student, teacher) pairs (jdnas.joint.search)
     "search": {
         "rounds": integer(3, 1),
         "candidates": integer(2, 1),
@@ -399,7 +401,6 @@ def check_consistency(p: dict, source: str) -> None:
                           "predict a widened student")
     if space["min_width"] > space["max_width"]:
         raise ConfigError(f"{source}: search_space.min_width must be <= search_space.max_width")
-    from jdnas.models.arch import resolve_arch  # late import: models depend on nothing here
     try:
         base = resolve_arch(p["model"]["base"], p["model"]["width"])
     except ValueError as e:
@@ -416,8 +417,6 @@ def check_consistency(p: dict, source: str) -> None:
 def _check_model_size(arch: Any, model: dict, where: str) -> None:
     """The widths, depths and estimated parameter count of the detector `model` describes, before
     anything is built (jdnas.models.detector.check_size)."""
-    from jdnas.errors import JdnasError
-    from jdnas.models.detector import check_size
     try:
         check_size(arch, model["fpn_channels"], model["representation_size"], 91, where)
     except JdnasError as e:
@@ -439,9 +438,6 @@ def resolve_checkpoint(p: dict, source: str) -> None:
         m["checkpoint"] = m["base"]
     if m["checkpoint"] is None:
         return
-    from jdnas.errors import JdnasError
-    from jdnas.models.arch import Arch
-    from jdnas.models.detector import HEAD_KEYS, read_checkpoint
     try:
         ckpt = read_checkpoint(m["checkpoint"], hint=" (model.checkpoint)")
     except JdnasError as e:
@@ -460,7 +456,6 @@ def resolve_checkpoint(p: dict, source: str) -> None:
 
 def check_teacher_pool(p: dict, source: str) -> None:
     """The pool space must fit its largest member; phases must come in order; DDP needs CUDA."""
-    from jdnas.models.arch import resolve_arch
     space, train = p["teacher_pool"]["space"], p["teacher_pool"]["train"]
     try:
         arch = resolve_arch(space["base"], space["width"])
@@ -541,3 +536,18 @@ def explicit_keys(files: Iterable[str | Path], top: str) -> set[str]:
         if isinstance(node, dict):
             keys |= {str(k) for k in node}
     return keys
+
+
+def user_data(params: dict) -> list[Path]:
+    """The user's annotation files and image folders (none for synthetic data)."""
+    if params["data"]["source"] != "coco":
+        return []
+    c = params["data"]["coco"]
+    return [Path(c[k]) for k in ("train_annotations", "train_images", "val_annotations", "val_images")]
+
+
+def val_timing(params: dict) -> dict[str, Any]:
+    """`latency.measure.compare_on_val`'s settings: 4x the pool's `latency_runs` interleaved rounds,
+    its threads, the latency clock."""
+    ev = params["teacher_pool"]["eval"]
+    return {"runs": ev["latency_runs"] * 4, "threads": ev["latency_threads"], "clock": params["latency"]["clock"]}

@@ -1,4 +1,5 @@
 """The one exception type users see: its message is a single line naming the file and field."""
+import reprlib
 
 
 class JdnasError(Exception):
@@ -19,7 +20,6 @@ MAX_VALUE_CHARS = 200
 def short(value: object, limit: int = MAX_VALUE_CHARS) -> str:
     """`repr(value)` for an error line, at most `limit` characters: a huge or deeply nested value (a
     YAML alias bomb, a list nested thousands deep) is shortened without being expanded in full."""
-    import reprlib
     r = reprlib.Repr()
     r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset = 4, 8, 8, 8, 8
     r.maxstring, r.maxother, r.maxlong = limit, limit, 60

@@ -5,11 +5,13 @@ A killed job therefore never leaves a half-written output that looks finished.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -42,7 +44,6 @@ def clean_stale_tmp(path: str | Path, max_age_s: float = 6 * 3600) -> list[Path]
     """Remove the hidden temporaries a killed writer of `path` left beside it (`.NAME.PID.*.tmp`
     whose PID no longer runs; older unnamed ones `.NAME.*.tmp` after `max_age_s`). A live writer's
     temporary (a concurrent run) is left alone. Returns what was removed."""
-    import time
     path = Path(path)
     removed = []
     try:
@@ -69,7 +70,6 @@ def clean_stale_tmp(path: str | Path, max_age_s: float = 6 * 3600) -> list[Path]
 
 
 def glob_escape(name: str) -> str:
-    import glob
     return glob.escape(name)
 
 
@@ -218,6 +218,11 @@ def save_torch(path: str | Path, obj: Any) -> None:
             if "write" not in str(e).lower() or shutil.disk_usage(Path(tmp).parent).free > (64 << 20):
                 raise
             raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (what a resumable state was written for)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def file_sha256(path: str | Path) -> str:

@@ -9,23 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import yaml
 
-from jdnas.config import section
+from jdnas.config import section, user_data
+from jdnas.io import file_sha256, fingerprint
+from jdnas.paths import BASE, BASELINE, DATA, FINAL, LATENCY, POOL, REPORT, REPORT_PLOTS, SEARCH
 
-DATA = "data/prepared"
-BASE = "runs/base"
-# per target device; `${latency.device}` is filled from the params (DVC templating; `resolved` for Snakemake)
-LATENCY = "runs/latency/${latency.device}"
-POOL = "runs/teacher_pool"
-SEARCH = "runs/search"
-BASELINE = "runs/baseline"
-FINAL = "runs/final"
-REPORT = "reports"
-REPORT_PLOTS = ("search_trajectory.png", "ap_vs_latency.png", "teacher_pool.png", "student_vs_teacher.png")
 TABLE = f"{LATENCY}/table.csv"
 NAIVE_NAS = f"{BASELINE}/steps/retrain/metrics.json"  # stage baseline_nas is done
 MATCHED = {"control": ("finetune",), "prune_kd": ("prune", "kd")}  # baselines matched to the search's compute
@@ -33,8 +26,8 @@ MATCHED = {"control": ("finetune",), "prune_kd": ("prune", "kd")}  # baselines m
 SEARCH_INPUTS = (DATA, f"{POOL}/supernet.pt", TABLE, f"{BASE}/model.pt")
 SEARCH_ARGS = f"--data {DATA} --supernet {POOL}/supernet.pt --latency-table {TABLE} --base {BASE}/model.pt"
 SEARCH_PARAMS = ("seed", "device", "eval", "search", "search_space", "train_student", "teacher_pool.eval")
-SEARCH_CODE = ("jdnas/search.py", "jdnas/lineage.py", "jdnas/screen.py", "jdnas/bootstrap.py", "jdnas/morphism.py",
-               "jdnas/distill.py", "jdnas/engine.py")
+SEARCH_CODE = ("jdnas/joint/search.py", "jdnas/joint/lineage.py", "jdnas/joint/screen.py", "jdnas/joint/bootstrap.py",
+               "jdnas/models/morphism.py", "jdnas/joint/distill.py", "jdnas/engine/loop.py")
 
 
 def fill(text: str, params: dict) -> str:
@@ -87,14 +80,14 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         "train_base", f"jdnas train-base --data {DATA} --out {BASE}",
         deps=(DATA,), outs=(f"{BASE}/model.pt",), metrics=(f"{BASE}/metrics.json",),
         params=("seed", "device", "model", "train_base", "eval", "teacher_pool.eval", "latency.clock"),
-        code=("jdnas/models", "jdnas/engine.py", "jdnas/base_detector.py"),
+        code=("jdnas/models", "jdnas/engine/loop.py", "jdnas/baselines/base.py"),
     ),
     StageDef(
         "profile_latency", f"jdnas profile-latency --data {DATA} --out {LATENCY}",
         deps=(DATA,), outs=(f"{LATENCY}/table.csv", f"{LATENCY}/validation.png"),
         metrics=(f"{LATENCY}/validation.json",),
         # the table's grid is derived from the search space's bounds
-        params=("seed", "model", "latency", "search_space"), code=("jdnas/latency", "jdnas/models", "jdnas/morphism.py"),
+        params=("seed", "model", "latency", "search_space"), code=("jdnas/latency", "jdnas/models", "jdnas/models/morphism.py"),
         threads=None,  # timings use latency.threads; the job holds every core
     ),
     StageDef(
@@ -102,14 +95,14 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         # the base model is read only when teacher_pool.init is base (a static dependency either way)
         deps=(DATA, f"{BASE}/model.pt"), outs=(f"{POOL}/supernet.pt",),
         params=("seed", "device", "model", "teacher_pool.init", "teacher_pool.space", "teacher_pool.train"),
-        code=("jdnas/models", "jdnas/engine.py", "jdnas/dist.py", "jdnas/teacher_pool.py"),
+        code=("jdnas/models", "jdnas/engine/loop.py", "jdnas/engine/dist.py", "jdnas/joint/teacher_pool.py"),
     ),
     StageDef(
         "eval_teacher_pool",
         f"jdnas eval-teacher-pool --data {DATA} --supernet {POOL}/supernet.pt --out {POOL}/pool.csv",
         deps=(DATA, f"{POOL}/supernet.pt"), outs=(f"{POOL}/pool.csv",),
         params=("seed", "device", "teacher_pool.eval", "eval", "latency.clock"),
-        code=("jdnas/models", "jdnas/engine.py", "jdnas/teacher_pool.py", "jdnas/latency/measure.py"),
+        code=("jdnas/models", "jdnas/engine/loop.py", "jdnas/joint/teacher_pool.py", "jdnas/latency/measure.py"),
     ),
     # Snakemake runs the search as rounds of jobs (workflow/rules/search.smk, `jdnas search-step`);
     # DVC cannot unroll that DAG, so its stage runs every round in one process, resuming.
@@ -125,7 +118,7 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         outs=(f"{FINAL}/model.pt", f"{FINAL}/model.onnx"), metrics=(f"{FINAL}/metrics.json",),
         params=("seed", "device", "eval", "teacher_pool.eval", "latency.clock", "search.latency_target",
                 "search.ap_tolerance"),
-        code=("jdnas/final.py", "jdnas/engine.py", "jdnas/latency", "jdnas/export.py"),
+        code=("jdnas/evaluation/final.py", "jdnas/engine/loop.py", "jdnas/latency", "jdnas/models/export.py"),
     ),
     # the naive pipeline: a budget of its own (params baseline), so it needs nothing from the search.
     # Its NAS and retraining need no teacher and no base weights either: they run from the start,
@@ -136,7 +129,7 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         deps=(DATA, TABLE), dir_outs=tuple(f"{BASELINE}/steps/{s}" for s in ("nas", "retrain")), persist=True,
         params=("seed", "device", "model", "eval", "baseline", "search.latency_target", "search.penalty",
                 "search.rounds", "search_space", "train_base", "teacher_pool.eval", "latency.clock"),
-        code=("jdnas/baseline.py", "jdnas/models", "jdnas/morphism.py", "jdnas/engine.py", "jdnas/latency/measure.py"),
+        code=("jdnas/baselines/naive.py", "jdnas/models", "jdnas/models/morphism.py", "jdnas/engine/loop.py", "jdnas/latency/measure.py"),
     ),
     StageDef(
         "baseline_naive",
@@ -146,10 +139,10 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         persist=True,
         params=("seed", "device", "model", "eval", "baseline", "search.latency_target", "search_space",
                 "train_student", "teacher_pool.eval", "latency.clock"),
-        code=("jdnas/baseline.py", "jdnas/student.py", "jdnas/morphism.py", "jdnas/distill.py", "jdnas/engine.py",
+        code=("jdnas/baselines/naive.py", "jdnas/joint/student.py", "jdnas/models/morphism.py", "jdnas/joint/distill.py", "jdnas/engine/loop.py",
               "jdnas/latency/measure.py"),
     ),
-    # the competitors matched to the joint search's compute (jdnas/matched.py)
+    # the competitors matched to the joint search's compute (jdnas/baselines/matched.py)
     *(StageDef(
         name,
         f"jdnas baseline --pipeline {name} --data {DATA} --latency-table {TABLE} --base {BASE}/model.pt "
@@ -158,8 +151,8 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         dir_outs=tuple(f"runs/{name}/{step}" for step in steps), metrics=(f"runs/{name}/summary.json",), persist=True,
         params=("seed", "device", "eval", "baseline.min_iters", "search", "search_space", "train_student",
                 "teacher_pool.eval"),
-        code=("jdnas/matched.py", "jdnas/baseline.py", "jdnas/student.py", "jdnas/morphism.py", "jdnas/distill.py",
-              "jdnas/engine.py"),
+        code=("jdnas/baselines/matched.py", "jdnas/baselines/naive.py", "jdnas/joint/student.py", "jdnas/models/morphism.py", "jdnas/joint/distill.py",
+              "jdnas/engine/loop.py"),
     ) for name, steps in MATCHED.items()),
     StageDef(
         "report", f"jdnas report --runs runs --data {DATA} --out {REPORT}",
@@ -170,7 +163,7 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         # it times every row's model in one interleaved measurement
         params=("device", "search.rounds", "search.latency_target", "latency.clock", "latency.device",
                 "teacher_pool.eval"),
-        code=("jdnas/report.py",),
+        code=("jdnas/evaluation/report.py",),
     ),
 ]}
 
@@ -185,7 +178,6 @@ def dvc_yaml(param_file: str = "params.yaml", params: dict | None = None) -> str
     """dvc.yaml rendered from STAGES. Given the params (DVC reads params.yaml only), a COCO source's
     annotation files and image folders become deps of prepare_data, and `model.checkpoint` one of
     train_base: DVC hashes their content, so editing them in place reruns what depends on them."""
-    from jdnas.data.prepare import user_data
     stages = {}
     for s in STAGES.values():
         entry: dict = {"cmd": s.shell([param_file], s.threads and str(s.threads))}
@@ -213,3 +205,13 @@ DVC_PLOTS = [
                               "title": "Joint search candidates: minival AP vs predicted latency (ms)"}},
     *(f"{REPORT}/{p}" for p in REPORT_PLOTS),
 ]
+
+
+def inputs_fingerprint(stage: str, params: dict, inputs: list[Path]) -> str:
+    """A hash of what a stage's resumable files belong to: the params it reads, its input files
+    and its code (as DVC sees them: a change to any of them reruns the stage)."""
+    s = STAGES[stage]
+    root = Path(__file__).resolve().parent.parent
+    code = sorted(p for c in s.code for p in ([root / c] if (root / c).is_file() else (root / c).rglob("*.py")))
+    return fingerprint({k: section(params, k) for k in s.params}, [file_sha256(p) for p in inputs],
+                       [file_sha256(p) for p in code])

@@ -41,7 +41,7 @@ def prepared(tmp_path_factory, smoke_params) -> Path:
 def base_ckpt(prepared, smoke_params, tmp_path_factory) -> Path:
     """A (barely) trained smoke base detector: model.pt."""
     import torch
-    from jdnas.base_detector import train_base
+    from jdnas.baselines.base import train_base
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("base")
     train_base(with_overrides(smoke_params, {"train_base": {"iters": 2}}), prepared, out)
@@ -89,7 +89,7 @@ def proxy_table(params: dict, classes: int = 5, cost=linear_ms):
 @pytest.fixture(scope="session")
 def supernet_ckpt(prepared, smoke_params, base_ckpt, tmp_path_factory) -> Path:
     """A (barely) trained smoke teacher pool: supernet.pt."""
-    from jdnas.teacher_pool import train_teacher_pool
+    from jdnas.joint.teacher_pool import train_teacher_pool
     out = tmp_path_factory.mktemp("pool")
     train_teacher_pool(smoke_params, prepared, out, base_ckpt)
     return out / "supernet.pt"

@@ -6,13 +6,13 @@ import random
 import pytest
 import torch
 
-from jdnas.baseline import Budget, iteration_cost, nas_archs, prune_actions, random_arch
+from jdnas.baselines.naive import Budget, iteration_cost, nas_archs, prune_actions, random_arch
 from jdnas.config import load_params
 from jdnas.data.dataset import CocoDetection
 from jdnas.latency import spaces_from_params
 from jdnas.models.arch import resolve_arch
 from jdnas.models.detector import build_detector, head_config
-from jdnas.morphism import legal_actions
+from jdnas.models.morphism import legal_actions
 from conftest import REPO
 from test_latency import synthetic_table
 
@@ -54,7 +54,7 @@ def test_prune_plan_reaches_the_target_one_latency_cut_at_a_time(default):
     target = 0.9 * table.predict(base)
     plan = prune_actions(model, params["search_space"], table, target)
     assert plan and {a.kind for a in plan} <= {"prune", "slim"}
-    from jdnas.morphism import child_arch
+    from jdnas.models.morphism import child_arch
     arch, last = base, table.predict(base)
     for action in plan:
         assert action in legal_actions(arch, params["search_space"])
@@ -116,7 +116,7 @@ def test_the_naive_nas_steps_need_no_pool_and_a_rerun_reuses_them(prepared, smok
     """Stage baseline_nas (`until` retrain) runs before the teacher pool exists (the workflow starts
     it beside train_base); a rerun reuses its steps; a param it reads makes them run again."""
     from conftest import proxy_table, with_overrides
-    from jdnas.baseline import run_baseline
+    from jdnas.baselines.naive import run_baseline
     from jdnas.data.prepare import resolved_params
     torch.set_num_threads(1)
     params = resolved_params(smoke_params, prepared)
@@ -137,7 +137,7 @@ def test_a_matched_fine_tune_resumes_on_the_iterations_it_planned(prepared, smok
     """Control and prune_kd price an iteration with a timing probe; a killed run must resume on the
     first run's plan (a new probe would change the iterations and throw away the training state)."""
     import json
-    from jdnas.baseline import fine_tune
+    from jdnas.baselines.naive import fine_tune
     from jdnas.data.prepare import resolved_params
     torch.set_num_threads(1)
     params = resolved_params(smoke_params, prepared)

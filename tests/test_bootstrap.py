@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jdnas.bootstrap import ap_of, image_matches, is_tie, paired_bootstrap, resample_weights
-from jdnas.engine import coco_metrics
+from jdnas.engine.loop import coco_metrics
+from jdnas.joint.bootstrap import ap_of, image_matches, is_tie, paired_bootstrap, resample_weights
 
 SIZE = 200
 

@@ -6,8 +6,8 @@ import subprocess
 import pytest
 import torch
 
+from jdnas.joint.teacher_pool import load_supernet
 from jdnas.models.detector import load_detector
-from jdnas.teacher_pool import load_supernet
 from conftest import REPO, cli_env, write_yaml
 
 

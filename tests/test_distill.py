@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from jdnas.data.dataset import CocoDetection
-from jdnas.distill import (Distiller, Teacher, box_masks, check_compatible, fpn_loss, fpn_masked_loss, standardize,
-                           logits_loss, make_adapters)
-from jdnas.engine import train_detector
+from jdnas.engine.loop import train_detector
 from jdnas.errors import JdnasError
+from jdnas.joint.distill import (Distiller, Teacher, box_masks, check_compatible, fpn_loss, fpn_masked_loss, standardize,
+                           logits_loss, make_adapters)
 from jdnas.models.arch import preset
 from jdnas.models.detector import build_detector, head_config
 

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from jdnas.base_detector import train_base
+from jdnas.baselines.base import train_base
 from jdnas.data.dataset import CocoDetection
-from jdnas.engine import LoopHooks, coco_metrics, evaluate, lr_factor, train_detector, train_loop
-from jdnas.device import resolve_device
+from jdnas.engine.device import resolve_device
+from jdnas.engine.loop import LoopHooks, coco_metrics, evaluate, lr_factor, train_detector, train_loop
 from jdnas.errors import JdnasError
 from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.detector import (HEAD_KEYS, build_detector, head_config, jittered_input, load_detector,
@@ -149,7 +149,7 @@ def test_a_replanned_schedule_is_followed_capped_and_resumed(prepared, smoke_par
     """`replan` is asked at the checkpoints of the schedule's first half; the loop trains to its
     answer (at most REPLAN_CAP x the plan, at least one more iteration), the lr follows the new
     length, and a resumed run keeps it."""
-    from jdnas.engine import REPLAN_CAP
+    from jdnas.engine.loop import REPLAN_CAP
     ds = CocoDetection(prepared / "train.json", max_size=64)
     cfg = {**smoke_params["train_base"], "iters": 8, "checkpoint_every": 2, "warmup_iters": 0, "schedule": "cosine"}
     cpu = torch.device("cpu")
@@ -298,7 +298,7 @@ def test_an_altered_checkpoint_is_a_one_line_error(smoke_params, tmp_path, chang
 
 
 def test_train_base_scores_minival_as_it_trains_and_keeps_the_best(prepared, smoke_params, tmp_path, capsys):
-    from jdnas.base_detector import BestCheckpoint
+    from jdnas.baselines.base import BestCheckpoint
     torch.set_num_threads(1)
     p = with_overrides(smoke_params, {"train_base": {"iters": 4, "eval_every": 2}})
     metrics = train_base(p, prepared, tmp_path / "base")

@@ -7,8 +7,8 @@ import torch
 
 from jdnas.data.dataset import CocoDetection
 from jdnas.errors import JdnasError
-from jdnas.export import OnnxDetector, compare, export_checkpoint, export_onnx
 from jdnas.models.detector import load_detector
+from jdnas.models.export import OnnxDetector, compare, export_checkpoint, export_onnx
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,14 @@ import time
 
 import pytest
 
-from jdnas import gpu
+from jdnas.engine import gpu
 from jdnas.errors import JdnasError
 from conftest import cli_env
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from jdnas.gpu import lease_gpus
+from jdnas.engine.gpu import lease_gpus
 dev = lease_gpus(1, Path(sys.argv[1]), timeout_s=float(sys.argv[2]), poll_s=0.05)
 print(dev, flush=True)
 time.sleep(float(sys.argv[3]))
@@ -77,7 +77,7 @@ def test_cuda_on_a_machine_without_gpus_says_so(tmp_path, monkeypatch):
 
 def test_slurm_jobs_do_not_share_lock_files(tmp_path):
     """Two SLURM jobs on one node both see their own GPU as device 0: neither waits for the other."""
-    script = "from jdnas.gpu import lease_gpus; print(lease_gpus(1, timeout_s=0.2, poll_s=0.05), flush=True); " \
+    script = "from jdnas.engine.gpu import lease_gpus; print(lease_gpus(1, timeout_s=0.2, poll_s=0.05), flush=True); " \
              "import time; time.sleep(3)"
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               env={**cli_env(), "JDNAS_GPUS": "0", "JDNAS_GPU_LOCK_DIR": str(tmp_path),
@@ -94,7 +94,7 @@ def test_slurm_jobs_do_not_share_lock_files(tmp_path):
 MULTI = """
 import sys, time
 from pathlib import Path
-from jdnas.gpu import lease_gpus
+from jdnas.engine.gpu import lease_gpus
 print(lease_gpus(int(sys.argv[2]), Path(sys.argv[1]), timeout_s=float(sys.argv[3]), poll_s=0.05), flush=True)
 time.sleep(float(sys.argv[4]))
 """

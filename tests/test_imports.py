@@ -68,5 +68,41 @@ def test_the_walker_finds_a_circle():
 
 def test_jdnas_has_no_import_circle():
     graph = import_graph()
-    assert len(graph) > 40 and "jdnas.search" in graph and "jdnas.engine" in graph["jdnas.search"]
+    assert len(graph) > 40 and "jdnas.joint.search" in graph and "jdnas.engine.loop" in graph["jdnas.joint.search"]
     assert circles(graph) == []
+
+
+# The layers, bottom first (docs/ARCHITECTURE.md): a module imports its own layer or one below it.
+LAYERS = (
+    ("errors", "io", "seeding", "paths"),
+    ("models",),
+    ("config", "stages"),
+    ("data",),
+    ("engine", "latency"),
+    ("joint",),
+    ("baselines",),
+    ("evaluation",),
+    ("cli",),
+)
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1] if "." in module else "jdnas"
+    if top == "jdnas":
+        return len(LAYERS)  # the package's __init__: as the CLI, nothing imports it
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, d) for m, deps in graph.items() for d in deps if layer_of(d) > layer_of(m))
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert upward_imports({"jdnas.models.arch": {"jdnas.joint.search"}}) == [("jdnas.models.arch", "jdnas.joint.search")]
+    assert upward_imports({"jdnas.joint.search": {"jdnas.models.arch"}}) == []
+
+
+def test_every_module_has_a_layer_and_imports_only_go_down():
+    graph = import_graph()
+    assert {layer_of(m) for m in graph}  # a module outside every layer raises StopIteration here
+    assert upward_imports(graph) == []

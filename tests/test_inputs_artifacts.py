@@ -209,7 +209,7 @@ def test_export_refuses_poisoned_checkpoints(tmp_path, good, capsys, name):
 @pytest.fixture(scope="module")
 def supernet_dict(good) -> dict:
     from jdnas.models.elastic import PoolSpace, Supernet
-    from jdnas.teacher_pool import SUPERNET_FORMAT
+    from jdnas.joint.teacher_pool import SUPERNET_FORMAT
     space = PoolSpace(resolve_arch("tiny", 0.5), (1, 1, 1, 1))
     net = Supernet(space, good["head"])
     return {"format": SUPERNET_FORMAT, "space": space.to_json(), "head": dict(good["head"]),
@@ -226,14 +226,14 @@ SUPERNET_BAD = {
 
 
 def test_a_good_supernet_loads(tmp_path, supernet_dict):
-    from jdnas.teacher_pool import load_supernet
+    from jdnas.joint.teacher_pool import load_supernet
     torch.save(supernet_dict, tmp_path / "supernet.pt")
     assert load_supernet(tmp_path / "supernet.pt").space.max_arch == resolve_arch("tiny", 0.5)
 
 
 @pytest.mark.parametrize("name", sorted(SUPERNET_BAD))
 def test_bad_supernet_is_one_line(tmp_path, supernet_dict, name):
-    from jdnas.teacher_pool import load_supernet
+    from jdnas.joint.teacher_pool import load_supernet
     ckpt = copy.deepcopy(supernet_dict)
     SUPERNET_BAD[name][0](ckpt)
     torch.save(ckpt, tmp_path / "supernet.pt")

@@ -10,7 +10,7 @@ from jdnas.config import defaults
 from jdnas.models.arch import PRESET_NAMES, Arch, preset
 from jdnas.models.complexity import count_params
 from jdnas.models.detector import build_detector, head_config
-from jdnas.morphism import (BODY, Action, apply_action, child_arch, deepen, is_legal, legal_actions, prune, slim,
+from jdnas.models.morphism import (BODY, Action, apply_action, child_arch, deepen, is_legal, legal_actions, prune, slim,
                             widen)
 
 WIDTH = 0.25
@@ -310,7 +310,7 @@ HEAD_ACTIONS = ["fpn_prune(0.5)", "head_prune(0.25)", "resize(0.5)", "proposals(
 @pytest.mark.parametrize("name", PRESET_NAMES)
 def test_every_head_action_on_every_preset(name, text, head):
     from jdnas.models.arch import Head
-    from jdnas.morphism import child_head, morph_detector
+    from jdnas.models.morphism import child_head, morph_detector
     action = Action.parse(text)
     assert str(action) == text and action.on_head
     par = parent(name, head)
@@ -329,7 +329,7 @@ def test_every_head_action_on_every_preset(name, text, head):
 
 def test_head_actions_keep_the_most_important_channels(head):
     from jdnas.models.arch import Head
-    from jdnas.morphism import fpn_prune, head_prune
+    from jdnas.models.morphism import fpn_prune, head_prune
     par = parent("tiny", head)
     sd = par.state_dict()
     h = Head.of(par.head_cfg)

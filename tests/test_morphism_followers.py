@@ -7,7 +7,7 @@ import torch
 from jdnas.config import defaults
 from jdnas.models.arch import Head, preset
 from jdnas.models.detector import build_detector, head_config
-from jdnas.morphism import (BODY, KINDS, Action, apply_action, apply_head_action, apply_with_followers,
+from jdnas.models.morphism import (BODY, KINDS, Action, apply_action, apply_head_action, apply_with_followers,
                             channel_importance, kept_count, legal_actions, top_channels)
 
 WIDTH = 0.25

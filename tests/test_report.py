@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from jdnas.errors import JdnasError
-from jdnas.report import COLUMNS, PLOTS, correlations, write_report
-from jdnas.search import HISTORY_COLUMNS
+from jdnas.evaluation.report import COLUMNS, PLOTS, correlations, write_report
+from jdnas.joint.search import HISTORY_COLUMNS
 
 BASE = "S16:2x16m16-2x32m32-2x64m64-2x128m128"
 TEACHER = "d3,4,6,3/w1,1,1,1"
@@ -196,7 +196,7 @@ def test_correlations():
 
 
 def test_report_lists_search_steps_with_the_control_gain_and_latency_shares(tmp_path):
-    from jdnas.report import Runs, latency_shares, search_steps
+    from jdnas.evaluation.report import Runs, latency_shares, search_steps
     runs = make_runs(tmp_path / "runs")
     r = Runs.load(runs, 3)
     steps = search_steps(r)
@@ -212,7 +212,7 @@ def test_report_lists_search_steps_with_the_control_gain_and_latency_shares(tmp_
 
 
 def test_verdict_follows_the_table():
-    from jdnas.report import verdict
+    from jdnas.evaluation.report import verdict
     row = {"AP": 30.0, "latency_ms": 10.0, "compute": 100.0, "compute_unit": "cpu_seconds", "meets_target": True}
     assert "**the joint search wins**" in verdict({"joint/final": row, "prune_kd": {**row, "AP": 29.0}})
     assert "**prune + KD wins**" in verdict({"joint/final": row, "prune_kd": {**row, "AP": 31.0}})
@@ -263,7 +263,7 @@ def test_ap_vs_latency_draws_the_target_in_the_terms_of_its_points(tmp_path):
     """Measured points are labelled against the measured target line, predicted points against the
     predicted target: joint/final (8.40 ms measured, right of the 8.24 ms line) misses it, whatever
     its prediction says; prune_kd (predicted only) meets the predicted 8 ms."""
-    from jdnas.report import Runs, judge_rows, plot_ap_vs_latency, summary_rows
+    from jdnas.evaluation.report import Runs, judge_rows, plot_ap_vs_latency, summary_rows
     r = Runs.load(make_runs(tmp_path / "runs"), 3)
     rows = summary_rows(r)
     judge_rows(rows, r)
@@ -278,7 +278,7 @@ def test_measured_rows_are_judged_and_compared_by_measurement(tmp_path, monkeypa
     decides a test), every check is a measured one: only the measured target line is drawn, and
     the verdict compares both rows' measured checks. prune_kd measures 8.0 ms (meets the measured
     8.24 ms), joint/final 8.4 ms (misses it): prune + KD wins, though both meet the predicted target."""
-    import jdnas.report as report
+    import jdnas.evaluation.report as report
     measured = {"base": 10.3, "control": 10.1, "prune_kd": 8.0, "naive/nas": 9.0, "naive/retrain": 9.1,
                 "naive/prune": 8.7, "naive/kd": 9.6, "joint/final": 8.4}
 

@@ -5,12 +5,12 @@ import random
 import pandas as pd
 import pytest
 
+from jdnas.joint.search import (Context, candidate_actions, compose_cut, pick, rank_cuts, round_dir, round_goal,
+                          run_search, score, teacher_move)
 from jdnas.models.arch import Head, preset, resolve_arch
 from jdnas.models.elastic import PoolSpace
+from jdnas.models.morphism import Action, child
 from jdnas.models.teacher_gene import TeacherGene, largest_gene, mutate_gene, sample_gene
-from jdnas.morphism import Action, child
-from jdnas.search import (Context, candidate_actions, compose_cut, pick, rank_cuts, round_dir, round_goal,
-                          run_search, score, teacher_move)
 from conftest import REPO, proxy_table, with_overrides
 
 SPACE = PoolSpace(preset("r18", 0.25), (1, 1, 1, 1), (0.5, 0.75, 1.0))
@@ -200,7 +200,7 @@ def test_a_stopped_search_passes_its_lineage_through(prepared, smoke_params, sup
 def test_a_damaged_search_state_is_one_line(tmp_path, content, words):
     """A state.json that is not what select wrote (truncated, hand-edited, gone): one line naming it."""
     from jdnas.errors import JdnasError
-    from jdnas.search import load_state
+    from jdnas.joint.search import load_state
     path = tmp_path / "state.json"
     if content is not None:
         path.write_bytes(content)
@@ -211,7 +211,7 @@ def test_a_damaged_search_state_is_one_line(tmp_path, content, words):
 
 def test_a_damaged_search_summary_stops_a_matched_baseline(tmp_path):
     from jdnas.errors import JdnasError
-    from jdnas.matched import run_matched
+    from jdnas.baselines.matched import run_matched
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"target_ms": 5.0, "compute_unit": "cpu_seconds"}))
     with pytest.raises(JdnasError, match=r"summary.json: missing key 'compute'"):
@@ -220,7 +220,7 @@ def test_a_damaged_search_summary_stops_a_matched_baseline(tmp_path):
 
 
 def test_finalists_start_from_small_cuts_and_big_ones_and_drop_what_the_goal_does_not_need(smoke_params):
-    from jdnas.search import cut_starts, trim_cut
+    from jdnas.joint.search import cut_starts, trim_cut
     p, table, arch, head = _space_and_table(smoke_params)
     full = table.predict(arch, head)
     cuts = candidate_actions(arch, head, head, p["search_space"], table, full, 0.5 * full)
@@ -255,7 +255,7 @@ def test_resize_goes_only_as_low_as_the_objects_stay_visible():
 
 def test_objects_too_small_for_resize_leave_every_other_head_action_legal(smoke_params):
     from jdnas.data.inspect import data_bounds
-    from jdnas.morphism import legal_actions
+    from jdnas.models.morphism import legal_actions
     p, table, arch, head = _space_and_table(smoke_params)
     tiny = {"short_side": {"median": 64}, "long_side": {"median": 64}, "object_size": {"p5": 4.0}}
     bounds = data_bounds({**p["search_space"], "resize_min_object": 12.0}, tiny, head.min_size, head.max_size)

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from jdnas.models.arch import PRESET_NAMES, Head, preset
-from jdnas.morphism import child, legal_actions
+from jdnas.models.morphism import child, legal_actions
 from conftest import proxy_table, with_overrides
 
 WALKS, STEPS = 25, 12

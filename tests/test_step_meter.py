@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
+from jdnas.engine.step_meter import StepMeter
 from jdnas.errors import JdnasError
-from jdnas.step_meter import StepMeter
 
 
 def test_cpu_reads_every_step():

@@ -9,7 +9,7 @@ import torch
 from jdnas.cli import main
 from jdnas.models.arch import Arch
 from jdnas.models.detector import load_detector, read_checkpoint
-from jdnas.morphism import Action, child_arch
+from jdnas.models.morphism import Action, child_arch
 from conftest import REPO
 
 

@@ -10,10 +10,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from jdnas.data.dataset import CocoDetection
-from jdnas.engine import train_detector
+from jdnas.engine.loop import train_detector
+from jdnas.engine.tblog import TrainLog
 from jdnas.models.arch import resolve_arch
 from jdnas.models.detector import build_detector, head_config
-from jdnas.tblog import TrainLog
 from conftest import with_overrides
 
 DETECTION_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
@@ -88,7 +88,7 @@ def test_train_base_logs_losses_and_val_ap(base_ckpt):
 
 
 def test_student_logs_kd_loss_and_minival_ap(base_ckpt, prepared, smoke_params, tmp_path):
-    from jdnas.student import train_student
+    from jdnas.joint.student import train_student
     torch.set_num_threads(1)
     params = with_overrides(smoke_params, {"train_student": {"iters": 2}})
     train_student(params, prepared, tmp_path / "cand", base_ckpt, "prune(2,0.5)", base_ckpt)
@@ -98,7 +98,7 @@ def test_student_logs_kd_loss_and_minival_ap(base_ckpt, prepared, smoke_params, 
 
 
 def test_teacher_pool_logs_roles_phases_and_members(base_ckpt, prepared, smoke_params, tmp_path):
-    from jdnas.teacher_pool import eval_teacher_pool, phase_starts, train_teacher_pool
+    from jdnas.joint.teacher_pool import eval_teacher_pool, phase_starts, train_teacher_pool
     torch.set_num_threads(1)
     params = with_overrides(smoke_params, {"teacher_pool": {"eval": {"sample_size": 2}}})
     train_teacher_pool(params, prepared, tmp_path / "pool", base_ckpt)

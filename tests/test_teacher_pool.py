@@ -10,12 +10,12 @@ import torch
 from jdnas.config import load_params
 from jdnas.data.dataset import CocoDetection
 from jdnas.errors import ConfigError, JdnasError
+from jdnas.joint.teacher_pool import (TeacherPool, eval_teacher_pool, load_supernet, phase_at, phase_starts,
+                                recalibrate_bn, sample_members, sandwich, save_supernet, train_supernet,
+                                train_teacher_pool)
 from jdnas.models.arch import Arch, Stage, preset
 from jdnas.models.detector import build_detector, head_config, load_detector, save_detector
 from jdnas.models.elastic import DynamicBatchNorm2d, PoolSpace, Supernet, channel_groups, sort_channels
-from jdnas.teacher_pool import (TeacherPool, eval_teacher_pool, load_supernet, phase_at, phase_starts,
-                                recalibrate_bn, sample_members, sandwich, save_supernet, train_supernet,
-                                train_teacher_pool)
 from conftest import REPO, write_yaml
 
 IMAGES = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
@@ -302,7 +302,9 @@ def test_stages_on_smoke_config(prepared, smoke_params, base_ckpt, tmp_path):
     assert int(roles["largest"]["params"]) > int(roles["smallest"]["params"])
     assert int(roles["largest"]["flops"]) > int(roles["smallest"]["flops"])
     assert all(float(r["latency_ms"]) > 0 and 0 <= float(r["AP"]) <= 100 for r in on_disk)
-    pool = TeacherPool.load(tmp_path / "pool" / "supernet.pt", prepared, smoke_params)
+    ev = smoke_params["teacher_pool"]["eval"]
+    pool = TeacherPool.load(tmp_path / "pool" / "supernet.pt", prepared, ev["bn_batches"], ev["bn_batch_size"],
+                            smoke_params["seed"], torch.device("cpu"))
     teacher = pool.teacher(pool.space.middle())
     assert not teacher.training and teacher.arch == pool.space.middle()
     save_detector(tmp_path / "static.pt", teacher)
@@ -352,7 +354,7 @@ def test_bad_pool_params_are_clear_errors(tmp_path, override, message):
 def test_ddp_code_path_with_two_cpu_processes(prepared, base_ckpt, tmp_path, capfd):
     """The torchrun relaunch with 2 gloo processes: sharded batches, averaged gradients (the ranks'
     weights are checked to be equal at the end), only rank 0 writes. (No multi-GPU machine here.)"""
-    from jdnas.dist import relaunch_with_torchrun
+    from jdnas.engine.dist import relaunch_with_torchrun
     rc = relaunch_with_torchrun(2, ["train-teacher-pool", "--data", str(prepared), "--out", str(tmp_path / "ddp"),
                                     "--base", str(base_ckpt),
                                     "--threads", "1", "--params", str(REPO / "params.yaml"),
@@ -384,7 +386,7 @@ def test_stage_resumes_after_kill(prepared, base_ckpt, tmp_path):
                 "--out", str(tmp_path / out), "--threads", "1", *files]
 
     from jdnas.config import load_params
-    from jdnas.teacher_pool import phase_starts
+    from jdnas.joint.teacher_pool import phase_starts
     _, width_start = phase_starts(load_params(files[1::2])["teacher_pool"]["train"])
     assert width_start + 2 < 120
     proc = subprocess.Popen(cmd("pool"), env=cli_env(), start_new_session=True, stdout=subprocess.DEVNULL,

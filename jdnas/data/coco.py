@@ -6,8 +6,11 @@ to `data.out_of_image`; a box wholly outside its image is always rejected.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +63,6 @@ MAX_JSON_BYTES = 16 << 30  # an annotation file larger than this is not one (COC
 def _check_regular_file(path: Path, what: str) -> None:
     """A DataError that says what `path` is when it is not a readable regular file: missing, a
     folder, a FIFO or device, a link loop."""
-    import errno
-    import os
-    import stat
     try:
         st = os.stat(path)
     except OSError as e:

@@ -18,7 +18,6 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from jdnas.data.coco import LabelMap
 from jdnas.data.prepare import image_root
-from jdnas.dist import ShardedBatchSampler
 
 
 def resize_to_fit(img: Image.Image, max_size: int) -> tuple[Image.Image, float]:
@@ -120,15 +119,29 @@ class IterationSampler(Sampler):
         return max(0, self.total - self.start)
 
 
+class ShardedBatchSampler(Sampler):
+    """This rank's share (`batch[rank::world]`) of every batch of another batch sampler."""
+
+    def __init__(self, batches: Sampler, rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self) -> Iterator[list]:
+        for batch in self.batches:
+            yield batch[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def batches_for(dataset: Dataset, batch_size: int, total_iters: int, seed: int, start_iter: int = 0,
                 workers: int = 0, flip: bool = True, ctx: Any = None,
                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader yielding training batches for iterations [start_iter, total_iters); under
-    torchrun (`ctx`, a `jdnas.dist.DistContext`, active) this rank's share of each batch. On
+    torchrun (`ctx`, a `jdnas.engine.dist.DistContext`, active) this rank's share of each batch. On
     CUDA, batches come in pinned memory (so copies to the GPU overlap) from workers kept alive."""
     sampler: Any = IterationSampler(len(dataset), batch_size, total_iters, seed, start_iter, flip)
     if ctx is not None and ctx.active:
-        sampler = ShardedBatchSampler(sampler, ctx)
+        sampler = ShardedBatchSampler(sampler, ctx.rank, ctx.world)
     # its own generator: creating the loader must not consume torch's global RNG (exact resume)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                        generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory,

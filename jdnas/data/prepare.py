@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jdnas.config import section
+from jdnas.config import section, user_data
 from jdnas.data.coco import load_coco
 from jdnas.data.inspect import check_fit, data_stats, resolve_auto, snippet, suggest_model
 from jdnas.data.synthetic import generate_split
@@ -145,14 +145,6 @@ def resolved_params(params: dict, data_dir: str | Path) -> dict:
             new = {**cfg, "iters": max(1, math.ceil(n * images / cfg["batch_size"]))}
             out = {**out, top: {**out[top], sub: new} if sub else new}
     return out
-
-
-def user_data(params: dict) -> list[Path]:
-    """The user's annotation files and image folders (none for synthetic data)."""
-    if params["data"]["source"] != "coco":
-        return []
-    c = params["data"]["coco"]
-    return [Path(c[k]) for k in ("train_annotations", "train_images", "val_annotations", "val_images")]
 
 
 def user_data_fingerprint(params: dict) -> str:

@@ -8,6 +8,7 @@ over every entry instead of inflating the few measured during it.
 from __future__ import annotations
 
 import math
+import platform
 import random
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Callable, Hashable, Mapping
 
 import torch
 
+from jdnas.data.dataset import CocoDetection
 from jdnas.errors import JdnasError
 
 Builder = Callable[[], Callable[[], object]]  # builds the modules and inputs, returns the call to time
@@ -60,7 +62,6 @@ def device_name(device: torch.device) -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
     return platform.processor() or platform.machine()
 
 
@@ -137,7 +138,6 @@ def measure_all(builders: dict[Hashable, Builder], timer: Timer, warmup: int, ru
 def latency_images(split: str | Path, max_size: int, n: int = 8) -> list[torch.Tensor]:
     """The first `n` images of a prepared split, loaded as for evaluation: what end-to-end latency
     is measured on (a trained detector's RoI-head cost depends on the proposals real images give)."""
-    from jdnas.data.dataset import CocoDetection
     data = CocoDetection(split, max_size=max_size)
     return [data[i][0] for i in range(min(n, len(data)))]
 
@@ -146,7 +146,7 @@ def latency_images(split: str | Path, max_size: int, n: int = 8) -> list[torch.T
 def measure_latency(models: Mapping[str, Callable[[list], object]], images: list[torch.Tensor], runs: int,
                     threads: int, device: torch.device, clock: str = "cpu_time") -> dict[str, float]:
     """Median milliseconds per image of each model's eval forward over `images` (a detector, or
-    any callable taking a list of images, such as `jdnas.export.OnnxDetector`).
+    any callable taking a list of images, such as `jdnas.models.export.OnnxDetector`).
 
     The models' timed calls are interleaved in shuffled rounds, so load from other jobs falls
     on all of them alike; on CPU with `threads` torch threads and, with one thread, `clock`
@@ -169,12 +169,10 @@ def measure_latency(models: Mapping[str, Callable[[list], object]], images: list
     return {name: round(v / len(images), 3) for name, v in ms.items()}
 
 
-def compare_on_val(models: Mapping[str, Callable[[list], object]], data_dir: str | Path, params: dict,
-                   device: torch.device, max_size: int) -> dict[str, float]:
-    """Every model timed in the same interleaved rounds on the prepared val images (4x the
-    pool's `latency_runs`): what differs between their latencies is then the models, not the
-    machine's load. Used where models are compared: evaluate_final and the report."""
-    ev = params["teacher_pool"]["eval"]
+def compare_on_val(models: Mapping[str, Callable[[list], object]], data_dir: str | Path, device: torch.device,
+                   max_size: int, *, runs: int, threads: int, clock: str) -> dict[str, float]:
+    """Every model timed in the same `runs` interleaved rounds on the prepared val images: what
+    differs between their latencies is then the models, not the machine's load. Used where
+    models are compared: evaluate_final and the report (settings: `config.val_timing`)."""
     images = latency_images(Path(data_dir) / "val.json", max_size)
-    return measure_latency(models, images, ev["latency_runs"] * 4, ev["latency_threads"], device,
-                           params["latency"]["clock"])
+    return measure_latency(models, images, runs, threads, device, clock)

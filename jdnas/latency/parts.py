@@ -25,6 +25,7 @@ from jdnas.latency.space import Entry, stage_outputs
 from jdnas.models.arch import Arch
 from jdnas.models.backbone import BLOCKS, Stem
 from jdnas.models.detector import Detector, build_detector
+from jdnas.models.export import module_session
 
 
 def _randn(*shape: int, device: torch.device) -> torch.Tensor:
@@ -33,7 +34,6 @@ def _randn(*shape: int, device: torch.device) -> torch.Tensor:
 
 def onnx_call(module: nn.Module, args: Sequence[torch.Tensor], threads: int) -> Call:
     """`module(*args)` exported to ONNX and run by onnxruntime on the same inputs."""
-    from jdnas.export import module_session
     sess = module_session(module.cpu(), tuple(a.cpu() for a in args), threads)
     used = {i.name for i in sess.get_inputs()}
     feeds = {f"x{i}": a.cpu().numpy() for i, a in enumerate(args) if f"x{i}" in used}

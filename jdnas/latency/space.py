@@ -20,7 +20,7 @@ import torch
 from jdnas.latency.grid import complete_grid
 from jdnas.models.arch import NUM_STAGES, Arch, Head, Stage, resolve_arch
 from jdnas.models.backbone import STAGE_STRIDES
-from jdnas.morphism import Action, child_head
+from jdnas.models.morphism import Action, child_head
 
 EXPANSION = {"basic": 1, "bottleneck": 4}  # output width / mid width of the presets
 FIXED_PARTS = ("transform", "fpn_top", "rpn", "roi_heads")  # timed on their own

@@ -19,7 +19,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from jdnas.errors import JdnasError
+from jdnas.errors import JdnasError, short
 from jdnas.io import save_torch
 from jdnas.models.arch import Arch
 from jdnas.models.backbone import ResNetBackbone
@@ -85,7 +85,6 @@ def check_size(arch: Arch, fpn_channels: int, representation_size: int, num_clas
 def check_head(head: Any, where: str) -> dict[str, Any]:
     """A checkpoint's head config checked against the params' bounds (jdnas.models.bounds), before
     anything is built; returns it with lists for tuples."""
-    from jdnas.errors import short
     if not isinstance(head, dict):
         raise JdnasError(f"{where}: head: not a mapping")
     head = {k: list(v) if isinstance(v, tuple) else v for k, v in head.items()}

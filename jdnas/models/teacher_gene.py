@@ -1,7 +1,7 @@
 """A teacher pool member as a genome (DESIGN §6, §8): depth and mid-width ratio per stage.
 
-The genome is what the search mutates and records; `jdnas.distill.Teacher` is the frozen
-detector built from it (`jdnas.teacher_pool.TeacherPool.teacher(gene.arch(space))`).
+The genome is what the search mutates and records; `jdnas.joint.distill.Teacher` is the frozen
+detector built from it (`jdnas.joint.teacher_pool.TeacherPool.teacher(gene.arch(space))`).
 """
 from __future__ import annotations
 

@@ -41,6 +41,6 @@ def stage_shell(name):
 
 
 # GPU jobs ask Snakemake for one of --resources gpu=N; the job itself leases a free device id
-# (jdnas.gpu). JDNAS_GPUS lists the ids jobs may lease (tests use fake ids on CPU).
+# (jdnas.engine.gpu). JDNAS_GPUS lists the ids jobs may lease (tests use fake ids on CPU).
 # `device: cuda:N` pins every job to device N: nothing to count or lease.
 GPUS_PER_JOB = 1 if PARAMS["device"] == "cuda" or os.environ.get("JDNAS_GPUS") else 0

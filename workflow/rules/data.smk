@@ -1,4 +1,5 @@
-from jdnas.data.prepare import user_data, user_data_fingerprint
+from jdnas.config import user_data
+from jdnas.data.prepare import user_data_fingerprint
 
 
 rule prepare_data:

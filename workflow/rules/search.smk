@@ -2,7 +2,7 @@
 # select (paired decision; the winner trains on); then finish (the lineage's schedule to its end).
 # R and K come from params, so `snakemake -n` plans the whole search; a round after an early
 # stop passes its state through. Round r depends on round r-1 only through its files.
-from jdnas.search import finalist_slots
+from jdnas.joint.search import finalist_slots
 from jdnas.stages import SEARCH, SEARCH_INPUTS, fill, search_step
 
 ROUNDS = PARAMS["search"]["rounds"]

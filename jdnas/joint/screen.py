@@ -17,10 +17,10 @@ import torch
 
 from jdnas.data.dataset import CocoDetection
 from jdnas.data.prepare import image_root
-from jdnas.engine import evaluate
+from jdnas.engine.loop import evaluate
+from jdnas.joint.teacher_pool import recalibrate_bn
 from jdnas.models.detector import Detector
-from jdnas.morphism import Action, morph_detector
-from jdnas.teacher_pool import recalibrate_bn
+from jdnas.models.morphism import Action, morph_detector
 
 
 def subset_json(gt_json: str | Path, n: int, out: str | Path) -> Path:

@@ -3,14 +3,24 @@ with measured latency (eager and onnxruntime, interleaved), predicted latency pe
 and FLOPs, and whether the student meets the target."""
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from jdnas.config import val_timing
+from jdnas.engine.device import resolve_device
+from jdnas.engine.loop import evaluate
 from jdnas.io import write_json
+from jdnas.joint.search import load_state
 from jdnas.latency import LatencyTable
+from jdnas.latency.measure import compare_on_val, latency_images
 from jdnas.models.arch import Head
-from jdnas.search import load_state
+from jdnas.models.complexity import count_flops, count_params
+from jdnas.models.detector import load_detector, save_detector
+from jdnas.models.export import OnnxDetector, export_onnx
 
 
 def deployment_latency(models: dict[str, Any], data_dir: Path, out_dir: Path, params: dict,
@@ -18,17 +28,13 @@ def deployment_latency(models: dict[str, Any], data_dir: Path, out_dir: Path, pa
     """The models exported to ONNX (out_dir/model.onnx for the final student; the base's in a
     temporary folder), checked against PyTorch on the val images latency is timed on, then timed
     under onnxruntime on the CPU in one interleaved measurement: the latency they ship with."""
-    import tempfile
-    import torch
-    from jdnas.export import OnnxDetector, export_onnx
-    from jdnas.latency.measure import compare_on_val, latency_images
     images = latency_images(data_dir / "val.json", max_size)
     threads = params["teacher_pool"]["eval"]["latency_threads"]
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: out_dir / "model.onnx" if name == "final" else Path(tmp) / f"{name}.onnx" for name in models}
         checks = {name: export_onnx(models[name].cpu(), paths[name], images) for name in models}
-        latency = compare_on_val({name: OnnxDetector(p, threads) for name, p in paths.items()}, data_dir, params,
-                                 torch.device("cpu"), max_size)
+        latency = compare_on_val({name: OnnxDetector(p, threads) for name, p in paths.items()}, data_dir,
+                                 torch.device("cpu"), max_size, **val_timing(params))
     for c in checks.values():
         c.pop("path")
     return {"latency": latency, "checks": checks}
@@ -40,11 +46,6 @@ def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, b
     part (from the table), params, FLOPs; whether the final student meets the target (predicted and
     measured) and keeps the base's AP (`meets_ap`: within `search.ap_tolerance`), and how far the
     table's predictions are from this run's interleaved timings."""
-    from jdnas.engine import evaluate
-    from jdnas.device import resolve_device
-    from jdnas.models.complexity import count_flops, count_params
-    from jdnas.models.detector import load_detector, save_detector
-    from jdnas.latency.measure import compare_on_val
     device = resolve_device(params["device"])
     state = asdict(load_state(Path(state_path)))
     state["meets_target"] = state["latency_ms"] <= state["target_ms"]
@@ -54,7 +55,7 @@ def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, b
     table = LatencyTable.load(latency_table)
     # both timed in the same interleaved rounds: what differs between them is the models
     max_size = models["base"].head_cfg["max_size"]
-    latency = compare_on_val(models, data_dir, params, device, max_size)
+    latency = compare_on_val(models, data_dir, device, max_size, **val_timing(params))
     deployed = deployment_latency(models, Path(data_dir), Path(out_dir), params, max_size)
     summary: dict[str, Any] = {}
     for name, model in models.items():

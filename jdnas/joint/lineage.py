@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from jdnas.data.dataset import CocoDetection
-from jdnas.distill import Distiller, Teacher
-from jdnas.engine import detection_loss, train_detector
+from jdnas.engine.loop import detection_loss, train_detector
 from jdnas.errors import JdnasError
 from jdnas.io import save_torch
+from jdnas.joint.distill import Distiller, Teacher
 from jdnas.models.arch import Head
 from jdnas.models.detector import FPN_LEVELS, Detector, build_detector, load_detector, save_detector, set_input_size
-from jdnas.morphism import Action, apply_with_followers
+from jdnas.models.morphism import Action, apply_with_followers
 
 LINEAGE_FORMAT = "jdnas-lineage/1"
 ADAPTER = re.compile(r"adapters\.([^.]+)\.(weight|bias)")
@@ -37,7 +37,7 @@ class Lineage:
 
     model: Detector
     it: int = 0
-    teacher: str = ""                                            # the teacher's genome (jdnas.search)
+    teacher: str = ""                                            # the teacher's genome (jdnas.joint.search)
     momentum: dict[str, Tensor] = field(default_factory=dict)    # SGD buffers; KD adapters' as extra.adapters.*
     adapters: dict[str, Tensor] = field(default_factory=dict)    # Distiller.state_dict()
 
@@ -108,7 +108,7 @@ def _identity_adapters(levels: list[str], idx: Tensor, channels: int) -> dict[st
 
 
 def apply_moves(lin: Lineage, moves: list[Action], seed: int = 0) -> Lineage:
-    """The child lineage after `moves`: weights inherited (jdnas.morphism), momentum and KD
+    """The child lineage after `moves`: weights inherited (jdnas.models.morphism), momentum and KD
     adapters sliced with the weights' channel indices; what an action creates anew starts fresh."""
     model, momentum = lin.model, dict(lin.momentum)
     adapters = dict(lin.adapters)

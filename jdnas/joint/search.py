@@ -3,7 +3,7 @@
 The search has one training budget, `search.iters` iterations on one lr schedule (warm-up once,
 cosine over the whole search, the finish being its tail). Each round r:
 1. `propose`: every legal move of the current student is screened without training (inherit,
-   recalibrate BN, AP on a minival subset: `jdnas.screen`). Above the target the cuts are ranked
+   recalibrate BN, AP on a minival subset: `jdnas.joint.screen`). Above the target the cuts are ranked
    by predicted latency saved per screen AP lost and composed, best first, until the round's
    share of the way to the target is made; under it the moves that add capacity back are ranked
    by screen AP, beside the control (no move). The best `candidates` become finalists, plus
@@ -43,24 +43,28 @@ from typing import Any, Callable, Iterator
 
 import pandas as pd
 
-from jdnas.bootstrap import image_matches, is_tie, paired_bootstrap
 from jdnas.data.dataset import CocoDetection
-from jdnas.engine import coco_metrics, predict, schedule_for
-from jdnas.device import resolve_device
-from jdnas.io import atomic_path, load_json, resume_dir, write_json
+from jdnas.data.inspect import data_bounds
+from jdnas.engine.device import resolve_device
+from jdnas.engine.loop import coco_metrics, predict, schedule_for
+from jdnas.io import atomic_path, file_sha256, fingerprint, load_json, resume_dir, write_json
+from jdnas.joint.bootstrap import image_matches, is_tie, paired_bootstrap
+from jdnas.joint.lineage import (Lineage, Recipe, apply_moves, load_lineage, moves_text, parse_moves, save_lineage,
+    train_segment)
+from jdnas.joint.screen import Screen
+from jdnas.joint.teacher_pool import TeacherPool, load_supernet
 from jdnas.latency import LatencyTable, NotCovered
-from jdnas.lineage import Lineage, Recipe, apply_moves, load_lineage, moves_text, parse_moves, save_lineage, \
-    train_segment
 from jdnas.models.arch import Arch, Head
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, load_detector, read_checkpoint, save_detector
 from jdnas.models.elastic import PoolSpace
+from jdnas.models.morphism import Action, child, is_legal, legal_actions
 from jdnas.models.teacher_gene import TeacherGene, largest_gene, mutate_gene, sample_gene
-from jdnas.morphism import Action, child, is_legal, legal_actions
-from jdnas.screen import Screen
+from jdnas.paths import SEARCH as SEARCH_PATH
 from jdnas.seeding import derive_seed
+from jdnas.stages import inputs_fingerprint
 
-SEARCH = Path("runs/search")
+SEARCH = Path(SEARCH_PATH)
 HISTORY_COLUMNS = ["round", "index", "control", "action", "teacher", "teacher_arch", "teacher_ap", "student_arch",
                    "student_head", "ap", "ap50", "latency_ms", "meets_target", "score", "accepted", "seconds",
                    "cpu_seconds", "student_params", "student_flops", "teacher_params", "teacher_flops", "screen_ap"]
@@ -170,8 +174,6 @@ class Context:
 
     def __init__(self, params: dict, data_dir: str | Path, supernet: str | Path, latency_table: str | Path,
                  base: str | Path, root: str | Path = SEARCH) -> None:
-        from jdnas.io import file_sha256
-        from jdnas.teacher_pool import load_supernet
         self.params, self.cfg = params, params["search"]
         self.seed = int(params["seed"])
         self.eval_batch = params["eval"]["batch_size"]
@@ -215,7 +217,6 @@ class Context:
 
 def search_bounds(bounds: dict, data_dir: Path, base_head: Head) -> dict:
     """The search space's bounds for these data: resize only as far as the objects stay visible."""
-    from jdnas.data.inspect import data_bounds
     stats = load_json(data_dir / "manifest.json", ["stats"])["stats"]["train"]
     return data_bounds(bounds, stats, base_head.min_size, base_head.max_size)
 
@@ -224,7 +225,6 @@ def search_bounds(bounds: dict, data_dir: Path, base_head: Head) -> dict:
 def teacher_for(ctx: Context, gene: str, spent: Spent) -> tuple[Detector, dict[str, Any]]:
     """The pool member `gene` as a frozen detector with recalibrated BN, and its minival AP:
     extracted once per search (`teachers/<gene>-<pool>/`), reused by every later job."""
-    from jdnas.teacher_pool import TeacherPool
     d = ctx.root / "teachers" / f"{gene.replace('/', '_')}-{ctx.pool_key}"
     if (d / "info.json").is_file():
         return load_detector(d / "teacher.pt", ctx.device), load_json(d / "info.json")
@@ -459,8 +459,6 @@ def _evaluate(ctx: Context, model: Detector, out: Path | None, spent: Spent) -> 
 def _train(ctx: Context, lin: Lineage, teacher: Detector, until: int, seed: int, out: Path, spent: Spent,
            part: str, init: Path) -> Lineage:
     """The lineage trained to `until`, resumable through out/train_state.pt."""
-    from jdnas.base_detector import fingerprint
-    from jdnas.io import file_sha256
     fp = fingerprint(file_sha256(init)[:16], lin.it, until, lin.teacher, ctx.recipe.cfg, seed, ctx.pool_key,
                       ctx.cfg["continuous"])
     recipe, start, stop = ctx.recipe, lin, until
@@ -684,21 +682,6 @@ def write_history(root: Path, params: dict, out: Path | None = None) -> pd.DataF
         "overhead_share": round(1 - training / compute, 4) if compute else None,
         "cpu_seconds": round(cpu, 2), "seconds": round(wall, 2), "compute": round(compute, 2), "compute_unit": unit})
     return df
-
-
-def inputs_fingerprint(stage: str, params: dict, inputs: list[Path]) -> str:
-    """A hash of what a stage's resumable files belong to: the params it reads, its input files
-    and its code (as DVC sees them: a change to any of them reruns the stage)."""
-    import jdnas
-    from jdnas.base_detector import fingerprint
-    from jdnas.config import section
-    from jdnas.io import file_sha256
-    from jdnas.stages import STAGES
-    s = STAGES[stage]
-    root = Path(jdnas.__file__).parent.parent
-    code = sorted(p for c in s.code for p in ([root / c] if (root / c).is_file() else (root / c).rglob("*.py")))
-    return fingerprint({k: section(params, k) for k in s.params}, [file_sha256(p) for p in inputs],
-                       [file_sha256(p) for p in code])
 
 
 def run_search(ctx: Context) -> State:

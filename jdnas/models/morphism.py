@@ -33,7 +33,7 @@ from torch import Tensor
 
 from jdnas.models.arch import Arch, Head, Stage
 from jdnas.models.backbone import BLOCKS, _init_weights
-from jdnas.models.detector import snap_size
+from jdnas.models.detector import build_detector, snap_size
 
 StateDict = dict[str, Tensor]
 BODY = "backbone.body."
@@ -605,7 +605,6 @@ def apply_with_followers(action: Action | str, arch: Arch, head: Head, sd: Mappi
 
 def morph_detector(model: Any, action: Action | str, seed: int = 0) -> Any:
     """A new detector built from `model` by `action`, with inherited weights."""
-    from jdnas.models.detector import build_detector
     a = Action.parse(action) if isinstance(action, str) else action
     if a.on_head:
         head, sd = apply_head_action(a, Head.of(model.head_cfg), model.state_dict())

@@ -24,12 +24,12 @@ import torch
 from tqdm import tqdm
 
 from jdnas.data.dataset import CocoDetection, batches_for, eval_loader
-from jdnas.dist import DistContext, barrier
+from jdnas.engine.dist import DistContext, barrier
+from jdnas.engine.step_meter import Step, StepMeter
+from jdnas.engine.tblog import TrainLog
 from jdnas.io import save_torch
 from jdnas.models.detector import Detector, jittered_input
 from jdnas.seeding import derive_seed
-from jdnas.step_meter import Step, StepMeter
-from jdnas.tblog import TrainLog
 
 STATE_FORMAT = "jdnas-train-state/1"
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")

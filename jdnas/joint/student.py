@@ -10,18 +10,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection
-from jdnas.distill import Distiller, Teacher
-from jdnas.engine import Replan, detection_loss, evaluate, train_detector
-from jdnas.device import resolve_device
+from jdnas.engine.device import resolve_device
+from jdnas.engine.loop import Replan, detection_loss, evaluate, train_detector
+from jdnas.engine.tblog import TrainLog
 from jdnas.errors import JdnasError
-from jdnas.io import file_sha256, write_json
-from jdnas.models.complexity import count_flops, count_params
+from jdnas.io import file_sha256, fingerprint, write_json
+from jdnas.joint.distill import Distiller, Teacher
 from jdnas.models.arch import Head
+from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import load_detector, save_detector, set_input_size
-from jdnas.morphism import Action, morph_detector
-from jdnas.tblog import TrainLog
+from jdnas.models.morphism import Action, morph_detector
 
 
 def parse_action(text: str | None) -> Action | None:

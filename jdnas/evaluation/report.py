@@ -21,9 +21,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from jdnas.errors import JdnasError  # noqa: E402
-from jdnas.io import atomic_path  # noqa: E402
-from jdnas.stages import REPORT_PLOTS  # noqa: E402
+from jdnas.config import val_timing
+from jdnas.engine.device import resolve_device
+from jdnas.errors import JdnasError
+from jdnas.io import atomic_path
+from jdnas.latency.measure import compare_on_val
+from jdnas.models.detector import load_detector
+from jdnas.paths import REPORT_PLOTS
 
 PLOTS = REPORT_PLOTS  # the stage's declared outputs
 COLUMNS = ["model", "AP", "AP50", "latency_ms", "latency_source", "predicted_latency_ms", "measured_latency_ratio",
@@ -207,13 +211,10 @@ def model_files(r: Runs) -> dict[str, Path]:
 def measure_rows(rows: dict[str, dict], r: Runs, data: Path, params: dict) -> None:
     """Replace every row's latency by one interleaved measurement of all the rows' models on val
     images: what differs between the rows is then the models, not the machine's load."""
-    from jdnas.device import resolve_device
-    from jdnas.latency.measure import compare_on_val
-    from jdnas.models.detector import load_detector
     device = resolve_device(params["device"])
     files = {name: f for name, f in model_files(r).items() if name in rows}
     models = {name: load_detector(_need(f), device) for name, f in files.items()}
-    ms = compare_on_val(models, data, params, device, models["base"].head_cfg["max_size"])
+    ms = compare_on_val(models, data, device, models["base"].head_cfg["max_size"], **val_timing(params))
     for name, v in ms.items():
         rows[name].update(latency_ms=v, latency_source="measured (one interleaved run)")
 

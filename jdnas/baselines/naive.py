@@ -18,7 +18,7 @@ from the last finished step; `runs/baseline/metrics.json` sums them up. Steps 1-
 teacher pool nor the base's weights (its arch and head come from the params), so the workflow runs
 them as a stage of their own (`--until retrain`, stage baseline_nas) from the start, on the core
 that train_base and the pool leave free. The pieces (`Budget`, `run_step`, `fine_tune`) also
-serve the compute-matched baselines (jdnas/matched.py).
+serve the compute-matched baselines (jdnas/baselines/matched.py).
 """
 from __future__ import annotations
 
@@ -31,21 +31,24 @@ from typing import Any, Callable
 
 import torch
 
-from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection, IterationSampler, collate
-from jdnas.engine import detection_loss, evaluate, make_optimizer, schedule_for, to_device, train_detector
-from jdnas.device import resolve_device
+from jdnas.engine.device import resolve_device
+from jdnas.engine.loop import detection_loss, evaluate, make_optimizer, schedule_for, to_device, train_detector
+from jdnas.engine.tblog import TrainLog
 from jdnas.errors import JdnasError
-from jdnas.io import load_json, resume_dir, write_json
+from jdnas.io import fingerprint, load_json, resume_dir, write_json
+from jdnas.joint.distill import Distiller, Teacher
+from jdnas.joint.search import compute_spent, score
+from jdnas.joint.student import train_student
+from jdnas.joint.teacher_pool import TeacherPool
 from jdnas.latency import LatencyTable
 from jdnas.latency.measure import latency_images, measure_latency
 from jdnas.models.arch import Arch, Head, resolve_arch
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import (Detector, build_detector, head_config, jittered_input, load_detector, save_detector,
-                                   set_input_size)
-from jdnas.morphism import Action, child_arch, legal_actions, morph_detector
-from jdnas.search import inputs_fingerprint, score
-from jdnas.tblog import TrainLog
+    set_input_size)
+from jdnas.models.morphism import Action, child_arch, legal_actions, morph_detector
+from jdnas.stages import inputs_fingerprint
 
 STEPS = ("nas", "retrain", "prune", "kd")
 NAS_STEPS = STEPS[:2]  # stage baseline_nas; the rest is stage baseline_naive
@@ -103,7 +106,6 @@ def iteration_cost(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     probe = copy.deepcopy(model).to(device).train()
     loss_fn, extra = detection_loss, None
     if teacher is not None:
-        from jdnas.distill import Distiller, Teacher
         extra = Distiller(probe, Teacher(copy.deepcopy(teacher), device), cfg["kd_loss"], cfg["kd_weight"],
                           cfg["kd_fg_weight"], cfg["kd_bg_weight"], cfg["kd_temperature"], 0)
         loss_fn = extra.loss_fn
@@ -130,8 +132,9 @@ def iteration_cost(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
 
 def largest_teacher(supernet: str | Path, data_dir: str | Path, params: dict, out: Path, stage: str) -> str:
     """Save the teacher pool's largest member (BN recalibrated) as a checkpoint at `out`; its Arch."""
-    from jdnas.teacher_pool import TeacherPool
-    pool = TeacherPool.load(supernet, data_dir, params)
+    ev = params["teacher_pool"]["eval"]
+    pool = TeacherPool.load(supernet, data_dir, ev["bn_batches"], ev["bn_batch_size"], params["seed"],
+                            resolve_device(params["device"]))
     save_detector(out, pool.teacher(pool.space.largest()).cpu(), stage=stage)
     return str(pool.space.largest())
 
@@ -161,7 +164,6 @@ def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: to
     the closing val evaluation (`eval_cost`), at the price of a measured iteration that includes
     the teacher's forward pass; replanned at every checkpoint of the schedule's first half at the
     price training has paid so far (a short probe misjudges a machine whose load changes)."""
-    from jdnas.student import train_student
     cfg = params["train_student"]
     kd = teacher if teacher is not None and cfg["kd_weight"] > 0 else None
     cost, replan = None, None
@@ -224,7 +226,6 @@ class Naive:
 
     def __init__(self, params: dict, data_dir: str | Path, table: str | Path, supernet: str | Path,
                  out_dir: str | Path) -> None:
-        from jdnas.search import compute_spent
         self.params, self.cfg = params, params["baseline"]
         self.data_dir, self.out = Path(data_dir), Path(out_dir)
         self.steps = self.out / "steps"  # one folder per step: a DVC output that survives reruns

@@ -25,20 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from jdnas.base_detector import fingerprint
 from jdnas.data.dataset import CocoDetection, IterationSampler, collate
-from jdnas.dist import DistContext, check_in_sync, init_distributed, shutdown
-from jdnas.device import resolve_device
-from jdnas.engine import LoopHooks, autocast, evaluate, train_loop
+from jdnas.engine.device import resolve_device
+from jdnas.engine.dist import DistContext, check_in_sync, init_distributed, shutdown
+from jdnas.engine.loop import LoopHooks, autocast, evaluate, train_loop
+from jdnas.engine.step_meter import Step
+from jdnas.engine.tblog import TrainLog
 from jdnas.errors import JdnasError
-from jdnas.io import atomic_path, file_sha256, save_torch
+from jdnas.io import atomic_path, file_sha256, fingerprint, save_torch
 from jdnas.latency.measure import latency_images, measure_latency
 from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.complexity import count_flops, count_params
-from jdnas.models.detector import Detector, head_config, jittered_input, read_checkpoint
+from jdnas.models.detector import Detector, check_head, check_size, head_config, jittered_input, read_checkpoint
 from jdnas.models.elastic import PoolSpace, Supernet, sort_channels
-from jdnas.step_meter import Step
-from jdnas.tblog import TrainLog
 
 SUPERNET_FORMAT = "jdnas-supernet/1"
 CSV_COLUMNS = ("arch", "role", "AP", "AP50", "params", "flops", "latency_ms")
@@ -210,7 +209,6 @@ def load_supernet(path: str | Path) -> Supernet:
     for key in ("space", "head", "state_dict"):
         if key not in ckpt:
             raise JdnasError(f"{path}: {key}: missing from the supernet checkpoint")
-    from jdnas.models.detector import check_head, check_size
     head = check_head(ckpt["head"], str(path))
     try:
         space = PoolSpace.from_json(ckpt["space"])
@@ -270,14 +268,13 @@ class TeacherPool:
         self.device = torch.device(device)
 
     @classmethod
-    def load(cls, supernet: str | Path | Supernet, data_dir: str | Path, params: dict) -> "TeacherPool":
+    def load(cls, supernet: str | Path | Supernet, data_dir: str | Path, bn_batches: int, bn_batch_size: int,
+             seed: int, device: torch.device) -> "TeacherPool":
         """The pool of a trained supernet (or its supernet.pt), recalibrating on the prepared train split."""
         if not isinstance(supernet, Supernet):
             supernet = load_supernet(supernet)
         train_set = CocoDetection(Path(data_dir) / "train.json", max_size=supernet.head_cfg["max_size"])
-        ev = params["teacher_pool"]["eval"]
-        return cls(supernet, train_set, ev["bn_batches"], ev["bn_batch_size"], params["seed"],
-                   resolve_device(params["device"]))
+        return cls(supernet, train_set, bn_batches, bn_batch_size, seed, device)
 
     @property
     def space(self) -> PoolSpace:
@@ -359,8 +356,9 @@ def eval_teacher_pool(params: dict, data_dir: str | Path, supernet_path: str | P
     pool.csv) beside the supernet's training curves, at the supernet's last iteration.
     """
     data_dir = Path(data_dir)
-    pool = TeacherPool.load(supernet_path, data_dir, params)
     ev = params["teacher_pool"]["eval"]
+    pool = TeacherPool.load(supernet_path, data_dir, ev["bn_batches"], ev["bn_batch_size"], params["seed"],
+                            resolve_device(params["device"]))
     rows = []
     images = latency_images(data_dir / "val.json", pool.supernet.head_cfg["max_size"])
     for role, arch in sample_members(pool.space, ev["sample_size"], params["seed"]):

@@ -12,13 +12,12 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
-from jdnas.device import resolve_device
+from jdnas.engine.device import resolve_device
 from jdnas.errors import JdnasError
 
 
@@ -71,30 +70,16 @@ def barrier(ctx: DistContext) -> None:
 
 
 @torch.no_grad()
-def check_in_sync(params: Sequence[torch.nn.Parameter], ctx: DistContext) -> None:
+def check_in_sync(weights: Sequence[torch.nn.Parameter], ctx: DistContext) -> None:
     """Raise if the ranks' weights differ (they must: same init, averaged gradients, same steps)."""
     if not ctx.active:
         return
-    sums = torch.stack([p.detach().double().sum() for p in params])
+    sums = torch.stack([w.detach().double().sum() for w in weights])
     gathered = [torch.zeros_like(sums) for _ in range(ctx.world)]
     dist.all_gather(gathered, sums)
     for rank, other in enumerate(gathered):
         if not torch.allclose(other, sums, rtol=1e-9, atol=1e-9):
             raise JdnasError(f"DDP: the weights of rank {rank} differ from those of rank {ctx.rank}")
-
-
-class ShardedBatchSampler(Sampler):
-    """This rank's share (`batch[rank::world]`) of every batch of another batch sampler."""
-
-    def __init__(self, batches: Sampler, ctx: DistContext) -> None:
-        self.batches, self.ctx = batches, ctx
-
-    def __iter__(self) -> Iterator[list]:
-        for batch in self.batches:
-            yield batch[self.ctx.rank::self.ctx.world]
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 def relaunch_with_torchrun(nproc: int, argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,6 @@ its last, worse weights are not what the rest of the workflow starts from. With
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import sys
 import time
@@ -16,36 +15,31 @@ from typing import Any
 
 import torch
 
+from jdnas.config import val_timing
 from jdnas.data.dataset import CocoDetection
-from jdnas.dist import DistContext, init_distributed, shutdown
-from jdnas.engine import evaluate, load_train_state, train_detector
-from jdnas.device import resolve_device
-from jdnas.io import save_torch, write_json
+from jdnas.engine.device import resolve_device
+from jdnas.engine.dist import DistContext, init_distributed, shutdown
+from jdnas.engine.loop import evaluate, load_train_state, train_detector
+from jdnas.engine.tblog import TrainLog
+from jdnas.errors import JdnasError
+from jdnas.io import fingerprint, save_torch, write_json
+from jdnas.latency.measure import compare_on_val
 from jdnas.models.arch import resolve_arch
 from jdnas.models.complexity import count_flops, count_params
-from jdnas.models.detector import build_detector, head_config, save_detector
-from jdnas.tblog import TrainLog
+from jdnas.models.detector import build_detector, head_config, load_detector, save_detector
 
 BEST_FORMAT = "jdnas-best-weights/1"
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short stable hash of JSON-able parts (what a resumable state was written for)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def measured_latency(model: torch.nn.Module, data_dir: Path, params: dict, device: torch.device) -> float:
     """The base's latency where it was trained (ms per val image; evaluate_final and the report
     time it again beside the students, in one interleaved measurement)."""
-    from jdnas.latency.measure import compare_on_val
-    return compare_on_val({"base": model}, data_dir, params, device, model.head_cfg["max_size"])["base"]
+    return compare_on_val({"base": model}, data_dir, device, model.head_cfg["max_size"], **val_timing(params))["base"]
 
 
 def adopt_base(params: dict, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     """The base detector is `model.checkpoint` as given: checked against the data (class count),
     evaluated on val, written as out_dir/model.pt and metrics.json (no training, no compute)."""
-    from jdnas.errors import JdnasError
-    from jdnas.models.detector import load_detector
     src = params["model"]["checkpoint"]
     model = load_detector(src, resolve_device(params["device"]))
     classes = CocoDetection(data_dir / "train.json").labels.num_classes

@@ -22,25 +22,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jdnas.baseline import Budget, fine_tune, largest_teacher, run_step
+from jdnas.baselines.naive import Budget, fine_tune, largest_teacher, run_step
 from jdnas.data.dataset import CocoDetection
-from jdnas.engine import evaluate
-from jdnas.device import resolve_device
+from jdnas.engine.device import resolve_device
+from jdnas.engine.loop import evaluate
 from jdnas.errors import JdnasError
 from jdnas.io import load_json, resume_dir, write_json
+from jdnas.joint.screen import Screen
+from jdnas.joint.search import CUT_KINDS, search_bounds
+from jdnas.joint.teacher_pool import SUPERNET_FORMAT
 from jdnas.latency import LatencyTable
 from jdnas.models.arch import Head
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, load_detector, read_checkpoint, save_detector
-from jdnas.morphism import child, legal_actions
-from jdnas.screen import Screen
-from jdnas.search import CUT_KINDS, inputs_fingerprint, search_bounds
+from jdnas.models.morphism import child, legal_actions
 from jdnas.seeding import derive_seed
+from jdnas.stages import inputs_fingerprint
 
 
 def pool_compute(supernet: str | Path, unit: str) -> float:
     """What training the teacher pool cost, in `unit` (from the supernet's meta)."""
-    from jdnas.teacher_pool import SUPERNET_FORMAT
     meta = read_checkpoint(supernet, SUPERNET_FORMAT)["meta"]
     return float(meta.get("cpu_seconds" if unit == "cpu_seconds" else "seconds", 0.0))
 
