@@ -35,8 +35,8 @@ def or_auto(opt: Opt) -> Opt:
     return Opt(opt.default, lambda v: v == "auto" or opt.check(v), opt.allowed + ", or auto")
 
 
-def _is_num(v: Any) -> bool:
-    """A finite int or float (YAML's .inf and .nan are not numbers here)."""
+def is_number(v: Any) -> bool:
+    """A finite int or float (YAML's .inf and .nan, JSON's NaN and Infinity are not numbers here)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -50,7 +50,7 @@ def integer(default: int, lo: int | None = None, hi: int | None = None) -> Opt:
 def number(default: float, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Opt:
     """A float in [lo, hi] (or (lo, hi] when lo_open)."""
     def ok(v: Any) -> bool:
-        if not _is_num(v) or not _in(v, lo, hi):
+        if not is_number(v) or not _in(v, lo, hi):
             return False
         return not (lo_open and lo is not None and v <= lo)
     return Opt(default, ok, f"a number{_range_words(lo, hi, lo_open)}")
@@ -82,7 +82,7 @@ def numbers(default: list, lo: float | None = None, hi: float | None = None, int
     kind = "integers" if ints else "numbers"
     def ok(v: Any) -> bool:
         return (isinstance(v, list) and min_len <= len(v) <= (max_len or len(v))
-                and all(_is_num(x) and (not ints or isinstance(x, int)) and _in(x, lo, hi) for x in v))
+                and all(is_number(x) and (not ints or isinstance(x, int)) and _in(x, lo, hi) for x in v))
     count = f"exactly {min_len}" if max_len == min_len else f"at least {min_len}"
     return Opt(default, ok, f"a list of {count} {kind}{_range_words(lo, hi)}")
 

@@ -87,7 +87,7 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         deps=(DATA,), outs=(f"{LATENCY}/table.csv", f"{LATENCY}/validation.png"),
         metrics=(f"{LATENCY}/validation.json",),
         # the table's grid is derived from the search space's bounds
-        params=("seed", "model", "latency", "search_space"), code=("jdnas/latency", "jdnas/models", "jdnas/models/morphism.py"),
+        params=("seed", "model", "latency", "search_space"), code=("jdnas/latency", "jdnas/models"),
         threads=None,  # timings use latency.threads; the job holds every core
     ),
     StageDef(
@@ -129,7 +129,7 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         deps=(DATA, TABLE), dir_outs=tuple(f"{BASELINE}/steps/{s}" for s in ("nas", "retrain")), persist=True,
         params=("seed", "device", "model", "eval", "baseline", "search.latency_target", "search.penalty",
                 "search.rounds", "search_space", "train_base", "teacher_pool.eval", "latency.clock"),
-        code=("jdnas/baselines/naive.py", "jdnas/models", "jdnas/models/morphism.py", "jdnas/engine/loop.py", "jdnas/latency/measure.py"),
+        code=("jdnas/baselines/naive.py", "jdnas/models", "jdnas/engine/loop.py", "jdnas/latency/measure.py"),
     ),
     StageDef(
         "baseline_naive",
@@ -139,8 +139,8 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         persist=True,
         params=("seed", "device", "model", "eval", "baseline", "search.latency_target", "search_space",
                 "train_student", "teacher_pool.eval", "latency.clock"),
-        code=("jdnas/baselines/naive.py", "jdnas/joint/student.py", "jdnas/models/morphism.py", "jdnas/joint/distill.py", "jdnas/engine/loop.py",
-              "jdnas/latency/measure.py"),
+        code=("jdnas/baselines/naive.py", "jdnas/joint/student.py", "jdnas/models/morphism.py", "jdnas/joint/distill.py",
+              "jdnas/engine/loop.py", "jdnas/latency/measure.py"),
     ),
     # the competitors matched to the joint search's compute (jdnas/baselines/matched.py)
     *(StageDef(
@@ -151,13 +151,13 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         dir_outs=tuple(f"runs/{name}/{step}" for step in steps), metrics=(f"runs/{name}/summary.json",), persist=True,
         params=("seed", "device", "eval", "baseline.min_iters", "search", "search_space", "train_student",
                 "teacher_pool.eval"),
-        code=("jdnas/baselines/matched.py", "jdnas/baselines/naive.py", "jdnas/joint/student.py", "jdnas/models/morphism.py", "jdnas/joint/distill.py",
-              "jdnas/engine/loop.py"),
+        code=("jdnas/baselines/matched.py", "jdnas/baselines/naive.py", "jdnas/joint/student.py", "jdnas/models/morphism.py",
+              "jdnas/joint/distill.py", "jdnas/engine/loop.py"),
     ) for name, steps in MATCHED.items()),
     StageDef(
         "report", f"jdnas report --runs runs --data {DATA} --out {REPORT}",
-        deps=(DATA, f"{LATENCY}/validation.json", f"{BASE}/metrics.json", f"{FINAL}/metrics.json", f"{SEARCH}/history.csv", f"{SEARCH}/summary.json",
-              f"{POOL}/pool.csv", f"{BASELINE}/metrics.json", "runs/control/summary.json",
+        deps=(DATA, f"{LATENCY}/validation.json", f"{BASE}/metrics.json", f"{FINAL}/metrics.json",
+              f"{SEARCH}/history.csv", f"{SEARCH}/summary.json", f"{POOL}/pool.csv", f"{BASELINE}/metrics.json", "runs/control/summary.json",
               "runs/prune_kd/summary.json"),
         outs=(f"{REPORT}/report.md", f"{REPORT}/summary.csv") + tuple(f"{REPORT}/{p}" for p in REPORT_PLOTS),
         # it times every row's model in one interleaved measurement

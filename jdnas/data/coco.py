@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import stat
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from jdnas.config import is_number
 from jdnas.errors import DataError
 
 REQUIRED = {
@@ -23,11 +23,6 @@ REQUIRED = {
     "annotations": ("id", "image_id", "category_id", "bbox"),
     "categories": ("id", "name"),
 }
-
-
-def _is_num(v: Any) -> bool:
-    """A finite int or float (JSON's NaN and Infinity are not numbers here)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _is_int(v: Any) -> bool:
@@ -100,7 +95,7 @@ def _check_box(src: str, ann: dict, img: dict, policy: str) -> tuple[list[float]
     """Validate one bbox against its image; return the (possibly clipped) box and whether it was clipped."""
     box = ann["bbox"]
     where = f"{src}: annotations id={ann['id']}: bbox"
-    if not isinstance(box, list) or len(box) != 4 or not all(_is_num(v) for v in box):
+    if not isinstance(box, list) or len(box) != 4 or not all(is_number(v) for v in box):
         raise DataError(f"{where} must be 4 finite numbers [x, y, width, height], got {box!r}")
     x, y, w, h = (float(v) for v in box)
     if w <= 0 or h <= 0:
@@ -197,7 +192,7 @@ def load_coco(ann_path: str | Path, image_dir: str | Path, out_of_image: str = "
         for field in ("image_id", "category_id"):
             if not _is_int(ann[field]):
                 raise DataError(f"{where} {field} must be an integer, got {ann[field]!r}")
-        if "area" in ann and not (_is_num(ann["area"]) and ann["area"] >= 0):
+        if "area" in ann and not (is_number(ann["area"]) and ann["area"] >= 0):
             raise DataError(f"{where} area must be a finite number >= 0, got {ann['area']!r}")
         if "iscrowd" in ann and ann["iscrowd"] not in (0, 1) or isinstance(ann.get("iscrowd"), bool):
             raise DataError(f"{where} iscrowd must be 0 or 1, got {ann['iscrowd']!r}")

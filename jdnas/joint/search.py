@@ -60,11 +60,11 @@ from jdnas.models.detector import Detector, load_detector, read_checkpoint, save
 from jdnas.models.elastic import PoolSpace
 from jdnas.models.morphism import Action, child, is_legal, legal_actions
 from jdnas.models.teacher_gene import TeacherGene, largest_gene, mutate_gene, sample_gene
-from jdnas.paths import SEARCH as SEARCH_PATH
+from jdnas.paths import SEARCH
 from jdnas.seeding import derive_seed
 from jdnas.stages import inputs_fingerprint
 
-SEARCH = Path(SEARCH_PATH)
+ROOT = Path(SEARCH)  # the search's folder unless a step is given another
 HISTORY_COLUMNS = ["round", "index", "control", "action", "teacher", "teacher_arch", "teacher_ap", "student_arch",
                    "student_head", "ap", "ap50", "latency_ms", "meets_target", "score", "accepted", "seconds",
                    "cpu_seconds", "student_params", "student_flops", "teacher_params", "teacher_flops", "screen_ap"]
@@ -116,16 +116,16 @@ def score(ap: float, latency_ms: float, target_ms: float, penalty: float) -> flo
     return ap - penalty * max(0.0, latency_ms / target_ms - 1.0)
 
 
-def round_dir(r: int, root: Path = SEARCH) -> Path:
+def round_dir(r: int, root: Path = ROOT) -> Path:
     return root / f"round_{r}"
 
 
-def finish_dir(root: Path = SEARCH) -> Path:
+def finish_dir(root: Path = ROOT) -> Path:
     """The search's last step: the lineage trained to the end of its schedule."""
     return root / "finish"
 
 
-def read_state(r: int, root: Path = SEARCH) -> State:
+def read_state(r: int, root: Path = ROOT) -> State:
     return load_state(round_dir(r, root) / "state.json")
 
 
@@ -173,7 +173,7 @@ class Context:
     the lineage's recipe and the screen's settings."""
 
     def __init__(self, params: dict, data_dir: str | Path, supernet: str | Path, latency_table: str | Path,
-                 base: str | Path, root: str | Path = SEARCH) -> None:
+                 base: str | Path, root: str | Path = ROOT) -> None:
         self.params, self.cfg = params, params["search"]
         self.seed = int(params["seed"])
         self.eval_batch = params["eval"]["batch_size"]

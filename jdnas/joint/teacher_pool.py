@@ -37,11 +37,11 @@ from jdnas.latency.measure import latency_images, measure_latency
 from jdnas.models.arch import Arch, resolve_arch
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, check_head, check_size, head_config, jittered_input, read_checkpoint
-from jdnas.models.elastic import PoolSpace, Supernet, sort_channels
+from jdnas.models.elastic import PHASES, PoolSpace, Supernet, sort_channels
+from jdnas.seeding import step_seed
 
 SUPERNET_FORMAT = "jdnas-supernet/1"
 CSV_COLUMNS = ("arch", "role", "AP", "AP50", "params", "flops", "latency_ms")
-PHASES = ("full", "depth", "width")
 
 
 # --- schedule -------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def sandwich(space: PoolSpace, it: int, cfg: dict[str, Any], seed: int) -> list[
     members = [("largest", space.largest())]
     if phase == "full":
         return members
-    rng = random.Random(seed * 1_000_003 + it)
+    rng = random.Random(step_seed(seed, it, "sandwich"))
     members.append(("smallest", space.smallest(phase)))
     members += [("random", space.sample(rng, phase)) for _ in range(cfg["sandwich_random"])]
     return members
@@ -90,7 +90,7 @@ def fpn_distill_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.
     return total / len(teacher)
 
 
-class _Recorder:
+class _LastOutput:
     """Keeps the last output of a module (a forward hook): the FPN features of each member."""
 
     def __init__(self, module: torch.nn.Module) -> None:
@@ -116,7 +116,7 @@ class _Sandwich(LoopHooks):
                  ctx: DistContext, desc: str) -> None:
         self.supernet, self.cfg, self.seed, self.device, self.ctx, self.desc = supernet, cfg, seed, device, ctx, desc
         self.channels_sorted = False
-        self.recorder = _Recorder(supernet.model.backbone)
+        self.recorder = _LastOutput(supernet.model.backbone)
 
     def before_step(self, it: int, optimizer: torch.optim.Optimizer) -> None:
         if phase_at(it, self.cfg) == "width" and not self.channels_sorted:

@@ -25,6 +25,7 @@ from jdnas.models.arch import Arch
 from jdnas.models.backbone import ResNetBackbone
 from jdnas.models.bounds import HEAD_RANGES, MAX_CLASSES, MAX_DEPTH, MAX_INPUT, MAX_PARAMS, MAX_WIDTH
 from jdnas.models.roi_align import FastMultiScaleRoIAlign
+from jdnas.seeding import step_seed
 
 CHECKPOINT_FORMAT = "jdnas-detector/1"
 # model params that describe the head (everything but the base arch choice)
@@ -208,7 +209,7 @@ def jittered_input(models: Sequence[Detector], scales: Sequence[float], seed: in
     its inputs to min/max size x a scale drawn from `scales` by (seed, it), snapped like `resize`,
     so a detector trained this way loses little AP when the search lowers its input size. The
     draw depends on the iteration only: a resumed run sees the same sizes."""
-    r = random.Random(seed * 7_919 + it).choice(list(scales)) if len(scales) > 1 else scales[0]
+    r = random.Random(step_seed(seed, it, "scale jitter")).choice(list(scales)) if len(scales) > 1 else scales[0]
     saved = [(m.transform.min_size, m.transform.max_size) for m in models]
     if r != 1.0:
         for m in models:

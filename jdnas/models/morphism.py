@@ -34,10 +34,9 @@ from torch import Tensor
 from jdnas.models.arch import Arch, Head, Stage
 from jdnas.models.backbone import BLOCKS, _init_weights
 from jdnas.models.detector import build_detector, snap_size
+from jdnas.models.keys import BODY, BOX, FPN, FPN_INNER, PREDICTOR, RPN_CONV, RPN_HEADS
 
 StateDict = dict[str, Tensor]
-BODY = "backbone.body."
-FPN_INNER = "backbone.fpn.inner_blocks.{s}.0.weight"
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 BACKBONE_KINDS = ("deepen", "shallow", "shift", "prune", "slim", "widen")
 HEAD_KINDS = ("fpn_prune", "head_prune", "resize", "proposals")  # no stage: they act on the Head
@@ -433,11 +432,6 @@ def _widen(s: _Surgery, arch: Arch, stage: int, ratio: float, seed: int, noise: 
 
 
 # --- head actions ------------------------------------------------------------------------------
-FPN = "backbone.fpn."
-RPN_CONV = "rpn.head.conv.0.0"
-RPN_HEADS = ("rpn.head.cls_logits.weight", "rpn.head.bbox_pred.weight")
-BOX = "roi_heads.box_head."
-PREDICTOR = ("roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.bbox_pred.weight")
 
 
 def _l1_rows(w: Tensor) -> Tensor:

@@ -19,8 +19,8 @@ import torch
 from jdnas.errors import JdnasError
 from jdnas.models.arch import Arch, Stage
 from jdnas.models.detector import build_detector, check_size, check_state_dict, head_config, save_detector
+from jdnas.models.keys import BODY, BOX_FC6, FPN_INNER, PREDICTOR, RPN_HEADS
 
-BODY = "backbone.body."
 # torchvision's own head settings (fasterrcnn_resnet50_fpn's defaults): what an import keeps
 # unless the params set a key (the FPN and box-head widths are read from the tensors)
 TORCHVISION_HEAD: dict[str, Any] = {
@@ -90,17 +90,16 @@ def import_torchvision(src: str | Path, dst: str | Path, model_params: dict[str,
     model_params = {**model_params, **{k: v for k, v in TORCHVISION_HEAD.items() if k not in given}}
     sd = _load(src)
     arch = arch_of(sd, src)
-    for key in ("backbone.fpn.inner_blocks.0.0.weight", "roi_heads.box_head.fc6.weight",
-                "roi_heads.box_predictor.cls_score.weight", "rpn.head.cls_logits.weight"):
+    for key in (FPN_INNER.format(s=0), BOX_FC6, PREDICTOR[0], RPN_HEADS[0]):
         if key not in sd:
             raise JdnasError(f"{src}: {key}: missing (not a torchvision ResNet-FPN Faster R-CNN)")
-    anchors_per_place = int(sd["rpn.head.cls_logits.weight"].shape[0])
+    anchors_per_place = int(sd[RPN_HEADS[0]].shape[0])
     if anchors_per_place != 3:
         raise JdnasError(f"{src}: rpn.head.cls_logits.weight: {anchors_per_place} anchors per place, jdnas uses 3 "
                          "(aspect ratios 0.5, 1, 2)")
-    head = head_config({**model_params, "fpn_channels": int(sd["backbone.fpn.inner_blocks.0.0.weight"].shape[0]),
-                        "representation_size": int(sd["roi_heads.box_head.fc6.weight"].shape[0])},
-                       int(sd["roi_heads.box_predictor.cls_score.weight"].shape[0]))
+    head = head_config({**model_params, "fpn_channels": int(sd[FPN_INNER.format(s=0)].shape[0]),
+                        "representation_size": int(sd[BOX_FC6].shape[0])},
+                       int(sd[PREDICTOR[0]].shape[0]))
     if "auto" in (head["min_size"], head["max_size"], head["anchor_sizes"]):
         raise JdnasError("params: model.min_size, max_size and anchor_sizes must be numbers to import a detector "
                          "(auto needs the data: pass --data data/prepared after `jdnas prepare-data`)")
