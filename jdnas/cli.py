@@ -325,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
+    _data_commands(add)
+    _stage_commands(add)
+    _tool_commands(add)
+    return parser
+
+
+def _data_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Data and checkpoints in and out: prepare, inspect, import, export."""
     p = add("prepare-data", cmd_prepare_data, "stage prepare_data: synthetic or COCO data -> train/minival/val",
             threads=True)
     p.add_argument("--out", default="data/prepared", help="output folder (default: %(default)s)")
@@ -346,6 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="a jdnas detector checkpoint (e.g. runs/final/model.pt)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
 
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
+    p.add_argument("--supernet", default="runs/teacher_pool/supernet.pt", help="(default: %(default)s)")
+    p.add_argument("--latency-table", default="runs/latency/cpu/table.csv", help="(default: %(default)s)")
+    p.add_argument("--base", default="runs/base/model.pt", help="base detector (default: %(default)s)")
+    p.add_argument("--root", default="runs/search", help="search folder (default: %(default)s)")
+
+
+def _stage_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """The workflow's stages (and `jdnas train`, one student)."""
     p = add("train-base", cmd_train_base, "stage train_base: train and evaluate the base detector", threads=True)
     p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
     p.add_argument("--out", default="runs/base", help="output folder (default: %(default)s)")
@@ -375,23 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supernet", default="runs/teacher_pool/supernet.pt", help="(default: %(default)s)")
     p.add_argument("--out", default="runs/teacher_pool/pool.csv", help="(default: %(default)s)")
 
-    def search_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
-        p.add_argument("--supernet", default="runs/teacher_pool/supernet.pt", help="(default: %(default)s)")
-        p.add_argument("--latency-table", default="runs/latency/cpu/table.csv", help="(default: %(default)s)")
-        p.add_argument("--base", default="runs/base/model.pt", help="base detector (default: %(default)s)")
-        p.add_argument("--root", default="runs/search", help="search folder (default: %(default)s)")
-
     p = add("search-step", cmd_search_step, "one job of the joint search (Snakemake runs these): init, "
             "propose, candidate, select, finish, history", threads=True)
     p.add_argument("step", choices=["init", "propose", "candidate", "select", "finish", "history"])
     p.add_argument("--round", type=int, default=None, help="search round r >= 1")
     p.add_argument("--index", type=int, default=0, help="candidate index k (step candidate)")
-    search_args(p)
+    _search_args(p)
 
     p = add("search", cmd_search, "stage search (DVC): every round of the joint search in one process, "
             "resuming from the rounds already on disk", threads=True)
-    search_args(p)
+    _search_args(p)
 
     p = add("evaluate-final", cmd_evaluate_final, "stage evaluate_final: the final student and the base "
             "detector on val (AP, measured latency, params, FLOPs)", threads=True)
@@ -403,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/final", help="output folder (default: %(default)s)")
 
     p = add("baseline", cmd_baseline, "stages baseline_nas, baseline_naive, control, prune_kd: what a user "
-            "would otherwise do, on the search's latency target (jdnas/baselines/naive.py, jdnas/baselines/matched.py)", threads=True)
+            "would otherwise do, on the search's latency target (jdnas/baselines/)", threads=True)
     p.add_argument("--pipeline", default="naive", choices=["naive", "control", "prune_kd"],
                    help="naive: NAS -> retrain -> prune -> KD; control: the base fine-tuned; prune_kd: greedy "
                         "pruning to the target, then KD (default: %(default)s)")
@@ -428,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepared data: every model is timed on its val images (default: %(default)s)")
     p.add_argument("--out", default="reports", help="output folder (default: %(default)s)")
 
+
+def _tool_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Tools around the workflow: evaluate a checkpoint, show an Arch, the latency table, dvc.yaml."""
     p = add("evaluate", cmd_evaluate, "COCO AP of a detector checkpoint on a prepared split", threads=True)
     p.add_argument("checkpoint", help="a model.pt written by jdnas")
     p.add_argument("--split", default="data/prepared/val.json", help="prepared split JSON (default: %(default)s)")
@@ -451,7 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("dvc-yaml", cmd_dvc_yaml, "print dvc.yaml, generated from the stage definitions (with a COCO source in "
         "the params, its files are prepare_data's deps)")
-    return parser
 
 
 TRAINING_COMMANDS = ("train-base", "train", "train-teacher-pool", "search-step", "search", "baseline",

@@ -156,6 +156,22 @@ class LoopHooks:
         return shown
 
 
+def _restore(state: dict, model: torch.nn.Module, extra: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+             hooks: LoopHooks, device: torch.device, is_main: bool) -> tuple[float, float]:
+    """Weights, optimizer, hooks' state and (rank 0) the RNG from a training state; the seconds
+    and CPU-seconds it had spent."""
+    model.load_state_dict(state["model"])
+    if extra is not None:
+        extra.load_state_dict(state["extra"])
+    optimizer.load_state_dict(state["optimizer"])
+    hooks.load_state(state)
+    if is_main:
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:  # torchvision's samplers draw on the GPU
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return float(state["seconds"]), float(state.get("cpu_seconds", 0.0))
+
+
 def train_loop(model: torch.nn.Module, dataset: CocoDetection, cfg: dict[str, Any], state_path: str | Path,
                seed: int, device: torch.device, step: TrainStep, hooks: LoopHooks = LoopHooks(),
                fingerprint: str = "", desc: str = "train", hint: str = "lower the lr in params",
@@ -189,17 +205,8 @@ def train_loop(model: torch.nn.Module, dataset: CocoDetection, cfg: dict[str, An
     torch.manual_seed(seed if ctx.is_main else derive_seed(seed, "rank", ctx.rank, start))
     seconds, cpu_seconds = 0.0, 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        if extra is not None:
-            extra.load_state_dict(state["extra"])
-        optimizer.load_state_dict(state["optimizer"])
-        seconds, cpu_seconds = float(state["seconds"]), float(state.get("cpu_seconds", 0.0))
+        seconds, cpu_seconds = _restore(state, model, extra, optimizer, hooks, device, ctx.is_main)
         cfg["iters"] = int(state.get("iters", cfg["iters"]))
-        hooks.load_state(state)
-        if ctx.is_main:
-            torch.set_rng_state(state["rng"])
-            if device.type == "cuda" and state.get("cuda_rng") is not None:  # torchvision's samplers draw on the GPU
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
         print(f"{desc}: resuming from {state_path} at iteration {start}/{cfg['iters']}", file=sys.stderr)
 
     def save(it: int) -> None:

@@ -440,6 +440,57 @@ def inaccurate_message(metrics: dict, cfg: dict, out: Path, retried: bool, allow
             + f": {remedy} (see {out / REFUSED})")
 
 
+def update_cache(prof: Profiler, cache: LatencyTable | None, cache_path: Path, raw: dict[Entry, float],
+                 accepted: bool) -> None:
+    """cache.csv after a run: an accepted table's timings merged in (a rerun of the same settings
+    reuses them); a refused one's dropped (a quieter rerun times them afresh)."""
+    cached = {**(cache.ms if cache else {})}
+    cached_settings = {**(cache.settings if cache else {})}
+    if accepted:
+        cached.update(raw)
+        cached_settings.update({e: prof.settings(e) for e in raw})
+    else:
+        cached = {e: v for e, v in cached.items() if e not in raw}
+    if cached:
+        LatencyTable(cached, {e: cached_settings[e] for e in cached}).save(cache_path)
+    elif cache is not None:
+        cache_path.unlink(missing_ok=True)
+
+
+def plot_title(prof: Profiler, result: dict[str, Any], max_mape: float) -> str:
+    """validation.png's title: device, threads, clock and load; MAPE against the gate, Spearman."""
+    c = prof.conditions
+    how = c["clock"]
+    if prof.device.type == "cpu":
+        load = result["conditions"]["load_average"]
+        how = f"{c['threads']} thread(s), {c['clock']}" + (f", load {load[0]} on {os.cpu_count()} CPUs" if load else "")
+    verdict = {None: "not checked", True: f"<= max {max_mape:g}%",
+               False: f"ABOVE max {max_mape:g}%"}[result["meets_max_mape"]]
+    return (f"{c['device']} ({c['device_name']}), {how}\n"
+            f"random archs: MAPE {result['mape_percent']}% ({verdict}{', retried' if result['retried'] else ''}), "
+            f"Spearman {fmt(result['spearman'])} (n={result['n']})")
+
+
+def enforce_gate(result: dict[str, Any], cfg: dict[str, Any], out: Path, accepted: bool) -> None:
+    """Stop with one line on a table above `latency.max_mape` (its validation kept as
+    refused_validation.json), or warn loudly where `allow_inaccurate` keeps it; say when the
+    table was not validated at all."""
+    if result["meets_max_mape"] is None:
+        print("profile_latency: latency.validation_archs = 0: the table is not validated (latency.max_mape "
+              "not checked)", file=sys.stderr, flush=True)
+    elif not result["meets_max_mape"]:
+        if not accepted:
+            _drop_stale(out / "table.csv", cfg["table"])
+            write_json(out / REFUSED, result)
+            raise JdnasError(inaccurate_message(result, cfg, out, result["retried"]))
+        message = inaccurate_message(result, cfg, out, result["retried"], allowed=True)
+        bar = "!" * 78
+        print(f"{bar}\nWARNING (latency.allow_inaccurate: true, the table is used anyway): "
+              f"{message.removeprefix('profile_latency: ')}\n"
+              "Every predicted latency (the search's target, its decisions) carries this error.\n"
+              f"{bar}", file=sys.stderr, flush=True)
+
+
 def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | None = None,
                     spaces: list[LatencySpace] | None = None) -> dict[str, Any]:
     """The stage: table.csv, validation.json and validation.png in `out_dir`.
@@ -494,17 +545,7 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
     accepted = gate["meets_max_mape"] is not False or cfg["allow_inaccurate"]
 
     if raw is not None:
-        cached = {**(cache.ms if cache else {})}
-        cached_settings = {**(cache.settings if cache else {})}
-        if accepted:  # merge this run's timings (a rerun of the same settings reuses them)
-            cached.update(raw)
-            cached_settings.update({e: prof.settings(e) for e in raw})
-        else:  # a table that failed: none of its timings is reused (a quieter rerun times them afresh)
-            cached = {e: v for e, v in cached.items() if e not in raw}
-        if cached:
-            LatencyTable(cached, {e: cached_settings[e] for e in cached}).save(cache_path)
-        elif cache is not None:
-            cache_path.unlink(missing_ok=True)
+        update_cache(prof, cache, cache_path, raw, accepted)
 
     base = table.breakdown(prof.base)
     result = {
@@ -524,33 +565,10 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
         "head_space": prof.head_space.to_json(),
         "archs": rows,
     }
-    c = prof.conditions
-    how = c["clock"]
-    if prof.device.type == "cpu":
-        load = result["conditions"]["load_average"]
-        how = f"{c['threads']} thread(s), {c['clock']}" + (f", load {load[0]} on {os.cpu_count()} CPUs" if load else "")
-    verdict = {None: "not checked", True: f"<= max {cfg['max_mape']:g}%",
-               False: f"ABOVE max {cfg['max_mape']:g}%"}[gate["meets_max_mape"]]
-    title = (f"{c['device']} ({c['device_name']}), {how}\n"
-             f"random archs: MAPE {metrics['mape_percent']}% ({verdict}{', retried' if gate['retried'] else ''}), "
-             f"Spearman {fmt(metrics['spearman'])} (n={metrics['n']})")
-    plot_validation(rows, out / "validation.png", title)
+    plot_validation(rows, out / "validation.png", plot_title(prof, result, cfg["max_mape"]))
     result["seconds"] = round(time.perf_counter() - start, 2)  # the whole stage, wall clock
     write_json(out / "validation.json", result)
-    if gate["meets_max_mape"] is None:
-        print("profile_latency: latency.validation_archs = 0: the table is not validated (latency.max_mape "
-              "not checked)", file=sys.stderr, flush=True)
-    elif not gate["meets_max_mape"]:
-        if not accepted:
-            _drop_stale(out / "table.csv", cfg["table"])
-            write_json(out / REFUSED, result)
-            raise JdnasError(inaccurate_message(metrics, cfg, out, gate["retried"]))
-        message = inaccurate_message(metrics, cfg, out, gate["retried"], allowed=True)
-        bar = "!" * 78
-        print(f"{bar}\nWARNING (latency.allow_inaccurate: true, the table is used anyway): "
-              f"{message.removeprefix('profile_latency: ')}\n"
-              "Every predicted latency (the search's target, its decisions) carries this error.\n"
-              f"{bar}", file=sys.stderr, flush=True)
+    enforce_gate(result, cfg, out, accepted)
     (out / REFUSED).unlink(missing_ok=True)
     table.save(out / "table.csv")
     return {k: result[k] for k in ("n", "mape_percent", "spearman", "max_abs_error_percent", "entries",
