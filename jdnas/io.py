@@ -225,6 +225,16 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def weights_sha256(module: torch.nn.Module) -> str:
+    """Hex SHA-256 of a module's state (names, dtypes, shapes and bytes): what a file's hash is
+    for a checkpoint, for weights held in memory."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes (streamed)."""
     h = hashlib.sha256()

@@ -79,7 +79,7 @@ class Matched:
     def step(self, name: str, run) -> dict[str, Any]:
         return run_step(self.out / name, self.budget, run)
 
-    def fine_tune(self, init: Path, share: float, out: Path, teacher: Path | None) -> dict[str, Any]:
+    def fine_tune(self, init: Path, share: float, out: Path, teacher: Detector | None) -> dict[str, Any]:
         return fine_tune(self.params, self.data_dir, self.train_set, self.device, self.budget, init, share, out,
                          teacher)
 
@@ -158,9 +158,9 @@ class PruneKD(Matched):
         return {**self.describe(model, metrics), "plan": plan}
 
     def kd(self, out: Path, share: float) -> dict[str, Any]:
-        teacher = largest_teacher(self.supernet, self.data_dir, self.params, out / "teacher.pt", "prune_kd")
-        metrics = self.fine_tune(self.out / "prune" / "model.pt", share, out, out / "teacher.pt")
-        return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": teacher,
+        teacher = largest_teacher(self.supernet, self.data_dir, self.params)
+        metrics = self.fine_tune(self.out / "prune" / "model.pt", share, out, teacher)
+        return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": str(teacher.arch),
                 **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
 

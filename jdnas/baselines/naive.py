@@ -130,13 +130,12 @@ def iteration_cost(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     return (clock() - t0) / iters
 
 
-def largest_teacher(supernet: str | Path, data_dir: str | Path, params: dict, out: Path, stage: str) -> str:
-    """Save the teacher pool's largest member (BN recalibrated) as a checkpoint at `out`; its Arch."""
+def largest_teacher(supernet: str | Path, data_dir: str | Path, params: dict) -> Detector:
+    """The teacher pool's largest member (BN recalibrated), on the CPU."""
     ev = params["teacher_pool"]["eval"]
     pool = TeacherPool.load(supernet, data_dir, ev["bn_batches"], ev["bn_batch_size"], params["seed"],
                             resolve_device(params["device"]))
-    save_detector(out, pool.teacher(pool.space.largest()).cpu(), stage=stage)
-    return str(pool.space.largest())
+    return pool.teacher(pool.space.largest()).cpu()
 
 
 def run_step(out: Path, budget: "Budget", run: Callable[[Path, float], dict[str, Any]]) -> dict[str, Any]:
@@ -158,7 +157,7 @@ def run_step(out: Path, budget: "Budget", run: Callable[[Path, float], dict[str,
 
 
 def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: torch.device, budget: "Budget",
-              init: Path, share: float, out: Path, teacher: Path | None, iters: int | None = None) -> dict[str, Any]:
+              init: Path, share: float, out: Path, teacher: Detector | None, iters: int | None = None) -> dict[str, Any]:
     """`jdnas train` from `init` (KD when a teacher is given) on val, for `iters` iterations or, if
     None, for those `share` buys: what the step has not yet spent (its teacher, the probe) less
     the closing val evaluation (`eval_cost`), at the price of a measured iteration that includes
@@ -175,7 +174,7 @@ def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: to
     elif iters is None:
         student = load_detector(init)
         cost = iteration_cost(student, train_set, cfg, device, budget.clock, iters=PROBE_ITERS,
-                              teacher=kd and set_input_size(load_detector(kd), student.head_cfg))
+                              teacher=kd and set_input_size(kd, student.head_cfg))
         before = budget.clock() - budget.step_start  # the step's teacher and the probe
         iters = max(least, int((share - before - eval_cost(val_images, cfg["batch_size"], cost)) / cost))
         write_json(plan, {"iters": iters, "cost_per_iter": cost, "share": share, "before_training": before})
@@ -261,7 +260,7 @@ class Naive:
         (out / "train_state.pt").unlink(missing_ok=True)
         return model, {"iters": iters}, metrics
 
-    def fine_tune(self, init: Path, iters: int, out: Path, teacher: Path | None) -> dict[str, Any]:
+    def fine_tune(self, init: Path, iters: int, out: Path, teacher: Detector | None) -> dict[str, Any]:
         return fine_tune(self.params, self.data_dir, self.train_set, self.device, self.budget, init, 0.0, out,
                          teacher, iters=iters)
 
@@ -332,9 +331,9 @@ class Naive:
                 **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
     def kd(self, out: Path, share: float) -> dict[str, Any]:
-        teacher = largest_teacher(self.supernet, self.data_dir, self.params, out / "teacher.pt", "baseline_kd")
-        metrics = self.fine_tune(self.steps / "prune" / "model.pt", self.cfg["kd_iters"], out, out / "teacher.pt")
-        return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": teacher,
+        teacher = largest_teacher(self.supernet, self.data_dir, self.params)
+        metrics = self.fine_tune(self.steps / "prune" / "model.pt", self.cfg["kd_iters"], out, teacher)
+        return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": str(teacher.arch),
                 **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
     def run(self, until: str = STEPS[-1]) -> dict[str, Any]:

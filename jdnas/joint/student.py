@@ -15,12 +15,19 @@ from jdnas.engine.device import resolve_device
 from jdnas.engine.loop import Replan, detection_loss, evaluate, train_detector
 from jdnas.engine.tblog import TrainLog
 from jdnas.errors import JdnasError
-from jdnas.io import file_sha256, fingerprint, write_json
+from jdnas.io import file_sha256, fingerprint, weights_sha256, write_json
 from jdnas.joint.distill import Distiller, Teacher
 from jdnas.models.arch import Head
 from jdnas.models.complexity import count_flops, count_params
-from jdnas.models.detector import load_detector, save_detector, set_input_size
+from jdnas.models.detector import Detector, load_detector, save_detector, set_input_size
 from jdnas.models.morphism import Action, morph_detector
+
+
+def teacher_sha256(teacher: str | Path | Detector | None) -> str | None:
+    """What a resumable student state records of its teacher: the checkpoint's or the weights' hash."""
+    if teacher is None:
+        return None
+    return (weights_sha256(teacher) if isinstance(teacher, Detector) else file_sha256(teacher))[:16]
 
 
 def parse_action(text: str | None) -> Action | None:
@@ -33,12 +40,12 @@ def parse_action(text: str | None) -> Action | None:
 
 
 def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init: str | Path,
-                  action: str | Action | None = None, teacher: str | Path | None = None,
+                  action: str | Action | None = None, teacher: str | Path | Detector | None = None,
                   eval_split: str = "minival", seed: int | None = None, replan: Replan | None = None
                   ) -> dict[str, Any]:
     """Load `init`, apply `action` with weight inheritance, train with KD from `teacher` (if given),
     evaluate on `eval_split`; write model.pt and metrics.json to `out_dir` (TensorBoard events in
-    out_dir/tb); return the metrics. `replan`: a compute budget (see `engine.train_loop`)."""
+    out_dir/tb); return the metrics. `teacher`: a checkpoint, or a detector held in memory. `replan`: a compute budget (see `engine.train_loop`)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     cfg = params["train_student"]
     seed = params["seed"] if seed is None else seed
@@ -60,13 +67,14 @@ def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init:
                          f"{train_set.labels.num_classes - 1}")
     distiller, loss_fn, teacher_arch = None, detection_loss, None
     if teacher is not None and cfg["kd_weight"] > 0:
-        t_model = set_input_size(load_detector(teacher), model.head_cfg)  # the teacher sees the student's input
+        t_model = teacher if isinstance(teacher, Detector) else load_detector(teacher)
+        t_model = set_input_size(t_model, model.head_cfg)  # the teacher sees the student's input
         teacher_arch = str(t_model.arch)
         distiller = Distiller(model, Teacher(t_model, device), cfg["kd_loss"], cfg["kd_weight"],
                               cfg["kd_fg_weight"], cfg["kd_bg_weight"], cfg["kd_temperature"], seed)
         loss_fn = distiller.loss_fn
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    fp = fingerprint(file_sha256(init)[:16], str(act), teacher and file_sha256(teacher)[:16], cfg, seed,
+    fp = fingerprint(file_sha256(init)[:16], str(act), teacher_sha256(teacher), cfg, seed,
                      manifest["splits"]["train"]["sha256"])
     state_path = out_dir / "train_state.pt"
     split = data_dir / f"{eval_split}.json"
