@@ -521,8 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail("an input is nested too deep to read (RecursionError): params and annotation files are a few "
                     "levels deep")
     except KeyboardInterrupt:
+        rerun = "training resumes from its last checkpoint" if command in TRAINING_COMMANDS else "it starts afresh"
         print(f"jdnas: interrupted (Ctrl-C): {command} stopped; what it had not finished was not kept (rerun it: "
-              "training resumes from its last checkpoint)", file=sys.stderr)
+              f"{rerun})", file=sys.stderr)
         return 130
     return 0
 

@@ -352,6 +352,7 @@ def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
     assert main(["arch", "tiny", "--params", PARAMS]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("jdnas: interrupted (Ctrl-C): arch stopped"), err
+    assert err[0].endswith("(rerun it: it starts afresh)"), err  # arch trains nothing
 
 
 def _spawn_prepare(out: Path, params: Path) -> subprocess.Popen:
