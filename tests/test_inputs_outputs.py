@@ -388,6 +388,7 @@ def test_an_interrupted_prepare_data_reruns_to_the_uninterrupted_result(tmp_path
     caught = _wait_for_tmp(proc, tmp_path)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
+    caught = caught and proc.returncode != 0  # on a quiet machine the stage may finish before the signal lands
     if caught:
         assert not out.exists()  # nothing that looks finished
         if sig == signal.SIGINT:
