@@ -261,3 +261,14 @@ def test_objects_too_small_for_resize_leave_every_other_head_action_legal(smoke_
     bounds = data_bounds({**p["search_space"], "resize_min_object": 12.0}, tiny, head.min_size, head.max_size)
     kinds = {a.kind for a in legal_actions(arch, bounds, head, head)}
     assert "resize" not in kinds and {"fpn_prune", "head_prune", "proposals"} <= kinds
+
+
+@pytest.mark.parametrize("text", ["shift(0,+1)", "shift(1,-1)+prune(2,0.25)", "slim(2,0.25)+fpn_prune(0.125)",
+                                  "deepen(3)+shift(2,+1)+proposals(0.5)", "none"])
+def test_a_move_round_trips_through_its_text(text):
+    """A finalist's move is stored as text (proposals.json) and parsed by its candidate job; a
+    shift's signed step must not split it (the default run's round 5 stopped on 'shift(0,+1)')."""
+    from jdnas.joint.lineage import moves_text, parse_moves
+    moves = parse_moves(text)
+    assert moves_text(moves) == text and all(isinstance(m, Action) for m in moves)
+    assert len(moves) == (0 if text == "none" else text.count(")"))

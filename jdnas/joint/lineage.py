@@ -48,7 +48,7 @@ def parse_moves(text: str) -> list[Action]:
     if text in ("", "none"):
         return []
     try:
-        return [Action.parse(t) for t in text.split("+")]
+        return [Action.parse(t) for t in re.split(r"(?<=\))\s*\+", text)]  # not shift(0,+1)'s sign
     except ValueError as e:
         raise JdnasError(f"move {text!r}: {e}") from None
 
