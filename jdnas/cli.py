@@ -170,11 +170,16 @@ def cmd_train_base(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from jdnas.engine.device import resolve_device
     from jdnas.joint.student import train_student
     params = _params(args)
     _runtime(args, params)
-    print(json.dumps(train_student(params, args.data, args.out, args.init, args.action, args.teacher,
-                                   args.eval_split, args.seed)))
+    seed = params["seed"] if args.seed is None else args.seed
+    print(json.dumps(train_student(params["train_student"], args.data, args.out, args.init, args.action, args.teacher,
+                                   seed=seed, device=resolve_device(params["device"]),
+                                   eval_batch=params["eval"]["batch_size"], eval_split=args.eval_split)))
+
+
 def cmd_train_teacher_pool(args: argparse.Namespace) -> None:
     params = _params(args)
     if _ddp(args, params, params["teacher_pool"]["train"]["gpus"], "train-teacher-pool"):
@@ -204,7 +209,7 @@ def cmd_search_step(args: argparse.Namespace) -> None:
     params = _params(args)
     _runtime(args, params, gpus=int(args.step != "history"))  # screening, trials and the lineage train
     if args.step == "history":
-        search.write_history(Path(args.root), params)
+        search.write_history(Path(args.root), params["search"], params["device"])
         return
     if args.step in ("propose", "candidate", "select") and args.round is None:
         raise JdnasError(f"search-step {args.step}: --round is required")

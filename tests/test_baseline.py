@@ -137,19 +137,19 @@ def test_a_matched_fine_tune_resumes_on_the_iterations_it_planned(prepared, smok
     """Control and prune_kd price an iteration with a timing probe; a killed run must resume on the
     first run's plan (a new probe would change the iterations and throw away the training state)."""
     import json
-    from jdnas.baselines.naive import fine_tune
+    from jdnas.baselines.naive import Tuning, fine_tune
     from jdnas.data.prepare import resolved_params
     torch.set_num_threads(1)
     params = resolved_params(smoke_params, prepared)
     data = CocoDetection(prepared / "train.json", max_size=params["model"]["max_size"])
-    first = fine_tune(params, prepared, data, torch.device("cpu"), Budget(None, "cpu_seconds", [1.0] * 4), base_ckpt,
+    first = fine_tune(Tuning.from_params(params), prepared, data, Budget(None, "cpu_seconds", [1.0] * 4), base_ckpt,
                       1.0, tmp_path / "a", None)
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())
     assert plan["iters"] == first["planned_iters"] >= params["baseline"]["min_iters"] and plan["cost_per_iter"] > 0
     assert first["iters"] >= params["baseline"]["min_iters"]  # replanned on what training paid
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "plan.json").write_text(json.dumps({"iters": 3, "cost_per_iter": 0.5, "share": 1.5}))
-    again = fine_tune(params, prepared, data, torch.device("cpu"), Budget(None, "cpu_seconds", [1.0] * 4), base_ckpt,
+    again = fine_tune(Tuning.from_params(params), prepared, data, Budget(None, "cpu_seconds", [1.0] * 4), base_ckpt,
                       1000.0, tmp_path / "b", None)
     # the plan's 3 iterations (checkpoint_every 2: no checkpoint in the first half, so no replan)
     assert again["planned_iters"] == again["iters"] == 3 and again["cost_per_iter"] == 0.5

@@ -282,7 +282,7 @@ def test_measured_rows_are_judged_and_compared_by_measurement(tmp_path, monkeypa
     measured = {"base": 10.3, "control": 10.1, "prune_kd": 8.0, "naive/nas": 9.0, "naive/retrain": 9.1,
                 "naive/prune": 8.7, "naive/kd": 9.6, "joint/final": 8.4}
 
-    def fake_measure(rows, r, data, params):
+    def fake_measure(rows, r, data, device, timing):
         for name in rows:
             rows[name].update(latency_ms=measured[name], latency_source="measured (one interleaved run)")
     monkeypatch.setattr(report, "measure_rows", fake_measure)
@@ -290,7 +290,9 @@ def test_measured_rows_are_judged_and_compared_by_measurement(tmp_path, monkeypa
     plot = report.plot_ap_vs_latency
     monkeypatch.setattr(report, "plot_ap_vs_latency", lambda *a: labels.extend(plot(*a)))
     runs = make_runs(tmp_path / "runs")
-    rows = write_report(runs, tmp_path / "out", PARAMS, data=tmp_path)
+    timed = {**PARAMS, "device": "cpu", "latency": {"device": "cpu", "clock": "cpu_time"},
+             "teacher_pool": {"eval": {"latency_runs": 1, "latency_threads": 1}}}
+    rows = write_report(runs, tmp_path / "out", timed, data=tmp_path)
     assert [rows[m]["meets_target"] for m in rows] == [False, False, True, False, False, False, False, False]
     assert not any(math.isnan(rows[m]["measured_latency_ratio"]) for m in rows)
     assert [x for x in labels if x.startswith("latency target")] == [

@@ -91,7 +91,8 @@ def test_student_logs_kd_loss_and_minival_ap(base_ckpt, prepared, smoke_params, 
     from jdnas.joint.student import train_student
     torch.set_num_threads(1)
     params = with_overrides(smoke_params, {"train_student": {"iters": 2}})
-    train_student(params, prepared, tmp_path / "cand", base_ckpt, "prune(2,0.5)", base_ckpt)
+    train_student(params["train_student"], prepared, tmp_path / "cand", base_ckpt, "prune(2,0.5)", base_ckpt,
+                  seed=params["seed"], device=torch.device("cpu"), eval_batch=params["eval"]["batch_size"])
     tags = scalars(tmp_path / "cand" / "tb")
     assert sorted(tags["train/loss_kd"]) == [0, 1] and "train/loss" in tags
     assert list(tags["minival/AP"]) == [2]

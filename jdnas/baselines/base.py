@@ -31,10 +31,10 @@ from jdnas.models.detector import build_detector, head_config, load_detector, sa
 BEST_FORMAT = "jdnas-best-weights/1"
 
 
-def measured_latency(model: torch.nn.Module, data_dir: Path, params: dict, device: torch.device) -> float:
-    """The base's latency where it was trained (ms per val image; evaluate_final and the report
-    time it again beside the students, in one interleaved measurement)."""
-    return compare_on_val({"base": model}, data_dir, device, model.head_cfg["max_size"], **val_timing(params))["base"]
+def measured_latency(model: torch.nn.Module, data_dir: Path, device: torch.device, timing: dict[str, Any]) -> float:
+    """The base's latency where it was trained (ms per val image, `timing`: `config.val_timing`;
+    evaluate_final and the report time it again beside the students, in one interleaved measurement)."""
+    return compare_on_val({"base": model}, data_dir, device, model.head_cfg["max_size"], **timing)["base"]
 
 
 def adopt_base(params: dict, data_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def adopt_base(params: dict, data_dir: Path, out_dir: Path) -> dict[str, Any]:
     metrics = evaluate(model, data_dir / "val.json", params["eval"]["batch_size"], resolve_device(params["device"]))
     metrics.update({"checkpoint": str(src), "kept_iter": None, "arch": str(model.arch), "params": count_params(model),
                     "flops": count_flops(model), "train_iters": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0,
-                    "latency_ms": measured_latency(model, data_dir, params, resolve_device(params["device"]))})
+                    "latency_ms": measured_latency(model, data_dir, resolve_device(params["device"]), val_timing(params))})
     save_detector(out_dir / "model.pt", model.cpu(), stage="train_base", metrics=metrics, source=str(src))
     write_json(out_dir / "metrics.json", metrics)
     return metrics
@@ -110,7 +110,7 @@ def _train_base(params: dict, data_dir: Path, out_dir: Path, ctx: DistContext, d
     metrics.update({"kept_iter": kept, "arch": str(arch), "params": count_params(model), "flops": count_flops(model),
                     "train_iters": summary["iters"], "train_seconds": summary["seconds"],
                     "train_cpu_seconds": round(time.process_time() - cpu0 + summary["resumed_cpu_seconds"], 2)})
-    metrics["latency_ms"] = measured_latency(model, data_dir, params, device)
+    metrics["latency_ms"] = measured_latency(model, data_dir, device, val_timing(params))
     save_detector(out_dir / "model.pt", model.cpu(), stage="train_base", metrics=metrics)
     write_json(out_dir / "metrics.json", metrics)
     state_path.unlink(missing_ok=True)

@@ -22,9 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jdnas.baselines.naive import Budget, fine_tune, largest_teacher, run_step
+from jdnas.baselines.naive import Budget, Tuning, fine_tune, largest_teacher, run_step
 from jdnas.data.dataset import CocoDetection
-from jdnas.engine.device import resolve_device
 from jdnas.engine.loop import evaluate
 from jdnas.errors import JdnasError
 from jdnas.io import load_json, resume_dir, write_json
@@ -57,10 +56,11 @@ class Matched:
                  supernet: str | Path, search_summary: str | Path, out_dir: str | Path) -> None:
         self.params, self.data_dir, self.out = params, Path(data_dir), Path(out_dir)
         self.base, self.supernet = Path(base), Path(supernet)
-        self.device = resolve_device(params["device"])
         self.table = LatencyTable.load(table)
         self.inputs = [self.data_dir / "manifest.json", Path(table), self.base, self.supernet, Path(search_summary)]
         summary = load_json(search_summary, ["target_ms", "compute", "compute_unit"])
+        self.tuning = Tuning.from_params(params)
+        self.device = self.tuning.device
         self.target_ms, unit = float(summary["target_ms"]), summary["compute_unit"]
         pool = pool_compute(supernet, unit)
         self.joint = float(summary["compute"]) + pool  # the joint search: its jobs + the pool it draws from
@@ -80,8 +80,7 @@ class Matched:
         return run_step(self.out / name, self.budget, run)
 
     def fine_tune(self, init: Path, share: float, out: Path, teacher: Detector | None) -> dict[str, Any]:
-        return fine_tune(self.params, self.data_dir, self.train_set, self.device, self.budget, init, share, out,
-                         teacher)
+        return fine_tune(self.tuning, self.data_dir, self.train_set, self.budget, init, share, out, teacher)
 
     def describe(self, model: Detector, metrics: dict[str, Any]) -> dict[str, Any]:
         head = Head.of(model.head_cfg)
@@ -158,7 +157,7 @@ class PruneKD(Matched):
         return {**self.describe(model, metrics), "plan": plan}
 
     def kd(self, out: Path, share: float) -> dict[str, Any]:
-        teacher = largest_teacher(self.supernet, self.data_dir, self.params)
+        teacher = largest_teacher(self.supernet, self.data_dir, self.tuning)
         metrics = self.fine_tune(self.out / "prune" / "model.pt", share, out, teacher)
         return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": str(teacher.arch),
                 **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}

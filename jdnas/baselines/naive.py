@@ -26,6 +26,7 @@ import copy
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -130,11 +131,30 @@ def iteration_cost(model: Detector, dataset: CocoDetection, cfg: dict[str, Any],
     return (clock() - t0) / iters
 
 
-def largest_teacher(supernet: str | Path, data_dir: str | Path, params: dict) -> Detector:
+@dataclass(frozen=True)
+class Tuning:
+    """What a baseline's fine-tunes need, unpacked once from the params by its stage: the
+    `train_student` recipe, seed, device, val's eval batch, the fewest iterations a step trains,
+    and how the pool's teacher is recalibrated (`teacher_pool.eval`)."""
+
+    recipe: dict[str, Any]
+    seed: int
+    device: torch.device
+    eval_batch: int
+    min_iters: int
+    bn_batches: int
+    bn_batch_size: int
+
+    @classmethod
+    def from_params(cls, params: dict) -> "Tuning":
+        ev = params["teacher_pool"]["eval"]
+        return cls(params["train_student"], int(params["seed"]), resolve_device(params["device"]),
+                   params["eval"]["batch_size"], params["baseline"]["min_iters"], ev["bn_batches"], ev["bn_batch_size"])
+
+
+def largest_teacher(supernet: str | Path, data_dir: str | Path, tuning: Tuning) -> Detector:
     """The teacher pool's largest member (BN recalibrated), on the CPU."""
-    ev = params["teacher_pool"]["eval"]
-    pool = TeacherPool.load(supernet, data_dir, ev["bn_batches"], ev["bn_batch_size"], params["seed"],
-                            resolve_device(params["device"]))
+    pool = TeacherPool.load(supernet, data_dir, tuning.bn_batches, tuning.bn_batch_size, tuning.seed, tuning.device)
     return pool.teacher(pool.space.largest()).cpu()
 
 
@@ -156,17 +176,17 @@ def run_step(out: Path, budget: "Budget", run: Callable[[Path, float], dict[str,
     return result
 
 
-def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: torch.device, budget: "Budget",
-              init: Path, share: float, out: Path, teacher: Detector | None, iters: int | None = None) -> dict[str, Any]:
+def fine_tune(tuning: Tuning, data_dir: Path, train_set: CocoDetection, budget: "Budget", init: Path, share: float,
+              out: Path, teacher: Detector | None, iters: int | None = None) -> dict[str, Any]:
     """`jdnas train` from `init` (KD when a teacher is given) on val, for `iters` iterations or, if
     None, for those `share` buys: what the step has not yet spent (its teacher, the probe) less
     the closing val evaluation (`eval_cost`), at the price of a measured iteration that includes
     the teacher's forward pass; replanned at every checkpoint of the schedule's first half at the
     price training has paid so far (a short probe misjudges a machine whose load changes)."""
-    cfg = params["train_student"]
+    cfg, device = tuning.recipe, tuning.device
     kd = teacher if teacher is not None and cfg["kd_weight"] > 0 else None
     cost, replan = None, None
-    least = params["baseline"]["min_iters"]
+    least = tuning.min_iters
     val_images = len(load_json(Path(data_dir) / "val.json", ["images"])["images"])
     plan = out / "plan.json"  # a killed run resumes on the iterations it planned, not on a new probe's
     if iters is None and plan.is_file():
@@ -186,8 +206,8 @@ def fine_tune(params: dict, data_dir: Path, train_set: CocoDetection, device: to
             price = spent / it
             left = share - before - eval_cost(val_images, cfg["batch_size"], price) - spent
             return max(least, it + int(left / price))
-    metrics = train_student({**params, "train_student": schedule_for(cfg, iters)}, data_dir, out, init, None, kd,
-                            eval_split="val", seed=params["seed"], replan=replan)
+    metrics = train_student(schedule_for(cfg, iters), data_dir, out, init, None, kd, seed=tuning.seed, device=device,
+                            eval_batch=tuning.eval_batch, eval_split="val", replan=replan)
     resumed = metrics.get("resumed_cpu_seconds", 0.0) if budget.unit == "cpu_seconds" else 0.0
     return {**metrics, "iters": metrics["train_iters"], "planned_iters": iters,
             "cost_per_iter": cost and round(cost, 4), "resumed_compute": resumed}
@@ -229,7 +249,8 @@ class Naive:
         self.data_dir, self.out = Path(data_dir), Path(out_dir)
         self.steps = self.out / "steps"  # one folder per step: a DVC output that survives reruns
         self.supernet = Path(supernet)
-        self.device = resolve_device(params["device"])
+        self.tuning = Tuning.from_params(params)
+        self.device = self.tuning.device
         self.table = LatencyTable.load(table)
         self.inputs = [self.data_dir / "manifest.json", Path(table)]
         self.budget = Budget(None, compute_spent(0.0, 0.0, params["device"])[1], [1.0] * len(STEPS))
@@ -261,8 +282,7 @@ class Naive:
         return model, {"iters": iters}, metrics
 
     def fine_tune(self, init: Path, iters: int, out: Path, teacher: Detector | None) -> dict[str, Any]:
-        return fine_tune(self.params, self.data_dir, self.train_set, self.device, self.budget, init, 0.0, out,
-                         teacher, iters=iters)
+        return fine_tune(self.tuning, self.data_dir, self.train_set, self.budget, init, 0.0, out, teacher, iters=iters)
 
     def describe(self, model: Detector, metrics: dict[str, Any]) -> dict[str, Any]:
         lat = self.table.predict(model.arch)
@@ -331,7 +351,7 @@ class Naive:
                 **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
     def kd(self, out: Path, share: float) -> dict[str, Any]:
-        teacher = largest_teacher(self.supernet, self.data_dir, self.params)
+        teacher = largest_teacher(self.supernet, self.data_dir, self.tuning)
         metrics = self.fine_tune(self.steps / "prune" / "model.pt", self.cfg["kd_iters"], out, teacher)
         return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": str(teacher.arch),
                 **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}

@@ -23,18 +23,19 @@ from jdnas.models.detector import load_detector, save_detector
 from jdnas.models.export import OnnxDetector, export_onnx
 
 
-def deployment_latency(models: dict[str, Any], data_dir: Path, out_dir: Path, params: dict,
-                       max_size: int) -> dict[str, dict]:
+def deployment_latency(models: dict[str, Any], data_dir: Path, out_dir: Path, max_size: int,
+                       timing: dict[str, Any]) -> dict[str, dict]:
     """The models exported to ONNX (out_dir/model.onnx for the final student; the base's in a
     temporary folder), checked against PyTorch on the val images latency is timed on, then timed
-    under onnxruntime on the CPU in one interleaved measurement: the latency they ship with."""
+    under onnxruntime on the CPU in one interleaved measurement (`timing`: `config.val_timing`):
+    the latency they ship with."""
     images = latency_images(data_dir / "val.json", max_size)
-    threads = params["teacher_pool"]["eval"]["latency_threads"]
+    threads = timing["threads"]
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: out_dir / "model.onnx" if name == "final" else Path(tmp) / f"{name}.onnx" for name in models}
         checks = {name: export_onnx(models[name].cpu(), paths[name], images) for name in models}
         latency = compare_on_val({name: OnnxDetector(p, threads) for name, p in paths.items()}, data_dir,
-                                 torch.device("cpu"), max_size, **val_timing(params))
+                                 torch.device("cpu"), max_size, **timing)
     for c in checks.values():
         c.pop("path")
     return {"latency": latency, "checks": checks}
@@ -55,8 +56,9 @@ def evaluate_final(params: dict, data_dir: str | Path, state_path: str | Path, b
     table = LatencyTable.load(latency_table)
     # both timed in the same interleaved rounds: what differs between them is the models
     max_size = models["base"].head_cfg["max_size"]
-    latency = compare_on_val(models, data_dir, device, max_size, **val_timing(params))
-    deployed = deployment_latency(models, Path(data_dir), Path(out_dir), params, max_size)
+    timing = val_timing(params)
+    latency = compare_on_val(models, data_dir, device, max_size, **timing)
+    deployed = deployment_latency(models, Path(data_dir), Path(out_dir), max_size, timing)
     summary: dict[str, Any] = {}
     for name, model in models.items():
         m = evaluate(model, Path(data_dir) / "val.json", params["eval"]["batch_size"], device)

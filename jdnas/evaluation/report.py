@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from jdnas.config import val_timing
 from jdnas.engine.device import resolve_device
@@ -208,13 +209,13 @@ def model_files(r: Runs) -> dict[str, Path]:
     return files
 
 
-def measure_rows(rows: dict[str, dict], r: Runs, data: Path, params: dict) -> None:
+def measure_rows(rows: dict[str, dict], r: Runs, data: Path, device: torch.device, timing: dict[str, Any]) -> None:
     """Replace every row's latency by one interleaved measurement of all the rows' models on val
-    images: what differs between the rows is then the models, not the machine's load."""
-    device = resolve_device(params["device"])
+    images (`timing`: `config.val_timing`): what differs between the rows is then the models, not
+    the machine's load."""
     files = {name: f for name, f in model_files(r).items() if name in rows}
     models = {name: load_detector(_need(f), device) for name, f in files.items()}
-    ms = compare_on_val(models, data, device, models["base"].head_cfg["max_size"], **val_timing(params))
+    ms = compare_on_val(models, data, device, models["base"].head_cfg["max_size"], **timing)
     for name, v in ms.items():
         rows[name].update(latency_ms=v, latency_source="measured (one interleaved run)")
 
@@ -538,7 +539,7 @@ def write_report(runs: str | Path, out: str | Path, params: dict, data: str | Pa
     r = Runs.load(runs, int(params["search"]["rounds"]))
     rows = summary_rows(r)
     if data is not None:
-        measure_rows(rows, r, Path(data), params)
+        measure_rows(rows, r, Path(data), resolve_device(params["device"]), val_timing(params))
     judge_rows(rows, r)
     with atomic_path(out / "summary.csv") as tmp:
         pd.DataFrame(list(rows.values()), columns=COLUMNS).to_csv(tmp, index=False)

@@ -174,7 +174,7 @@ class Context:
 
     def __init__(self, params: dict, data_dir: str | Path, supernet: str | Path, latency_table: str | Path,
                  base: str | Path, root: str | Path = ROOT) -> None:
-        self.params, self.cfg = params, params["search"]
+        self.cfg = params["search"]
         self.seed = int(params["seed"])
         self.eval_batch = params["eval"]["batch_size"]
         self.pool_eval = params["teacher_pool"]["eval"]
@@ -192,6 +192,8 @@ class Context:
         self.bounds = search_bounds(params["search_space"], self.data_dir, self.base_head)
         self.target_ms = self.cfg["latency_target"] * self.latency(self.base_arch, self.base_head)
         self.recipe = Recipe.of(params["train_student"], self.cfg["iters"])
+        self.device_name = params["device"]
+        self.fingerprint = inputs_fingerprint("search", params, self.inputs)  # what its files belong to
         self._train_set: CocoDetection | None = None
 
     @property
@@ -463,7 +465,7 @@ def _train(ctx: Context, lin: Lineage, teacher: Detector, until: int, seed: int,
                       ctx.cfg["continuous"])
     recipe, start, stop = ctx.recipe, lin, until
     if not ctx.cfg["continuous"]:  # ablation: the segment restarts a schedule of its own, momentum and adapters
-        recipe = replace(recipe, cfg=schedule_for(ctx.params["train_student"], until - lin.it))
+        recipe = replace(recipe, cfg=schedule_for(ctx.recipe.cfg, until - lin.it))
         start, stop = replace(lin, it=0, momentum={}, adapters={}), until - lin.it
     t0, c0 = time.time(), time.process_time()
     lin, summary = train_segment(start, teacher, ctx.train_set, recipe, stop, seed, out / "train_state.pt",
@@ -640,11 +642,11 @@ def _add(split: dict, part: str, cost: dict) -> None:
         p[k] += cost.get(k, 0.0)
 
 
-def write_history(root: Path, params: dict, out: Path | None = None) -> pd.DataFrame:
+def write_history(root: Path, cfg: dict[str, Any], device: str, out: Path | None = None) -> pd.DataFrame:
     """history.csv: one row per trained finalist, with whether its round accepted it; and
     summary.json: the target, the lineage's minival AP before the finish, and the compute split
-    by part (lineage and discarded training, screening, evaluation, teacher extraction)."""
-    cfg = params["search"]
+    by part (lineage and discarded training, screening, evaluation, teacher extraction), in the
+    unit of `device` (`cfg`: the `search` params)."""
     rows, split = [], {p: {"cpu_seconds": 0.0, "seconds": 0.0} for p in PARTS}
     for r in range(1, cfg["rounds"] + 1):
         d = round_dir(r, root)
@@ -669,7 +671,7 @@ def write_history(root: Path, params: dict, out: Path | None = None) -> pd.DataF
         _add(split, part, cost)
     cpu = sum(p["cpu_seconds"] for p in split.values())
     wall = sum(p["seconds"] for p in split.values())
-    compute, unit = compute_spent(cpu, wall, params["device"])
+    compute, unit = compute_spent(cpu, wall, device)
     key = "cpu_seconds" if unit == "cpu_seconds" else "seconds"
     training = split["lineage"][key] + split["discarded"][key]
     write_json(root / "summary.json", {
@@ -687,7 +689,7 @@ def write_history(root: Path, params: dict, out: Path | None = None) -> pd.DataF
 def run_search(ctx: Context) -> State:
     """Every round in one process (the DVC stage), resuming from the files already written by the
     same params and inputs (other files are cleared first)."""
-    resume_dir(ctx.root, inputs_fingerprint("search", ctx.params, ctx.inputs))
+    resume_dir(ctx.root, ctx.fingerprint)
     if not (round_dir(0, ctx.root) / "state.json").is_file():
         init_search(ctx)
     rounds, k = ctx.cfg["rounds"], finalist_slots(ctx.cfg)
@@ -702,7 +704,7 @@ def run_search(ctx: Context) -> State:
         select(ctx, r)
     if not (finish_dir(ctx.root) / "state.json").is_file():
         finish(ctx)
-    write_history(ctx.root, ctx.params)
+    write_history(ctx.root, ctx.cfg, ctx.device_name)
     return load_state(finish_dir(ctx.root) / "state.json")
 
 

@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from jdnas.data.dataset import CocoDetection
-from jdnas.engine.device import resolve_device
 from jdnas.engine.loop import Replan, detection_loss, evaluate, train_detector
 from jdnas.engine.tblog import TrainLog
 from jdnas.errors import JdnasError
@@ -39,17 +40,16 @@ def parse_action(text: str | None) -> Action | None:
         raise JdnasError(f"--action: {e}") from None
 
 
-def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init: str | Path,
-                  action: str | Action | None = None, teacher: str | Path | Detector | None = None,
-                  eval_split: str = "minival", seed: int | None = None, replan: Replan | None = None
-                  ) -> dict[str, Any]:
-    """Load `init`, apply `action` with weight inheritance, train with KD from `teacher` (if given),
-    evaluate on `eval_split`; write model.pt and metrics.json to `out_dir` (TensorBoard events in
-    out_dir/tb); return the metrics. `teacher`: a checkpoint, or a detector held in memory. `replan`: a compute budget (see `engine.train_loop`)."""
+def train_student(recipe: dict[str, Any], data_dir: str | Path, out_dir: str | Path, init: str | Path,
+                  action: str | Action | None = None, teacher: str | Path | Detector | None = None, *,
+                  seed: int, device: torch.device, eval_batch: int, eval_split: str = "minival",
+                  replan: Replan | None = None) -> dict[str, Any]:
+    """Load `init`, apply `action` with weight inheritance, train with KD from `teacher` (if given)
+    by `recipe` (the `train_student` keys), evaluate on `eval_split`; write model.pt and
+    metrics.json to `out_dir` (TensorBoard events in out_dir/tb); return the metrics. `teacher`: a
+    checkpoint, or a detector held in memory. `replan`: a compute budget (see `engine.train_loop`)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    cfg = params["train_student"]
-    seed = params["seed"] if seed is None else seed
-    device = resolve_device(params["device"])
+    cfg = recipe
     act = parse_action(action) if not isinstance(action, Action) else action
     parent = load_detector(init)
     parent_arch = parent.arch
@@ -83,7 +83,7 @@ def train_student(params: dict, data_dir: str | Path, out_dir: str | Path, init:
     with TrainLog(out_dir) as log:
         summary = train_detector(model, train_set, cfg, state_path, seed, device, fp, loss_fn=loss_fn,
                                  desc="train_student", extra=distiller, log=log, replan=replan)
-        metrics = evaluate(model, split, params["eval"]["batch_size"], device)
+        metrics = evaluate(model, split, eval_batch, device)
         log.metrics(metrics, summary["iters"], prefix=f"{eval_split}/")
     metrics.update({"split": eval_split, "arch": str(model.arch), "head": str(Head.of(model.head_cfg)),
                     "parent_arch": str(parent_arch),
