@@ -33,7 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
     "no continuous schedule": {"search": {"continuous": False}},
     "no screening": {"search": {"screen": False}},
-    "no halving (1 finalist)": {"search": {"candidates": 1, "teacher_moves": 0}},
+    "no halving (1 finalist)": {"search": {"cut_candidates": 1, "candidates": 1, "teacher_moves": 0}},
     "no pairing": {"search": {"paired": False}},
     "no teacher moves": {"search": {"teacher_moves": 0}},
     "no KD": {"train_student": {"kd_weight": 0.0}},
@@ -78,13 +78,13 @@ def run_variant(run: str, out: str, name: str, seed: int | None = None) -> dict[
             "summary": str(root / "summary.json"), "meets_target": state.meets_target}
 
 
-def run_prune_kd(run: str, out: str, summary: str, seed: int | None = None) -> dict[str, Any]:
+def run_prune_kd(run: str, out: str, summary: str, seed: int | None = None, name: str | None = None) -> dict[str, Any]:
     """prune_kd matched to the compute of the search whose `summary` it is given."""
     import torch
     torch.set_num_threads(1)
     from jdnas.baselines.matched import run_matched
     run_p, p = Path(run), _paths(Path(run))
-    name = "prune_kd" if seed is None else f"prune_kd seed={seed}"
+    name = name or ("prune_kd" if seed is None else f"prune_kd seed={seed}")
     res = run_matched("prune_kd", _params(run_p, {} if seed is None else {"seed": seed}), p["data"], p["table"],
                       p["base"], p["supernet"], summary, Path(out) / _slug(name))
     return {"name": name, "model": str(Path(out) / _slug(name) / "kd" / "model.pt"),
@@ -176,6 +176,8 @@ def main() -> None:
                     help="params files for the searches (default: the run's params.yaml)")
     ap.add_argument("--only", action="append", default=[], help="run only these variants (names as in the table)")
     ap.add_argument("--correlation", action="store_true", help="also measure the screen's rank correlation")
+    ap.add_argument("--matched", action="store_true",
+                    help="prune_kd matched to every variant's compute (default: to the full search's only)")
     ap.add_argument("--seeds", type=int, default=0,
                     help="instead of the ablation: the full search and prune_kd over this many search seeds")
     args = ap.parse_args()
@@ -187,8 +189,12 @@ def main() -> None:
         futures = [pool.submit(run_variant, str(run), str(out), name) for name in VARIANTS
                    if not args.only or name in args.only]
         rows = [f.result() for f in futures]
-        full = next(r for r in rows if r["name"] == "full")
-        rows.append(pool.submit(run_prune_kd, str(run), str(out), full["summary"]).result())
+        if args.matched:
+            rows += [f.result() for f in [pool.submit(run_prune_kd, str(run), str(out), r["summary"], None,
+                                                      f"prune_kd vs {r['name']}") for r in list(rows)]]
+        else:
+            full = next(r for r in rows if r["name"] == "full")
+            rows.append(pool.submit(run_prune_kd, str(run), str(out), full["summary"]).result())
     measure(rows, run)
     print(table([[r["name"], f"{r['ap']:.2f}", f"{r['measured_ratio']:.3f}", f"{r['predicted_ratio']:.3f}",
                   str(r["meets_target"]).lower(), f"{r['compute']:.0f} {r['unit']}"] for r in rows],

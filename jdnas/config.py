@@ -277,6 +277,7 @@ SCHEMA: dict = {
     "search": {
         "rounds": integer(3, 1),
         "candidates": integer(2, 1),
+        "cut_candidates": integer(2, 1),
         "teacher_moves": integer(1, 0),
         "iters": integer(300, 1),
         "round_iters": integer(60, 1),

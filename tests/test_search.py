@@ -5,8 +5,8 @@ import random
 import pandas as pd
 import pytest
 
-from jdnas.joint.search import (Context, candidate_actions, compose_cut, pick, rank_cuts, round_dir, round_goal,
-                          run_search, score, teacher_move)
+from jdnas.joint.search import (Context, candidate_actions, compose_cut, finalist_slots, init_search, pick, propose,
+                                rank_cuts, round_dir, round_goal, run_search, score, teacher_move)
 from jdnas.models.arch import Head, preset, resolve_arch
 from jdnas.models.elastic import PoolSpace
 from jdnas.models.morphism import Action, child
@@ -188,6 +188,27 @@ def test_a_stopped_search_passes_its_lineage_through(prepared, smoke_params, sup
     assert s2["accepted"] is None and s2["it"] == s1["it"]
     assert (round_dir(2, ctx.root) / "student.pt").read_bytes() == (round_dir(1, ctx.root) / "student.pt").read_bytes()
     assert state.it == p["search"]["iters"]  # the finish trains the rest of the schedule
+
+
+@pytest.mark.parametrize("target, above", [(0.01, True), (5.0, False)])
+def test_finalists_are_cuts_above_the_target_and_the_control_with_a_teacher_move_under_it(
+        prepared, smoke_params, supernet_ckpt, base_ckpt, tmp_path, target, above):
+    """Above the target up to cut_candidates cuts, all with the lineage's teacher; under it the
+    control first, then growth, then teacher moves that keep the control's move."""
+    import torch
+    torch.set_num_threads(1)
+    p = with_overrides(smoke_params, {"search": {"latency_target": target, "cut_candidates": 2, "candidates": 1,
+                                                 "teacher_moves": 1}})
+    ctx = Context(p, prepared, supernet_ckpt, REPO / "config" / "latency" / "smoke_cpu.csv", base_ckpt, tmp_path)
+    teacher = init_search(ctx).teacher
+    out = propose(ctx, 1)
+    cands = out["candidates"]
+    assert out["above_target"] is above and finalist_slots(p["search"]) == 2
+    if above:
+        assert 1 <= len(cands) <= 2 and all(c["action"] != "none" and c["teacher"] == teacher for c in cands)
+    else:
+        assert [c["action"] for c in cands] == ["none", "none"]
+        assert cands[0]["teacher"] == teacher != cands[1]["teacher"]
 
 
 @pytest.mark.parametrize("content, words", [

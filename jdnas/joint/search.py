@@ -6,7 +6,8 @@ cosine over the whole search, the finish being its tail). Each round r:
    recalibrate BN, AP on a minival subset: `jdnas.joint.screen`). Above the target the cuts are ranked
    by predicted latency saved per screen AP lost and composed, best first, until the round's
    share of the way to the target is made; under it the moves that add capacity back are ranked
-   by screen AP, beside the control (no move). The best `candidates` become finalists, plus
+   by screen AP, beside the control (no move). The best `cut_candidates` cuts (above) or the
+   control and the best `candidates` - 1 moves (under) become finalists; under the target also
    `teacher_moves` finalists that hold the best move fixed and change the teacher.
 2. `candidate` k: finalist k inherits the lineage (weights, momentum, KD adapters) and trains
    `trial_iters` at the lineage's position in the schedule, on the same batches and seed as the
@@ -424,17 +425,18 @@ def propose(ctx: Context, r: int) -> dict[str, Any]:
     arch, head = lin.model.arch, Head.of(lin.model.head_cfg)
     above = not state.meets_target
     options = candidate_actions(arch, head, ctx.base_head, ctx.bounds, ctx.table, state.latency_ms, ctx.target_ms)
-    k, rng = ctx.cfg["candidates"], random.Random(derive_seed(ctx.seed, "teacher", r))
+    rng = random.Random(derive_seed(ctx.seed, "teacher", r))
     parent_ap, rows = _screen(ctx, lin, options, state, r, spent)
     if above:
         goal = round_goal(state.latency_ms, ctx.target_ms, ctx.cfg["rounds"] - r + 1)
-        finalists = _cut_finalists(ctx, rows, parent_ap, arch, head, state.latency_ms, goal, k)
+        finalists = _cut_finalists(ctx, rows, parent_ap, arch, head, state.latency_ms, goal, ctx.cfg["cut_candidates"])
     else:
+        k = ctx.cfg["candidates"]
         finalists = [([], state.latency_ms, parent_ap)]  # the control: it can win here
         finalists += [([x["action"]], x["latency_ms"], x["ap"]) for x in sorted(rows, key=lambda x: -x["ap"])[:k - 1]]
     cands = [Candidate(r, i, moves_text(m), state.teacher, ap, round(ms, 4)) for i, (m, ms, ap) in
              enumerate(finalists)]
-    if cands:
+    if cands and not above:  # a teacher competes where the lineage does not have to move
         for _ in range(ctx.cfg["teacher_moves"]):
             t = teacher_move(state.teacher, ctx.space, ctx.cfg, rng)
             if t != state.teacher and all((c.action, c.teacher) != (cands[0].action, t) for c in cands):
@@ -709,5 +711,6 @@ def run_search(ctx: Context) -> State:
 
 
 def finalist_slots(cfg: dict) -> int:
-    """Candidate jobs per round: the finalists and the teacher moves."""
-    return cfg["candidates"] + cfg["teacher_moves"]
+    """Candidate jobs per round: the most finalists a round can have (under the target: with the
+    teacher moves)."""
+    return max(cfg["cut_candidates"], cfg["candidates"] + cfg["teacher_moves"])
