@@ -6,7 +6,7 @@ cached data, base, teacher pool and latency table, so only the search differs be
     .venv/bin/python bench/search_ablation.py --run . --out runs/bench/ablation [--jobs 2]
     .venv/bin/python bench/search_ablation.py --run . --out runs/bench/ablation --correlation
 
-Rows: full, continuous schedule off (every segment restarts its schedule, momentum and
+Rows: full, cuts paced over every round instead of `search.cut_rounds`, continuous schedule off (every segment restarts its schedule, momentum and
 adapters), screening off (moves drawn at random), halving off (one finalist), pairing off (own
 seeds, raw scores), teacher moves off, KD off (`kd_weight: 0`), and prune_kd. Columns: val AP,
 the measured latency ratio to the base (one interleaved measurement of every row), the
@@ -33,6 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
     "no continuous schedule": {"search": {"continuous": False}},
     "no screening": {"search": {"screen": False}},
+    "cuts over every round": {"search": {"cut_rounds": 1000}},
     "no halving (1 finalist)": {"search": {"cut_candidates": 1, "candidates": 1, "teacher_moves": 0}},
     "no pairing": {"search": {"paired": False}},
     "no teacher moves": {"search": {"teacher_moves": 0}},

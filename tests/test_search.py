@@ -211,6 +211,21 @@ def test_finalists_are_cuts_above_the_target_and_the_control_with_a_teacher_move
         assert cands[0]["teacher"] == teacher != cands[1]["teacher"]
 
 
+@pytest.mark.parametrize("cut_rounds", [1, 2])
+def test_the_cut_rounds_pace_the_way_to_the_target(prepared, smoke_params, supernet_ckpt, base_ckpt, tmp_path,
+                                                   cut_rounds):
+    """cut_rounds 1: round 1's finalists are composed all the way down to the target (the rest of
+    the schedule trains the student at its final size); 2: round 1 cuts only its share."""
+    import torch
+    torch.set_num_threads(1)
+    p = with_overrides(smoke_params, {"search": {"latency_target": 0.9, "cut_rounds": cut_rounds, "rounds": 2}})
+    ctx = Context(p, prepared, supernet_ckpt, REPO / "config" / "latency" / "smoke_cpu.csv", base_ckpt, tmp_path)
+    init_search(ctx)
+    out = propose(ctx, 1)
+    assert out["above_target"] and out["candidates"]
+    assert all(c["latency_ms"] <= ctx.target_ms for c in out["candidates"]) is (cut_rounds == 1)
+
+
 @pytest.mark.parametrize("content, words", [
     (b"{bad", "not valid JSON"),
     (b"\xff\xfe\x00", "not valid JSON"),

@@ -5,7 +5,9 @@ cosine over the whole search, the finish being its tail). Each round r:
 1. `propose`: every legal move of the current student is screened without training (inherit,
    recalibrate BN, AP on a minival subset: `jdnas.joint.screen`). Above the target the cuts are ranked
    by predicted latency saved per screen AP lost and composed, best first, until the round's
-   share of the way to the target is made; under it the moves that add capacity back are ranked
+   share of the way to the target is made (the lineage reaches it in `cut_rounds` rounds, so
+   the rest of the schedule trains the student at its final size and the later rounds use the
+   headroom); under it the moves that add capacity back are ranked
    by screen AP, beside the control (no move). The best `cut_candidates` cuts (above) or the
    control and the best `candidates` - 1 moves (under) become finalists; under the target also
    `teacher_moves` finalists that hold the best move fixed and change the teacher.
@@ -286,7 +288,8 @@ def candidate_actions(arch: Arch, head: Head, base_head: Head, bounds: dict, tab
 
 def round_goal(latency_ms: float, target_ms: float, rounds_left: int) -> float:
     """The latency a round's cut must reach: an equal share (geometric) of the way to the target
-    over the rounds left, so the last round arrives; the target itself when one round is left."""
+    over the cut rounds left (`search.cut_rounds`), so the last of them arrives; the target itself
+    when one (or none) is left."""
     if latency_ms <= target_ms:
         return target_ms
     return latency_ms * (target_ms / latency_ms) ** (1.0 / max(1, rounds_left))
@@ -428,7 +431,7 @@ def propose(ctx: Context, r: int) -> dict[str, Any]:
     rng = random.Random(derive_seed(ctx.seed, "teacher", r))
     parent_ap, rows = _screen(ctx, lin, options, state, r, spent)
     if above:
-        goal = round_goal(state.latency_ms, ctx.target_ms, ctx.cfg["rounds"] - r + 1)
+        goal = round_goal(state.latency_ms, ctx.target_ms, min(ctx.cfg["cut_rounds"], ctx.cfg["rounds"]) - r + 1)
         finalists = _cut_finalists(ctx, rows, parent_ap, arch, head, state.latency_ms, goal, ctx.cfg["cut_candidates"])
     else:
         k = ctx.cfg["candidates"]
