@@ -276,7 +276,7 @@ SCHEMA: dict = {
     # hill climbing over (student, teacher) pairs (jdnas.joint.search)
     "search": {
         "rounds": integer(3, 1),
-        "cut_rounds": integer(2, 1),
+        "cut_rounds": integer(3, 1),
         "candidates": integer(2, 1),
         "cut_candidates": integer(2, 1),
         "teacher_moves": integer(1, 0),
