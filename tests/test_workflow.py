@@ -308,6 +308,22 @@ def test_train_base_resumes_after_kill(tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 
 
+def test_a_configfile_added_after_a_run_reruns_only_the_stages_whose_params_it_changes(tmp_path):
+    """Search params in a new --configfile leave prepare_data and train_base done (the param files
+    are on every rule's shell line: Snakemake's `code` trigger would rerun the whole DAG)."""
+    ws = workspace(tmp_path)
+    args = ["--configfile", "config/smoke.yaml", "--profile", "workflow/profiles/local"]
+    run([str(BIN / "snakemake"), *args, "train_base"], ws)
+    write_yaml(ws / "search.yaml", {"search": {"trial_iters": 1}})
+    out = run([str(BIN / "snakemake"), "-n", *args[:2], "search.yaml", *args[2:], "train_base", "search_init"],
+              ws).stdout
+    assert "rule search_init:" in out
+    assert "rule prepare_data:" not in out and "rule train_base:" not in out
+    write_yaml(ws / "base.yaml", {"train_base": {"lr": 0.03}})
+    out = run([str(BIN / "snakemake"), "-n", *args[:2], "base.yaml", *args[2:], "train_base"], ws).stdout
+    assert "rule train_base:" in out and "rule prepare_data:" not in out
+
+
 def test_editing_the_users_data_in_place_reruns_prepare_data(tmp_path):
     """prepare_data declares the user's annotation files and image folders: an annotation edited
     in place, or an image rewritten, reruns it (and so everything downstream)."""
