@@ -6,9 +6,9 @@ cached data, base, teacher pool and latency table, so only the search differs be
     .venv/bin/python bench/search_ablation.py --run . --out runs/bench/ablation [--jobs 2]
     .venv/bin/python bench/search_ablation.py --run . --out runs/bench/ablation --correlation
 
-Rows: full, the target reached in 2 rounds (`search.cut_rounds`), continuous schedule off
-(every segment restarts its schedule, momentum and adapters), screening off (moves drawn at
-random), halving off (one finalist), pairing off (own seeds, raw scores), teacher moves off, KD
+Rows: full, the target reached over 5 rounds (`search.cut_rounds`) instead of 1, continuous
+schedule off (every segment restarts its schedule, momentum and adapters), screening off (moves
+drawn at random), halving off (one finalist), pairing off (own seeds, raw scores), teacher moves off, KD
 off (`kd_weight: 0`), and prune_kd. Columns: val AP, the measured latency ratio to the base
 (one interleaved measurement of every row), the predicted ratio and the compute.
 `--correlation` also screens every cut of the base, trains each for `search.trial_iters` and
@@ -34,7 +34,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "full": {},
     "no continuous schedule": {"search": {"continuous": False}},
     "no screening": {"search": {"screen": False}},
-    "target in 2 rounds": {"search": {"cut_rounds": 2}},
+    "cuts over 5 rounds": {"search": {"cut_rounds": 5}},
     "no halving (1 finalist)": {"search": {"cut_candidates": 1, "candidates": 1, "teacher_moves": 0}},
     "no pairing": {"search": {"paired": False}},
     "no teacher moves": {"search": {"teacher_moves": 0}},
