@@ -8,8 +8,8 @@ cached data, base, teacher pool and latency table, so only the search differs be
 
 Rows: full, the target reached over 5 rounds (`search.cut_rounds`) instead of 1, continuous
 schedule off (every segment restarts its schedule, momentum and adapters), screening off (moves
-drawn at random), halving off (one finalist), pairing off (own seeds, raw scores), teacher moves off, KD
-off (`kd_weight: 0`), and prune_kd. Columns: val AP, the measured latency ratio to the base
+drawn at random), halving off (one finalist), pairing off (own seeds, raw scores), teacher moves
+off, KD off (`kd_weight: 0`), and prune_kd. Columns: val AP, the measured latency ratio to the base
 (one interleaved measurement of every row), the predicted ratio and the compute.
 `--correlation` also screens every cut of the base, trains each for `search.trial_iters` and
 prints the Spearman rank correlation of screen AP and trained minival AP (how far the screen
