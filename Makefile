@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/snakemake --cores all --profile workflow/profiles/local
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP)    # two workers; the tests sharing the smoke DAG run on one (tests/conftest.py)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 repro: $(STAMP)    # the same DAG under DVC (dvc.yaml), with the venv's jdnas on PATH
 	$(BIN)/dvc repro

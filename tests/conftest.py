@@ -16,6 +16,17 @@ BIN = Path(sys.executable).parent
 # tests and CI never start DVC's analytics daemon (it tries to reach the network): here and in
 # every subprocess a test starts (they inherit os.environ; cli_env sets it too)
 os.environ["DVC_NO_ANALYTICS"] = "1"
+# `make test` runs two pytest workers (pytest-xdist) on what may be a 2-core machine: one OpenMP
+# thread per process (workers and the jobs they start), or the threads wait on each other
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Under pytest-xdist (`-n 2 --dist loadgroup`) the tests that share test_workflow's smoke DAG
+    run (module-scoped) go to one worker, which runs the DAG once."""
+    for item in items:
+        if "smoke_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smoke_run"))
 
 
 @pytest.fixture(scope="session")
