@@ -151,5 +151,6 @@ def test_a_matched_fine_tune_resumes_on_the_iterations_it_planned(prepared, smok
     (tmp_path / "b" / "plan.json").write_text(json.dumps({"iters": 3, "cost_per_iter": 0.5, "share": 1.5}))
     again = fine_tune(Tuning.from_params(params), prepared, data, Budget(None, "cpu_seconds", [1.0] * 4), base_ckpt,
                       1000.0, tmp_path / "b", None)
-    # the plan's 3 iterations (checkpoint_every 2: no checkpoint in the first half, so no replan)
+    # the plan's 3 iterations (checkpoint_every 2: its one checkpoint is past the half, where a
+    # replan may only shorten the schedule, and the share is ample)
     assert again["planned_iters"] == again["iters"] == 3 and again["cost_per_iter"] == 0.5

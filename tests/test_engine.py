@@ -146,9 +146,9 @@ def test_train_loop_resumes_a_step_exactly_and_logs_what_it_returns(prepared, sm
 
 
 def test_a_replanned_schedule_is_followed_capped_and_resumed(prepared, smoke_params, tmp_path):
-    """`replan` is asked at the checkpoints of the schedule's first half; the loop trains to its
-    answer (at most REPLAN_CAP x the plan, at least one more iteration), the lr follows the new
-    length, and a resumed run keeps it."""
+    """`replan` is asked at every checkpoint; the loop trains to its answer (at most REPLAN_CAP x
+    the plan, at least one more iteration; past the schedule's half, only a shorter one), the lr
+    follows the new length, and a resumed run keeps it."""
     from jdnas.engine.loop import REPLAN_CAP
     ds = CocoDetection(prepared / "train.json", max_size=64)
     cfg = {**smoke_params["train_base"], "iters": 8, "checkpoint_every": 2, "warmup_iters": 0, "schedule": "cosine"}
@@ -171,17 +171,21 @@ def test_a_replanned_schedule_is_followed_capped_and_resumed(prepared, smoke_par
                          stop_after=stop_after, replan=replan)
         return out, asked, log
 
-    out, asked, log = run(tmp_path / "a.pt", lambda it: 12)  # longer: asked at 2 and 4, then 6 > 12 / 2
-    assert out["iters"] == 12 and asked == [2, 4, 6]
+    out, asked, log = run(tmp_path / "a.pt", lambda it: 12)  # longer: asked at every checkpoint before 12
+    assert out["iters"] == 12 and asked == [2, 4, 6, 8, 10]
     assert log.rows[11]["lr"] == pytest.approx(cfg["lr"] * lr_factor(11, {**cfg, "iters": 12}))
     out, asked, _ = run(tmp_path / "b.pt", lambda it: 3)  # shorter: stops at 3
     assert out["iters"] == 3 and asked == [2]
+    out, asked, _ = run(tmp_path / "e.pt", lambda it: 12 if it < 8 else 9)  # past 12 / 2: shorter is followed
+    assert out["iters"] == 9 and asked == [2, 4, 6, 8]
+    out, asked, _ = run(tmp_path / "f.pt", lambda it: 12 if it < 8 else 20)  # past 12 / 2: longer is not
+    assert out["iters"] == 12 and asked == [2, 4, 6, 8, 10]
     out, _, _ = run(tmp_path / "c.pt", lambda it: 10 ** 6)  # capped
     assert out["iters"] == REPLAN_CAP * cfg["iters"]
     run(tmp_path / "d.pt", lambda it: 12, stop_after=5)  # killed after 5 (replanned to 12 at 2 and 4)
     assert torch.load(tmp_path / "d.pt", weights_only=True)["iters"] == 12
     out, asked, log = run(tmp_path / "d.pt", lambda it: 12)
-    assert out["iters"] == 12 and asked == [6] and sorted(log.rows) == list(range(5, 12))
+    assert out["iters"] == 12 and asked == [6, 8, 10] and sorted(log.rows) == list(range(5, 12))
 
 
 def test_an_unreadable_training_state_is_ignored_not_fatal(prepared, smoke_params, tmp_path, capsys):

@@ -181,8 +181,9 @@ def fine_tune(tuning: Tuning, data_dir: Path, train_set: CocoDetection, budget: 
     """`jdnas train` from `init` (KD when a teacher is given) on val, for `iters` iterations or, if
     None, for those `share` buys: what the step has not yet spent (its teacher, the probe) less
     the closing val evaluation (`eval_cost`), at the price of a measured iteration that includes
-    the teacher's forward pass; replanned at every checkpoint of the schedule's first half at the
-    price training has paid so far (a short probe misjudges a machine whose load changes)."""
+    the teacher's forward pass; replanned at every checkpoint at the price training has paid so
+    far (a short probe misjudges a machine whose load changes; past the schedule's half only
+    shorter: see `engine.train_loop`)."""
     cfg, device = tuning.recipe, tuning.device
     kd = teacher if teacher is not None and cfg["kd_weight"] > 0 else None
     cost, replan = None, None

@@ -187,10 +187,11 @@ def train_loop(model: torch.nn.Module, dataset: CocoDetection, cfg: dict[str, An
     unused); rank 0 trains from `seed` (or the resumed RNG), every other rank from a seed derived
     from its rank and start, so ranks draw different samples.
 
-    `replan(it, seconds, cpu_seconds)`, called at each checkpoint of the schedule's first half
-    with what training has spent so far, returns the schedule's new length (at most
-    `REPLAN_CAP` x cfg's; kept in the training state): a compute budget that holds while the
-    price of an iteration drifts with the machine's load. Not for a segment (`first`/`until`).
+    `replan(it, seconds, cpu_seconds)`, called at each checkpoint with what training has spent
+    so far, returns the schedule's new length (at most `REPLAN_CAP` x cfg's; kept in the training
+    state): a compute budget that holds while the price of an iteration drifts with the machine's
+    load. In the schedule's first half the length may grow or shrink; past it only shrink (a
+    longer schedule would raise the decayed lr again). Not for a segment (`first`/`until`).
     """
     state_path = Path(state_path)
     cfg = dict(cfg)  # its iters may be replanned
@@ -272,8 +273,9 @@ def train_loop(model: torch.nn.Module, dataset: CocoDetection, cfg: dict[str, An
                     model.eval()
                     on_eval(it)
                     trained.train()
-            if saves and replan is not None and it < total and 2 * it <= cfg["iters"]:
-                cfg["iters"] = min(cap, max(it + 1, replan(it, meter.seconds, meter.cpu_seconds)))
+            if saves and replan is not None and it < total:
+                asked = min(cap, max(it + 1, replan(it, meter.seconds, meter.cpu_seconds)))
+                cfg["iters"] = asked if 2 * it <= cfg["iters"] else min(cfg["iters"], asked)
                 end, total = bounds()
                 if bar is not None:
                     bar.total = cfg["iters"]
