@@ -22,8 +22,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
-    """Under pytest-xdist (`-n 2 --dist loadgroup`) the tests that share test_workflow's smoke DAG
-    run (module-scoped) go to one worker, which runs the DAG once."""
+    """Slow tests first, so two workers share them and the quick ones fill in behind; under
+    pytest-xdist (`-n 2 --dist loadgroup`) the tests that share test_workflow's smoke DAG run
+    (module-scoped) go to one worker, which runs the DAG once."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
     for item in items:
         if "smoke_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("smoke_run"))

@@ -100,6 +100,7 @@ time.sleep(float(sys.argv[4]))
 """
 
 
+@pytest.mark.slow
 def test_a_multi_gpu_lease_is_all_or_nothing(tmp_path):
     """A job asking for 2 of 3 devices while 2 are held waits without holding the free one (so a
     single-GPU job still gets it), and fails after its timeout; asking for more than exist fails at once."""

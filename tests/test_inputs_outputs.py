@@ -381,6 +381,7 @@ def slow_params(tmp_path_factory) -> Path:
                                         "search_space": {"max_depth": [1, 2, 1, 1]}})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill -9", "Ctrl-C"])
 def test_an_interrupted_prepare_data_reruns_to_the_uninterrupted_result(tmp_path, slow_params, sig):
     out = tmp_path / "prepared"

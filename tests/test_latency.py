@@ -342,6 +342,7 @@ def test_missing_cuda_is_a_one_line_error(tmp_path, smoke_params, prepared):
     assert r.stderr.strip().count("\n") == 0 and "no CUDA device" in r.stderr
 
 
+@pytest.mark.slow
 def test_stage_on_smoke_config_and_rerun_reuses(tmp_path, smoke_params, prepared):
     from jdnas.latency.profile import profile_latency
     # time it here; live timings never decide a test: the accuracy gate (test_latency_gate.py) is off
@@ -408,6 +409,7 @@ def test_onnxruntime_parts_compute_what_pytorch_computes(smoke_params):
     assert call.nbytes > 0 and call()[0].shape == (1, 8, 16, 16)
 
 
+@pytest.mark.slow
 def test_stage_times_onnxruntime_when_asked(tmp_path, smoke_params, prepared):
     """latency.device onnxruntime: a table of onnxruntime timings in its own folder, validated
     end to end against exported detectors, and its own cache settings."""

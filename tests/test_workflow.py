@@ -308,6 +308,7 @@ def test_train_base_resumes_after_kill(tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 
 
+@pytest.mark.slow
 def test_a_configfile_added_after_a_run_reruns_only_the_stages_whose_params_it_changes(tmp_path):
     """Search params in a new --configfile leave prepare_data and train_base done (the param files
     are on every rule's shell line: Snakemake's `code` trigger would rerun the whole DAG)."""
@@ -324,6 +325,7 @@ def test_a_configfile_added_after_a_run_reruns_only_the_stages_whose_params_it_c
     assert "rule train_base:" in out and "rule prepare_data:" not in out
 
 
+@pytest.mark.slow
 def test_editing_the_users_data_in_place_reruns_prepare_data(tmp_path):
     """prepare_data declares the user's annotation files and image folders: an annotation edited
     in place, or an image rewritten, reruns it (and so everything downstream)."""
