@@ -203,7 +203,10 @@ def fine_tune(tuning: Tuning, data_dir: Path, train_set: CocoDetection, budget: 
         before = json.loads(plan.read_text()).get("before_training", 0.0)
 
         def replan(it: int, seconds: float, cpu_seconds: float) -> int:
-            spent = cpu_seconds if budget.unit == "cpu_seconds" else seconds
+            metered = cpu_seconds if budget.unit == "cpu_seconds" else seconds
+            # the step's clock also counts what the loop's meter leaves out (loading batches, writing
+            # checkpoints: 6% over budget without it); after a resume only the meter holds the first run
+            spent = max(metered, budget.clock() - budget.step_start - before)
             price = spent / it
             left = share - before - eval_cost(val_images, cfg["batch_size"], price) - spent
             return max(least, it + int(left / price))
