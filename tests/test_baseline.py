@@ -154,3 +154,21 @@ def test_a_matched_fine_tune_resumes_on_the_iterations_it_planned(prepared, smok
     # the plan's 3 iterations (checkpoint_every 2: its one checkpoint is past the half, where a
     # replan may only shorten the schedule, and the share is ample)
     assert again["planned_iters"] == again["iters"] == 3 and again["cost_per_iter"] == 0.5
+
+
+def test_a_matched_fine_tune_pays_what_its_step_clock_counts(prepared, smoke_params, base_ckpt, tmp_path):
+    """The replan prices an iteration by the step's clock, not only by the training loop's meter
+    (which leaves out loading batches and writing checkpoints): with a clock that runs 3x the
+    meter, the schedule stays near its plan instead of growing to what the meter alone would buy."""
+    import time
+    from jdnas.baselines.naive import Tuning, fine_tune
+    from jdnas.data.prepare import resolved_params
+    torch.set_num_threads(1)
+    params = resolved_params(smoke_params, prepared)
+    data = CocoDetection(prepared / "train.json", max_size=params["model"]["max_size"])
+    budget = Budget(None, "cpu_seconds", [1.0] * 4)
+    budget.clock = lambda: 3 * time.process_time()  # what the step costs: 3x what the loop meters
+    budget.step_start = budget.clock()
+    out = fine_tune(Tuning.from_params(params), prepared, data, budget, base_ckpt, 6.0, tmp_path / "a", None)
+    assert out["planned_iters"] >= 8  # checkpoints (every 2) in both halves of the schedule
+    assert out["iters"] <= 1.5 * out["planned_iters"], out  # the meter alone: ~REPLAN_CAP x the plan
