@@ -73,7 +73,7 @@ def test_a_cut_is_composed_best_first_until_the_round_goal(smoke_params):
     goal = 0.8 * full
     moves, ms = compose_cut(ranked[0], ranked, arch, head, p["search_space"], head, table, goal)
     assert moves[0] == ranked[0] and ms <= goal
-    assert len({(a.kind, a.stage) for a in moves}) == len(moves)     # one cut per kind and stage
+    assert len({(a.kind, a.stage) for a in moves}) == len(moves)     # one pass: one cut per kind and stage
     a, h = arch, head
     for m in moves:
         a, h = child(m, a, h)
@@ -81,6 +81,24 @@ def test_a_cut_is_composed_best_first_until_the_round_goal(smoke_params):
     # a goal already met by the first cut is met by it alone
     one, _ = compose_cut(ranked[0], ranked, arch, head, p["search_space"], head, table, full)
     assert one == [ranked[0]]
+
+
+def test_a_cut_goes_over_the_ranking_again_when_one_pass_falls_short(smoke_params):
+    p, table, arch, head = _space_and_table(smoke_params)
+    full = table.predict(arch, head)
+    cuts = candidate_actions(arch, head, head, p["search_space"], table, full, 0.5 * full)
+    fpn = [a for a in cuts if a.kind == "fpn_prune"]
+    assert fpn
+    once = cuts[fpn[0]]
+    moves, ms = compose_cut(fpn[0], fpn[:1], arch, head, p["search_space"], head, table, once - 1e-6)
+    assert moves[:2] == [fpn[0], fpn[0]] and ms < once    # the FPN cut twice, as prune_kd would
+    a, h = arch, head
+    for m in moves:
+        a, h = child(m, a, h)
+    assert table.predict(a, h) == pytest.approx(ms)
+    # nothing legal left: the composition stops short of an unreachable goal instead of looping
+    far, far_ms = compose_cut(fpn[0], fpn[:1], arch, head, p["search_space"], head, table, 0.0)
+    assert far and far_ms > 0.0
 
 
 def test_rank_cuts_by_latency_saved_per_ap_lost():
@@ -269,8 +287,8 @@ def test_finalists_start_from_small_cuts_and_big_ones_and_drop_what_the_goal_doe
     moves, ms = compose_cut(starts[0][0], starts[0][1], arch, head, p["search_space"], head, table, goal)
     trimmed, t_ms = trim_cut(moves, ms, arch, head, p["search_space"], head, table, goal)
     assert set(trimmed) <= set(moves) and t_ms <= goal and t_ms >= ms
-    for a in trimmed if len(trimmed) > 1 else []:  # nothing left to drop
-        rest = [m for m in trimmed if m != a]
+    for i in range(len(trimmed)) if len(trimmed) > 1 else []:  # nothing left to drop
+        rest = trimmed[:i] + trimmed[i + 1:]
         a_, h_ = arch, head
         for m in rest:
             a_, h_ = child(m, a_, h_)

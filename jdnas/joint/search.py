@@ -4,8 +4,8 @@ The search has one training budget, `search.iters` iterations on one lr schedule
 cosine over the whole search, the finish being its tail). Each round r:
 1. `propose`: every legal move of the current student is screened without training (inherit,
    recalibrate BN, AP on a minival subset: `jdnas.joint.screen`). Above the target the cuts are ranked
-   by predicted latency saved per screen AP lost and composed, best first, until the round's
-   share of the way to the target is made (the lineage reaches it in `cut_rounds` rounds, so
+   by predicted latency saved per screen AP lost and composed, best first (in passes over the
+   ranking, so one part can be cut again), until the round's share of the way to the target is made (the lineage reaches it in `cut_rounds` rounds, so
    the rest of the schedule trains the student at its final size and the later rounds use the
    headroom); under it the moves that add capacity back are ranked
    by screen AP, beside the control (no move). The best `cut_candidates` cuts (above) or the
@@ -297,25 +297,34 @@ def round_goal(latency_ms: float, target_ms: float, rounds_left: int) -> float:
 
 def compose_cut(first: Action, ranked: list[Action], arch: Arch, head: Head, bounds: dict,
                 base_head: Head, table: LatencyTable, goal_ms: float) -> tuple[list[Action], float]:
-    """`first`, then the next best-ranked cuts (one per kind and stage, each legal where it lands)
-    until the predicted latency reaches `goal_ms`; the move and its predicted latency."""
-    moves, used = [], set()
+    """`first`, then the next best-ranked cuts, each legal where it lands and predicted faster,
+    until the predicted latency reaches `goal_ms`; the move and its predicted latency. One pass
+    over the ranking takes each kind and stage once; later passes go over it again on what the
+    earlier ones left (prune_kd cuts the FPN four times: a one-pass composition would have to cut
+    the backbone instead)."""
+    moves: list[Action] = []
     a_arch, a_head, ms = arch, head, math.inf
-    for a in [first] + [x for x in ranked if x != first]:
-        key = (a.kind, a.stage)
-        if key in used or not is_legal(a, a_arch, bounds, a_head, base_head):
-            continue
-        n_arch, n_head = child(a, a_arch, a_head)
-        try:
-            n_ms = table.predict(n_arch, n_head)
-        except NotCovered:
-            continue
-        if moves and n_ms >= ms:
-            continue
-        moves.append(a)
-        used.add(key)
-        a_arch, a_head, ms = n_arch, n_head, n_ms
-        if ms <= goal_ms:
+    order = [first] + [x for x in ranked if x != first]
+    while ms > goal_ms:
+        used, grew = set(), False
+        for a in order:
+            key = (a.kind, a.stage)
+            if key in used or not is_legal(a, a_arch, bounds, a_head, base_head):
+                continue
+            n_arch, n_head = child(a, a_arch, a_head)
+            try:
+                n_ms = table.predict(n_arch, n_head)
+            except NotCovered:
+                continue
+            if moves and n_ms >= ms:
+                continue
+            moves.append(a)
+            used.add(key)
+            grew = True
+            a_arch, a_head, ms = n_arch, n_head, n_ms
+            if ms <= goal_ms:
+                break
+        if not grew:
             break
     return moves, ms
 
@@ -359,8 +368,8 @@ def trim_cut(moves: list[Action], ms: float, arch: Arch, head: Head, bounds: dic
     """The composed cut less every cut the goal no longer needs (the least efficient tried first):
     a cut that lands far below the goal costs AP for latency nobody asked for."""
     moves = list(moves)
-    for a in list(reversed(moves)):
-        rest = [m for m in moves if m != a]
+    for i in reversed(range(len(moves))):
+        rest = moves[:i] + moves[i + 1:]
         lat = _chain_latency(rest, arch, head, bounds, base_head, table) if rest else None
         if lat is not None and lat <= goal_ms:
             moves, ms = rest, lat
