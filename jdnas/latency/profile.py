@@ -7,8 +7,8 @@ Calibration: a part timed on its own runs with its weights and input hot in cach
 whole forward it runs slower (on the 2-core shared CPU it was developed on: the backbone 1.1x
 when idle, up to 1.5x under load; the parts outside it, whose cost follows the head, 1.0-1.3x).
 So calibration detectors are also timed end to end, in the same interleaved rounds: the base,
-the space's smallest and largest and four random archs, at the base's head, at the space's
-smallest head and at random heads on and off the grid (the base's input size). A least-squares fit of
+the space's smallest and largest and two random archs, at the base's head, at the space's
+smallest head and at random grid heads (the base's input size). A least-squares fit of
 `end-to-end = backbone factor x sum(backbone entries) + head factor x sum(head parts) + glue`
 sets the two in-context factors and the glue. A glue fitted at the base's head alone would
 absorb the base head's in-context slowdown and charge it to every smaller head. The table's
@@ -71,7 +71,6 @@ KEEP_BYTES = 1 << 30  # built modules kept between passes (the rest are rebuilt 
 FACTOR_RANGE = (0.5, 3.0)  # plausible in-context factors (outside: clamped, with a warning)
 RETRY_SHARE = 3  # a retry re-times the entries of at most a third of the validation detectors (the worst)
 BACKBONE_PARTS = ("stem", "block", "fpn_lateral")  # x the backbone's in-context factor (FIXED_PARTS: the head's)
-FPN_AND_FIXED = ("fpn_lateral",) + FIXED_PARTS  # the entries whose widths follow the head
 
 
 def table_dir(params: dict, root: str | Path = "runs/latency") -> Path:
@@ -188,22 +187,16 @@ class Profiler:
 def calibration_detectors(prof: Profiler, spaces: list[LatencySpace]) -> list[tuple[Arch, Head]]:
     """Detectors timed end to end to calibrate the table, all at the base's input size: the base
     arch at the base's head and at the space's smallest head; per space its smallest and its
-    largest arch at both heads, two random archs at random grid heads and two at random heads off
-    the grid (their own seeds: not the validation archs). Backbone and head cost vary
-    independently over them, so the fit can tell the backbone's in-context factor from the head's
-    and both from the glue. The off-grid heads are there because the search's heads are off the
-    grid (a pruned FPN width, an odd proposal count): under onnxruntime such a head ran 6% slower
-    than the table interpolated from its grid neighbours, at every one of 30 random heads, while
-    heads on the grid were within 4% either way (docs/results.md)."""
+    largest arch at both heads, and two random archs at random grid heads (their own seeds: not
+    the validation archs). Backbone and head cost vary independently over them, so the fit can
+    tell the backbone's in-context factor from the head's and both from the glue."""
     rng, heads_rng = random.Random(prof.seed + 1), random.Random(prof.seed + 2)
     big, small = prof.base_head, prof.head_space.smallest
-    base_size = {"min_size": big.min_size, "max_size": big.max_size}
     pairs = [(prof.base, big), (prof.base, small)]
     for space in spaces:
         lo, hi = space.smallest(), space.largest()
         pairs += [(lo, big), (hi, big), (lo, small), (hi, small)]
         pairs += [(space.sample(rng), prof.head_space.sample_grid(heads_rng)) for _ in range(2)]
-        pairs += [(space.sample(rng), replace(prof.head_space.sample(heads_rng), **base_size)) for _ in range(2)]
     return list(dict.fromkeys(pairs))
 
 
@@ -216,10 +209,8 @@ def needed_entries(prof: Profiler, spaces: list[LatencySpace], calibration: list
     for rung, hw in rungs if calibration else []:
         needed |= set(arch_entries(prof.base, hw, rung.fpn)) | {e2e_entry(prof.base, rung, hw)}
     for arch, head in calibration:
-        parts = arch_entries(arch, prof.input_hw, head.fpn) + head_entries(prof.input_hw, head, prof.classes)
-        # an off-grid head's parts are read off the grid (interpolated, as a prediction reads them)
-        on_grid = prof.head_space.on_grid(head)
-        needed |= {e for e in parts if e.part in ("stem", "block") or (on_grid and e.part in FPN_AND_FIXED)}
+        needed |= set(arch_entries(arch, prof.input_hw, head.fpn))
+        needed |= {e for e in head_entries(prof.input_hw, head, prof.classes) if e.part in FIXED_PARTS}
         needed.add(e2e_entry(arch, head, prof.input_hw))
     return needed
 

@@ -181,10 +181,6 @@ class HeadSpace:
         return Head(rng.randint(min(self.fpns), max(self.fpns)), rng.randint(min(self.reps), max(self.reps)),
                     *rng.choice(self.sizes), rng.randint(min(self.proposals), max(self.proposals)))
 
-    def on_grid(self, head: Head) -> bool:
-        """Whether every width axis of `head` is a grid value (its parts are table entries)."""
-        return head.fpn in self.fpns and head.rep in self.reps and head.proposals in self.proposals
-
     def sample_grid(self, rng: random.Random) -> Head:
         """A random head with grid values on every axis, at the base's input size."""
         return Head(rng.choice(self.fpns), rng.choice(self.reps), *self.sizes[0], rng.choice(self.proposals))
