@@ -73,7 +73,7 @@ def test_a_cut_is_composed_best_first_until_the_round_goal(smoke_params):
     goal = 0.8 * full
     moves, ms = compose_cut(ranked[0], ranked, arch, head, p["search_space"], head, table, goal)
     assert moves[0] == ranked[0] and ms <= goal
-    assert len({(a.kind, a.stage) for a in moves}) == len(moves)     # one pass: one cut per kind and stage
+    assert len({(a.kind, a.stage) for a in moves}) == len(moves)     # one pass reaches this goal: each kind and stage once
     a, h = arch, head
     for m in moves:
         a, h = child(m, a, h)

@@ -5,7 +5,8 @@ cosine over the whole search, the finish being its tail). Each round r:
 1. `propose`: every legal move of the current student is screened without training (inherit,
    recalibrate BN, AP on a minival subset: `jdnas.joint.screen`). Above the target the cuts are ranked
    by predicted latency saved per screen AP lost and composed, best first (in passes over the
-   ranking, so one part can be cut again), until the round's share of the way to the target is made (the lineage reaches it in `cut_rounds` rounds, so
+   ranking, so one part can be cut again), until the round's share of the way to the target is
+   made (the lineage reaches it in `cut_rounds` rounds, so
    the rest of the schedule trains the student at its final size and the later rounds use the
    headroom); under it the moves that add capacity back are ranked
    by screen AP, beside the control (no move). The best `cut_candidates` cuts (above) or the
@@ -306,7 +307,7 @@ def compose_cut(first: Action, ranked: list[Action], arch: Arch, head: Head, bou
     a_arch, a_head, ms = arch, head, math.inf
     order = [first] + [x for x in ranked if x != first]
     while ms > goal_ms:
-        used, grew = set(), False
+        used, before = set(), len(moves)
         for a in order:
             key = (a.kind, a.stage)
             if key in used or not is_legal(a, a_arch, bounds, a_head, base_head):
@@ -320,11 +321,10 @@ def compose_cut(first: Action, ranked: list[Action], arch: Arch, head: Head, bou
                 continue
             moves.append(a)
             used.add(key)
-            grew = True
             a_arch, a_head, ms = n_arch, n_head, n_ms
             if ms <= goal_ms:
                 break
-        if not grew:
+        if len(moves) == before:  # nothing legal and faster is left
             break
     return moves, ms
 
