@@ -51,7 +51,7 @@ class StageDef:
     persist: bool = False             # DVC keeps its outputs before a rerun (the stage resumes from them)
     # torch threads of its job (--threads), in dvc.yaml and the Snakemake rule alike: results on CPU
     # depend on it, so both runners train the same models (1: on a shared 2-core machine, two
-    # threads per job ran 3-7x slower). None: the job holds every core.
+    # threads per job ran 3-7x slower). None: its params say (profile_latency: latency.threads).
     threads: int | None = 1
 
     def shell(self, param_files: Iterable[str], threads: str | None = None) -> str:
@@ -88,7 +88,9 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
         metrics=(f"{LATENCY}/validation.json",),
         # the table's grid is derived from the search space's bounds
         params=("seed", "model", "latency", "search_space"), code=("jdnas/latency", "jdnas/models"),
-        threads=None,  # timings use latency.threads; the job holds every core
+        # it holds the cores it times with (latency.threads), not every core: timings keep the
+        # fastest call, which a training job beside them barely moves (docs/results.md)
+        threads=None,
     ),
     StageDef(
         "train_teacher_pool", f"jdnas train-teacher-pool --data {DATA} --base {BASE}/model.pt --out {POOL}",

@@ -199,11 +199,9 @@ class FakeTimer(Timer):
         return next(self.readings)
 
 
-def test_measure_all_statistic():
-    readings = [5.0, 1.0, 3.0, 9.0]
+def test_measure_all_keeps_the_fastest_call():
+    readings = [5.0, 1.0, 3.0, 9.0]  # other processes only add time: the fastest call is the least disturbed
     ms = measure_all({"a": lambda: (lambda: None)}, FakeTimer(readings), warmup=1, runs=4)
-    assert ms == {"a": 4.0}  # the median by default
-    ms = measure_all({"a": lambda: (lambda: None)}, FakeTimer(readings), warmup=1, runs=4, stat=min)
     assert ms == {"a": 1.0}
 
 

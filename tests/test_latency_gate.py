@@ -125,8 +125,8 @@ def test_an_accurate_table_passes_without_a_retry(tmp_path, smoke_params, data, 
 
 
 def test_a_noisy_validation_is_retried_once_and_passes(tmp_path, smoke_params, data, stage):
-    """First pass 10% slow on every detector (MAPE 9.1%), second exact: the mean of the two passes
-    (5% slow, MAPE 4.8%) is within 5%. A pinned table is fixed: the retry re-validates only."""
+    """First pass 10% slow on every detector (MAPE 9.1%), second exact: the faster of the two passes
+    (load only adds time) is exact. A pinned table is fixed: the retry re-validates only."""
     out = tmp_path / "out"
     n = smoke_params["latency"]["validation_archs"]
     clock, result = stage(pinned_params(smoke_params), data, out, [dict.fromkeys(range(20), 1.1), {}])
@@ -135,7 +135,7 @@ def test_a_noisy_validation_is_retried_once_and_passes(tmp_path, smoke_params, d
     v = validation(out)
     assert v["retried"] is True and v["meets_max_mape"] is True and v["entries_retimed"] == 0
     assert v["first_pass"]["mape_percent"] == pytest.approx(100 * 0.1 / 1.1, abs=0.01)
-    assert v["mape_percent"] == pytest.approx(100 * 0.05 / 1.05, abs=0.01) and v["n"] == n
+    assert v["mape_percent"] == pytest.approx(0.0, abs=0.01) and v["n"] == n
     assert len(v["first_pass"]["worst_archs"]) <= -(-n // 3)
     assert (out / "table.csv").is_file()
 

@@ -116,5 +116,5 @@ def test_slurm_profile_keeps_local_settings():
     slurm = yaml.safe_load((REPO / SLURM / "config.yaml").read_text())
     assert slurm["executor"] == "slurm"
     assert slurm["rerun-triggers"] == local["rerun-triggers"]
-    # a non-dry run has no default --cores, and profile_latency's `threads: workflow.cores` needs one
+    # a non-dry run has no default --cores: the profile must name them
     assert isinstance(slurm["cores"], int)

@@ -18,8 +18,8 @@ cannot be told from the glue: it stays 1 (the glue then holds that head's slowdo
 
 Accuracy gate: a table whose validation MAPE over the random detectors is above
 `latency.max_mape` (percent) gets one more pass: the entries the worst predictions read are
-re-timed with every validation detector, each re-timed value the mean of its two passes, and the
-table refitted. Still above, the stage stops with one line (naming the MAPE, the bound and what to
+re-timed with every validation detector, each re-timed value the faster of its two passes, and
+the table refitted. Still above, the stage stops with one line (naming the MAPE, the bound and what to
 do), or, with `latency.allow_inaccurate: true`, keeps the table with a loud warning on stderr.
 validation.json records `max_mape`, `meets_max_mape` and `retried` (and the first pass's figures).
 A refused table is not written, and its timings are not cached (the rerun times them afresh).
@@ -406,9 +406,9 @@ def retry_pass(prof: Profiler, spaces: list[LatencySpace], archs: list[tuple[str
                ) -> tuple[LatencyTable, dict[str, Any], dict[Entry, float] | None, dict[int, float], int]:
     """The one extra pass of a table whose validation MAPE is above `latency.max_mape`: the timed
     entries the worst detectors' predictions read (a timed table; a pinned one is fixed) and every
-    validation detector again, interleaved in one pass. Each re-timed value is the mean of its two
-    passes (neither pass is trusted over the other: a busy spell in either is halved), the table
-    is refitted from the updated timings. Returns the table, its calibration, the timings, the
+    validation detector again, interleaved in one pass. Each re-timed value is the faster of its
+    two passes (as within a pass: a busy spell only adds time), the table is refitted from the
+    updated timings. Returns the table, its calibration, the timings, the
     validation measurements and how many entries were re-timed."""
     entries: set[Entry] = set()
     if raw is not None:
@@ -421,10 +421,10 @@ def retry_pass(prof: Profiler, spaces: list[LatencySpace], archs: list[tuple[str
             if raw is not None else "pinned table (fixed): re-validating")
     print(f"profile_latency: {what} {len(validate)} detectors (one extra pass)", file=sys.stderr, flush=True)
     timed = prof.measure(builders, "profile_latency (retry)", seed_offset=1)
-    measured = {i: (m + timed[("arch", i)]) / 2 for i, m in measured.items()}
+    measured = {i: min(m, timed[("arch", i)]) for i, m in measured.items()}
     if raw is None:
         return table, calibration, raw, measured, 0
-    raw = {**raw, **{k[1]: round((raw[k[1]] + v) / 2, DECIMALS) for k, v in timed.items() if k[0] == "entry"}}
+    raw = {**raw, **{k[1]: round(min(raw[k[1]], v), DECIMALS) for k, v in timed.items() if k[0] == "entry"}}
     table, info = finish_table(prof, raw, calibration_detectors(prof, spaces))
     return table, {**calibration, **info}, raw, measured, len(entries)
 

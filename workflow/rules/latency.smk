@@ -7,10 +7,10 @@ rule profile_latency:
         "../../envs/jdnas.yaml"
     log:
         "logs/profile_latency.log",
-    # every core (no other job disturbs the timings): Snakemake lowers a rule's threads to --cores;
-    # first among the ready jobs, so it does not wait behind the training jobs
+    # the cores it times with; train_base runs beside it (timings keep the fastest call, which
+    # other jobs barely move). First among the ready jobs: the search and baseline_nas wait for it
     priority: 50
-    threads: 1024
+    threads: PARAMS["latency"]["threads"]
     resources:
         gpu=1 if PARAMS["latency"]["device"] == "cuda" else 0,
     params:
