@@ -140,8 +140,8 @@ def latency_images(split: str | Path, max_size: int, n: int = 8) -> list[torch.T
 @torch.inference_mode()
 def measure_latency(models: Mapping[str, Callable[[list], object]], images: list[torch.Tensor], runs: int,
                     threads: int, device: torch.device, clock: str = "cpu_time") -> dict[str, float]:
-    """Milliseconds per image of each model's eval forward (its fastest pass) over `images` (a detector, or
-    any callable taking a list of images, such as `jdnas.models.export.OnnxDetector`).
+    """Milliseconds per image of each model's eval forward over `images`, its fastest pass (a
+    detector, or any callable taking a list of images, such as `jdnas.models.export.OnnxDetector`).
 
     The models' timed calls are interleaved in shuffled rounds, so load from other jobs falls
     on all of them alike; on CPU with `threads` torch threads and, with one thread, `clock`

@@ -19,8 +19,8 @@ cannot be told from the glue: it stays 1 (the glue then holds that head's slowdo
 Accuracy gate: a table whose validation MAPE over the random detectors is above
 `latency.max_mape` (percent) gets one more pass: the entries the worst predictions read are
 re-timed with every validation detector, each re-timed value the faster of its two passes, and
-the table refitted. Still above, the stage stops with one line (naming the MAPE, the bound and what to
-do), or, with `latency.allow_inaccurate: true`, keeps the table with a loud warning on stderr.
+the table refitted. Still above, the stage stops with one line (naming the MAPE, the bound and
+what to do), or, with `latency.allow_inaccurate: true`, keeps the table with a loud warning on stderr.
 validation.json records `max_mape`, `meets_max_mape` and `retried` (and the first pass's figures).
 A refused table is not written, and its timings are not cached (the rerun times them afresh).
 
