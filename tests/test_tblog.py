@@ -3,6 +3,7 @@ no effect on what training computes."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from jdnas.data.dataset import CocoDetection
 from jdnas.engine.loop import train_detector
-from jdnas.engine.tblog import TrainLog
+from jdnas.engine.tblog import TrainLog, _after_last_file
 from jdnas.models.arch import resolve_arch
 from jdnas.models.detector import build_detector, head_config
 from conftest import with_overrides
@@ -41,6 +42,22 @@ def test_window_means_bound_the_points_per_run(tmp_path):
         log.metrics({"AP": 1.5, "APs": None, "arch": "S8:1x8m8"}, 6)
     tags = scalars(tmp_path / "tb")
     assert tags == {"train/x": {2: 1.0, 5: 4.0}, "train/y": {5: 45.0}, "eval/AP": {6: 1.5}}
+
+
+def test_a_new_event_file_sorts_after_the_folders_files(tmp_path):
+    # TensorBoard reads files in name order; names order by whole second only (then host, pid and
+    # a counter that sorts 10 before 9): a writer must not open in the second of an earlier file
+    second = int(time.time()) + 1
+    (tmp_path / f"events.out.tfevents.{second:010d}.host.99.9").touch()
+    _after_last_file(tmp_path)
+    assert time.time() >= second + 1
+    with TrainLog(tmp_path) as log:
+        log.open(None)
+        log.writer.add_scalar("x", 1.0, 0)
+    names = sorted(f.name for f in (tmp_path / "tb").glob("events.*"))
+    with TrainLog(tmp_path) as log:
+        log.open(0)
+    assert sorted(f.name for f in (tmp_path / "tb").glob("events.*"))[:-1] == names
 
 
 def test_train_detector_log_survives_a_kill_and_leaves_training_unchanged(prepared, smoke_params, tmp_path):

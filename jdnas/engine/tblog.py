@@ -5,14 +5,28 @@ it their scalars every iteration and it writes their means over windows of itera
 `points` per run, so a long GPU run keeps small files); the stage then logs its final metrics
 (AP, AP50, ...) at the last step. A resumed run opens the writer with `purge_step` = the
 iteration it resumes from, so TensorBoard drops what the killed run wrote past its checkpoint
-instead of showing it twice. Logging reads Python floats only: it never changes training.
+instead of showing it twice. TensorBoard reads a folder's event files in name order, and a
+name's only ordered part is its whole second (the writer counter after the pid sorts 10 before
+9), so a writer opened in the second of an earlier file waits for the next second: otherwise the
+later file can be read first and its events purged. Logging reads Python floats only: it never
+changes training.
 `tensorboard --logdir runs` shows every stage.
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping
+
+
+def _after_last_file(folder: Path) -> None:
+    """Wait until the clock's whole second is past every event file's in `folder`, so a file
+    opened now sorts after them."""
+    seconds = [int(f.name.split(".")[3]) for f in folder.glob("events.out.tfevents.*")
+               if f.name.split(".")[3].isdigit()]
+    if seconds:
+        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
 
 
 class TrainLog:
@@ -32,6 +46,7 @@ class TrainLog:
         from torch.utils.tensorboard import SummaryWriter
         self.close()
         self.dir.mkdir(parents=True, exist_ok=True)
+        _after_last_file(self.dir)
         self.writer = SummaryWriter(str(self.dir), purge_step=step)
 
     def start(self, step: int, total: int) -> None:
@@ -56,8 +71,7 @@ class TrainLog:
     def metrics(self, values: Mapping[str, Any], step: int, prefix: str = "eval/") -> None:
         """Final numbers (e.g. AP, AP50, AP75, APs/m/l) at `step`; non-numeric and None values are skipped."""
         if self.writer is None:
-            # no purge: another writer (the training's) may have written this folder in the same
-            # second, and a purge marker read before its events would drop them
+            # no purge: the final numbers add to what the training wrote
             self.open(None)
         for k, v in values.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
