@@ -312,6 +312,22 @@ def test_end_to_end_latency_per_image_of_real_detectors(prepared, smoke_params):
     assert torch.get_num_threads() == threads
 
 
+def test_measure_latency_times_each_image_alone_in_every_round():
+    """Each (model, image) call is timed once per round after one untimed call: an image's time
+    needs one undisturbed call, not a whole undisturbed pass over the images."""
+    from jdnas.latency.measure import measure_latency
+    calls: list[tuple[str, int]] = []
+
+    def model(name: str):
+        return lambda batch: calls.append((name, int(batch[0][0, 0, 0]))) or [len(batch)]
+    images = [torch.full((3, 4, 4), float(i)) for i in range(3)]
+    ms = measure_latency({"a": model("a"), "b": model("b")}, images, runs=4, threads=1, device=torch.device("cpu"))
+    assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+    assert sorted(set(calls)) == [(m, i) for m in "ab" for i in range(3)]
+    assert all(calls.count(k) == 2 * 4 for k in set(calls))  # one warm-up + one timed call per round
+    assert calls[0::2] == calls[1::2]  # each timed call right after its own warm-up
+
+
 def test_calibration_fit_and_summary_figures():
     from jdnas.latency.profile import fit_context
     from jdnas.latency.validate import summarize

@@ -140,28 +140,33 @@ def latency_images(split: str | Path, max_size: int, n: int = 8) -> list[torch.T
 @torch.inference_mode()
 def measure_latency(models: Mapping[str, Callable[[list], object]], images: list[torch.Tensor], runs: int,
                     threads: int, device: torch.device, clock: str = "cpu_time") -> dict[str, float]:
-    """Milliseconds per image of each model's eval forward over `images`, its fastest pass (a
-    detector, or any callable taking a list of images, such as `jdnas.models.export.OnnxDetector`).
+    """Milliseconds per image of each model's eval forward over `images`: the sum over images of
+    each image's fastest call, divided by their number (a detector, or any callable taking a list
+    of images, such as `jdnas.models.export.OnnxDetector`).
 
-    The models' timed calls are interleaved in shuffled rounds, so load from other jobs falls
-    on all of them alike; on CPU with `threads` torch threads and, with one thread, `clock`
-    (its CPU time by default; wall time with more threads, whose work the calling thread's
-    CPU time would miss).
+    Every (model, image) call is timed once in each of `runs` shuffled rounds after one untimed
+    call, so load from other jobs falls on all models alike, and an image's time needs only one
+    undisturbed call, not a whole pass over the images undisturbed (timing whole passes, the same
+    two students measured 0.54x and 0.65x the base in two runs on a quiet VM; per image 0.60x to
+    0.63x: docs/results.md). On CPU with `threads` torch threads and, with one thread, `clock`
+    (its CPU time by default; wall time with more threads, whose work the calling thread's CPU
+    time would miss).
     """
     images = [x.to(device) for x in images]
     for m in models.values():
         if isinstance(m, torch.nn.Module):
             m.to(device).eval()
-    builders = {name: (lambda m=m: (lambda: [m([x]) for x in images])) for name, m in models.items()}
+    builders = {(name, i): (lambda m=m, x=x: (lambda: m([x]))) for name, m in models.items()
+                for i, x in enumerate(images)}
     old_threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(threads)
     try:
         timer = Timer(device, clock if device.type == "cpu" and threads == 1 else "wall")
-        ms = measure_all(builders, timer, warmup=1, runs=runs, rounds=min(runs, 5))
+        ms = measure_all(builders, timer, warmup=1, runs=runs, rounds=runs)
     finally:
         torch.set_num_threads(old_threads)
-    return {name: round(v / len(images), 3) for name, v in ms.items()}
+    return {name: round(sum(ms[name, i] for i in range(len(images))) / len(images), 3) for name in models}
 
 
 def compare_on_val(models: Mapping[str, Callable[[list], object]], data_dir: str | Path, device: torch.device,
