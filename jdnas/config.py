@@ -280,6 +280,7 @@ SCHEMA: dict = {
         "candidates": integer(2, 1),
         "cut_candidates": integer(2, 1),
         "teacher_moves": integer(1, 0),
+        "grow_margin": number(5.0, 0.0, 100.0),
         "iters": integer(300, 1),
         "round_iters": integer(60, 1),
         "trial_iters": integer(15, 1),

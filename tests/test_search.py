@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from jdnas.joint.search import (Context, candidate_actions, compose_cut, finalist_slots, init_search, pick, propose,
-                                rank_cuts, round_dir, round_goal, run_search, score, teacher_move)
+                                rank_cuts, round_dir, round_goal, run_candidate, run_search, score, teacher_move)
 from jdnas.models.arch import Head, preset, resolve_arch
 from jdnas.models.elastic import PoolSpace
 from jdnas.models.morphism import Action, child
@@ -227,6 +227,36 @@ def test_finalists_are_cuts_above_the_target_and_the_control_with_a_teacher_move
     else:
         assert [c["action"] for c in cands] == ["none", "none"]
         assert cands[0]["teacher"] == teacher != cands[1]["teacher"]
+
+
+def test_a_teacher_move_on_the_control_is_not_the_control(prepared, smoke_params, supernet_ckpt, base_ckpt,
+                                                          tmp_path):
+    """Only the lineage trained on unchanged (no move, its own teacher) is the control: ties go to it."""
+    import torch
+    torch.set_num_threads(1)
+    p = with_overrides(smoke_params, {"search": {"latency_target": 5.0, "candidates": 1, "teacher_moves": 1}})
+    ctx = Context(p, prepared, supernet_ckpt, REPO / "config" / "latency" / "smoke_cpu.csv", base_ckpt, tmp_path)
+    init_search(ctx)
+    assert [c["action"] for c in propose(ctx, 1)["candidates"]] == ["none", "none"]
+    assert [run_candidate(ctx, 1, k)["control"] for k in (0, 1)] == [True, False]
+
+
+@pytest.mark.parametrize("margin", [0.0, 100.0])
+def test_growth_far_below_the_control_on_the_screen_is_not_trained(prepared, smoke_params, supernet_ckpt, base_ckpt,
+                                                                   tmp_path, margin):
+    import torch
+    torch.set_num_threads(1)
+    p = with_overrides(smoke_params, {"search": {"latency_target": 5.0, "candidates": 3, "teacher_moves": 0,
+                                                 "grow_margin": margin}})
+    ctx = Context(p, prepared, supernet_ckpt, REPO / "config" / "latency" / "smoke_cpu.csv", base_ckpt, tmp_path)
+    init_search(ctx)
+    out = propose(ctx, 1)
+    grown = out["candidates"][1:]
+    screened = pd.read_csv(round_dir(1, ctx.root) / "screen.csv")
+    assert out["candidates"][0]["action"] == "none" and len(screened)
+    assert all(c["screen_ap"] >= out["parent_screen_ap"] - margin for c in grown)
+    eligible = (screened["screen_ap"] >= out["parent_screen_ap"] - margin).sum()
+    assert len(grown) == min(2, eligible)
 
 
 @pytest.mark.parametrize("cut_rounds", [1, 2])

@@ -9,7 +9,8 @@ cosine over the whole search, the finish being its tail). Each round r:
    made (the lineage reaches it in `cut_rounds` rounds, so
    the rest of the schedule trains the student at its final size and the later rounds use the
    headroom); under it the moves that add capacity back are ranked
-   by screen AP, beside the control (no move). The best `cut_candidates` cuts (above) or the
+   by screen AP, beside the control (no move), and those more than `grow_margin` screen AP below
+   the control's are not trained (a move that wrecks the student is not worth a trial). The best `cut_candidates` cuts (above) or the
    control and the best `candidates` - 1 moves (under) become finalists; under the target also
    `teacher_moves` finalists that hold the best move fixed and change the teacher.
 2. `candidate` k: finalist k inherits the lineage (weights, momentum, KD adapters) and trains
@@ -445,7 +446,8 @@ def propose(ctx: Context, r: int) -> dict[str, Any]:
     else:
         k = ctx.cfg["candidates"]
         finalists = [([], state.latency_ms, parent_ap)]  # the control: it can win here
-        finalists += [([x["action"]], x["latency_ms"], x["ap"]) for x in sorted(rows, key=lambda x: -x["ap"])[:k - 1]]
+        grown = [x for x in rows if x["ap"] >= parent_ap - ctx.cfg["grow_margin"]]  # the screen drops the rest
+        finalists += [([x["action"]], x["latency_ms"], x["ap"]) for x in sorted(grown, key=lambda x: -x["ap"])[:k - 1]]
     cands = [Candidate(r, i, moves_text(m), state.teacher, ap, round(ms, 4)) for i, (m, ms, ap) in
              enumerate(finalists)]
     if cands and not above:  # a teacher competes where the lineage does not have to move
@@ -503,6 +505,7 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     spent, started = Spent(), time.time()
     init = round_dir(r - 1, ctx.root) / "student.pt"
     lin = apply_moves(load_lineage(init.parent), parse_moves(c.action), seed=derive_seed(ctx.seed, "morph", r, k))
+    control = c.action == CONTROL and c.teacher == lin.teacher  # the lineage trained on unchanged
     lin = replace(lin, teacher=c.teacher)
     teacher, info = teacher_for(ctx, c.teacher, spent)
     until = min(lin.it + ctx.cfg["trial_iters"], ctx.cfg["iters"])
@@ -513,7 +516,7 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     (out / "train_state.pt").unlink(missing_ok=True)
     arch, head = lin.model.arch, Head.of(lin.model.head_cfg)
     lat = ctx.latency(arch, head)
-    result = {"round": r, "index": k, "skipped": False, "control": c.action == CONTROL, "action": c.action,
+    result = {"round": r, "index": k, "skipped": False, "control": control, "action": c.action,
               **info, "student_arch": str(arch), "student_head": str(head), "screen_ap": c.screen_ap,
               "ap": metrics["AP"], "ap50": metrics["AP50"], "latency_ms": round(lat, 4),
               "meets_target": lat <= ctx.target_ms, "score": round(ctx.score(metrics["AP"], lat), 4),
@@ -617,7 +620,7 @@ def select(ctx: Context, r: int) -> State:
         (d / "train_state.pt").unlink(missing_ok=True)
         lat = best["latency_ms"]
         state = State(r, best["student_arch"], best["student_head"], best["teacher"], metrics["AP"], metrics["AP50"],
-                      lat, ctx.target_ms, ctx.score(metrics["AP"], lat), prev.stale + 1 if best.get("control") else 0,
+                      lat, ctx.target_ms, ctx.score(metrics["AP"], lat), prev.stale + 1 if best["action"] == CONTROL else 0,
                       False, f"cand_{best['index']}", lin.it)
     state.stopped = prev.stopped or state.stale >= ctx.cfg["patience"] or r >= ctx.cfg["rounds"] or not done
     _write_state(d, state, decisions=decisions, compute=spent.parts)
