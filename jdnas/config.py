@@ -266,6 +266,8 @@ SCHEMA: dict = {
         "validation_archs": integer(30, 0),
         "max_mape": number(5.0, 0.0, 1000.0, lo_open=True),
         "allow_inaccurate": flag(False),
+        "channel_block": Opt(None, lambda v: v is None or (type(v) is int and 1 <= v <= 1024),
+                             "null or an integer from 1 to 1024"),
         "space": {
             "extra_blocks": strings([], ("basic", "bottleneck"), min_len=0),
             "width_ratios": numbers([0.25, 0.5, 0.75, 1.0, 1.5], 0.0, 16.0),

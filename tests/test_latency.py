@@ -206,6 +206,8 @@ CORRUPT = {
     "cin not an integer": (lambda ls: _set(ls, 3, "cin", "8.5"), 3, "line 3, field cin: '8.5' is not an integer"),
     "a negative width": (lambda ls: _set(ls, 3, "cout", "-8"), 3, "line 3, field cout: -8 is out of range"),
     "an unknown part": (lambda ls: _set(ls, 3, "part", "turbo"), 3, "line 3, field part: 'turbo' is not a part"),
+    "a channel block of 0": (lambda ls: ls + ["channel_block,,0,0,0,0,0,0,0,0.000000,,"], len,
+                             "field cin: a channel block of 0 (1 to 1024)"),
     "header only": (lambda ls: ls[:1], None, "a latency table with no entries"),
     "empty file": (lambda ls: [], None, "not a latency table (empty file"),
     "binary (PNG)": (lambda ls: b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", None, "not a latency table (a binary file"),
@@ -493,3 +495,22 @@ def test_pinned_table_is_used_as_is_and_must_cover_the_space(tmp_path, smoke_par
     wider = with_overrides(smoke_params, {"latency": live, "model": {"fpn_channels": 24}})
     with pytest.raises(JdnasError, match="latency.table lacks .* profiled for another space"):
         profile_latency(wider, prepared, tmp_path / "other")
+
+
+def test_a_channel_block_rounds_off_grid_widths_up_before_interpolating(tmp_path):
+    """onnxruntime runs a width at the cost of its next whole channel block: with channel_block 8
+    a stem of 12 channels costs what 16 would (interpolated), a grid width stays as timed, and
+    the block survives a save and load; with 1 the interpolation is plain."""
+    from jdnas.latency.space import stem_entry
+    ms = {stem_entry(8, (64, 64)): 1.0, stem_entry(32, (64, 64)): 4.0}
+    plain, blocked = LatencyTable(ms), LatencyTable(ms, channel_block=8)
+    assert plain.lookup(stem_entry(12, (64, 64))) == pytest.approx(1.5)
+    assert blocked.lookup(stem_entry(12, (64, 64))) == pytest.approx(2.0)  # as 16
+    assert blocked.lookup(stem_entry(30, (64, 64))) == pytest.approx(4.0)  # as 32
+    assert blocked.lookup(stem_entry(8, (64, 64))) == 1.0
+    blocked.save(tmp_path / "t.csv")
+    back = LatencyTable.load(tmp_path / "t.csv")
+    assert back.channel_block == 8 and back.ms == blocked.ms
+    plain.save(tmp_path / "p.csv")
+    assert LatencyTable.load(tmp_path / "p.csv").channel_block == 1
+    assert "channel_block" not in (tmp_path / "p.csv").read_text()

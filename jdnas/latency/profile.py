@@ -99,6 +99,8 @@ class Profiler:
         if self.device.type == "cpu":
             torch.set_num_threads(cfg["threads"])
         self.timer = Timer(self.device, cfg["clock"])
+        # onnxruntime's convolutions pack channels in blocks of 8 (see jdnas.latency.table)
+        self.channel_block = cfg["channel_block"] or (8 if cfg["device"] == "onnxruntime" else 1)
         self.head_cfg = head_config(params["model"], classes)
         self.classes = classes
         model = params["model"]
@@ -291,7 +293,7 @@ def finish_table(prof: Profiler, raw: dict[Entry, float], calibration: list[tupl
     isolated = {e: v for e, v in raw.items() if e.part != "e2e"}
     rungs = [(h, prof.hw(h)) for h in prof.rungs()]
     glues = {h: head_entries(hw, h, prof.classes)[-1] for h, hw in rungs}
-    plain = LatencyTable({**isolated, **dict.fromkeys(glues.values(), 0.0)})
+    plain = LatencyTable({**isolated, **dict.fromkeys(glues.values(), 0.0)}, channel_block=prof.channel_block)
 
     def split(arch: Arch, head: Head) -> tuple[float, float]:
         """(backbone entries, fixed parts) of a detector, from the isolated timings."""
@@ -308,7 +310,7 @@ def finish_table(prof: Profiler, raw: dict[Entry, float], calibration: list[tupl
     for head, hw in rungs:
         body, rest = split(prof.base, head)
         ms[glues[head]] = g if head == base else raw[e2e_entry(prof.base, head, hw)] - fb * body - fh * rest
-    table = LatencyTable(ms, {e: prof.settings(e) for e in ms}, isolated=isolated)
+    table = LatencyTable(ms, {e: prof.settings(e) for e in ms}, isolated=isolated, channel_block=prof.channel_block)
     info = {"in_context_factor": round(fb, 4), "head_context_factor": round(fh, 4),
             "glue_ms": {f"{h.min_size}/{h.max_size}": round(ms[glues[h]], 4) for h, _ in rungs},
             "archs": [{"arch": str(a), "head": str(h), "measured_ms": round(m, 4),
