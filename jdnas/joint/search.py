@@ -8,11 +8,12 @@ cosine over the whole search, the finish being its tail). Each round r:
    ranking, so one part can be cut again), until the round's share of the way to the target is
    made (the lineage reaches it in `cut_rounds` rounds, so
    the rest of the schedule trains the student at its final size and the later rounds use the
-   headroom); under it the moves that add capacity back are ranked
-   by screen AP, beside the control (no move), and those more than `grow_margin` screen AP below
-   the control's are not trained (a move that wrecks the student is not worth a trial). The best `cut_candidates` cuts (above) or the
-   control and the best `candidates` - 1 moves (under) become finalists; under the target also
-   `teacher_moves` finalists that hold the best move fixed and change the teacher.
+   headroom); under it the moves that add capacity back are ranked by screen AP, beside the
+   control (no move), and those more than `grow_margin` screen AP below the control's are not
+   trained (a move that wrecks the student is not worth a trial). The best `cut_candidates`
+   cuts (above) or the control and the best `candidates` - 1 moves (under) become finalists;
+   under the target also `teacher_moves` finalists that hold the best move fixed and change the
+   teacher (the control is the lineage unchanged: no move, its own teacher).
 2. `candidate` k: finalist k inherits the lineage (weights, momentum, KD adapters) and trains
    `trial_iters` at the lineage's position in the schedule, on the same batches and seed as the
    other finalists; scored on minival, detections kept.
@@ -619,9 +620,9 @@ def select(ctx: Context, r: int) -> State:
         save_lineage(d, lin, stage="search")
         (d / "train_state.pt").unlink(missing_ok=True)
         lat = best["latency_ms"]
+        stale = prev.stale + 1 if best["action"] == CONTROL else 0  # the architecture unchanged
         state = State(r, best["student_arch"], best["student_head"], best["teacher"], metrics["AP"], metrics["AP50"],
-                      lat, ctx.target_ms, ctx.score(metrics["AP"], lat), prev.stale + 1 if best["action"] == CONTROL else 0,
-                      False, f"cand_{best['index']}", lin.it)
+                      lat, ctx.target_ms, ctx.score(metrics["AP"], lat), stale, False, f"cand_{best['index']}", lin.it)
     state.stopped = prev.stopped or state.stale >= ctx.cfg["patience"] or r >= ctx.cfg["rounds"] or not done
     _write_state(d, state, decisions=decisions, compute=spent.parts)
     return state
