@@ -146,9 +146,9 @@ def measure_latency(models: Mapping[str, Callable[[list], object]], images: list
 
     Every (model, image) call is timed once in each of `runs` shuffled rounds after one untimed
     call, so load from other jobs falls on all models alike, and an image's time needs only one
-    undisturbed call, not a whole pass over the images undisturbed (timing whole passes, the same
-    two students measured 0.54x and 0.65x the base in two runs on a quiet VM; per image 0.60x to
-    0.63x: docs/results.md). On CPU with `threads` torch threads and, with one thread, `clock`
+    undisturbed call, not a whole pass over the images undisturbed (timing whole passes, one
+    student measured 0.54x and then 0.65x the base on a quiet VM; per image 0.625x and 0.628x:
+    docs/results.md). On CPU with `threads` torch threads and, with one thread, `clock`
     (its CPU time by default; wall time with more threads, whose work the calling thread's CPU
     time would miss).
     """
