@@ -26,6 +26,12 @@ def axes(e: Any) -> tuple[str, ...]:
     return ()
 
 
+def is_channel_axis(e: Any, axis: str) -> bool:
+    """Whether an interpolation axis of `e` is a channel width (every one but the RoI heads'
+    proposal count)."""
+    return not (e.part == "roi_heads" and axis == "mid")
+
+
 def _same_width(e: Any) -> bool:
     """A block without projection (cin == cout, stride 1): cin and cout move together."""
     return e.cin == e.cout and e.stride == 1

@@ -25,7 +25,7 @@ from typing import Iterable
 
 from jdnas.errors import JdnasError, short
 from jdnas.io import atomic_path
-from jdnas.latency.grid import axes as _axes, family as _family, with_axis as _set
+from jdnas.latency.grid import axes as _axes, family as _family, is_channel_axis, with_axis as _set
 from jdnas.latency.space import HEAD_PARTS, Entry, arch_entries, head_entries
 from jdnas.models.arch import Arch, Head
 
@@ -40,9 +40,6 @@ BACKBONE_PARTS = ("stem", "block", "fpn_lateral")
 CHANNEL_BLOCK = "channel_block"  # the row that keeps the table's channel block
 # every part a table (or the profiler's cache, which also keeps end-to-end timings) holds
 PARTS = BACKBONE_PARTS + HEAD_PARTS + ("e2e", CHANNEL_BLOCK)
-# the interpolation axes that are channel widths (not proposal counts)
-CHANNEL_AXES = {"stem": ("cout",), "block": ("cin", "mid", "cout"), "fpn_lateral": ("cin", "cout"),
-                "fpn_top": ("cout",), "rpn": ("cin",), "roi_heads": ("cin", "hidden")}
 
 
 class NotCovered(JdnasError):
@@ -88,7 +85,7 @@ class LatencyTable:
             if v in values:
                 continue
             up = -(-v // self.channel_block) * self.channel_block
-            if up != v and axis in CHANNEL_AXES.get(e.part, ()) and up <= max(values):
+            if up != v and is_channel_axis(e, axis) and up <= max(values):
                 return self._lookup(_set(e, axis, up), depth + 1)
             lo = max((x for x in values if x < v), default=None)
             hi = min((x for x in values if x > v), default=None)
