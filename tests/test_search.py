@@ -7,6 +7,7 @@ import pytest
 
 from jdnas.joint.search import (Context, candidate_actions, compose_cut, finalist_slots, init_search, pick, propose,
                                 rank_cuts, round_dir, round_goal, run_candidate, run_search, score, teacher_move)
+from jdnas.joint.screen import Screen
 from jdnas.models.arch import Head, preset, resolve_arch
 from jdnas.models.elastic import PoolSpace
 from jdnas.models.morphism import Action, child
@@ -167,7 +168,7 @@ def test_search_is_one_lineage_and_decides_the_same_twice(prepared, smoke_params
     finalist starts where the lineage stood; the compute split adds up; a second run decides alike."""
     import torch
     torch.set_num_threads(1)
-    p = smoke_params
+    p = with_overrides(smoke_params, {"search": {"latency_target": 0.8}})  # reached in round 1: round 2 trains
     ctx, state = _search(tmp_path / "a", p, prepared, supernet_ckpt, base_ckpt)
     cfg = p["search"]
     assert state.it == cfg["iters"]
@@ -356,3 +357,36 @@ def test_a_move_round_trips_through_its_text(text):
     moves = parse_moves(text)
     assert moves_text(moves) == text and all(isinstance(m, Action) for m in moves)
     assert len(moves) == (0 if text == "none" else text.count(")"))
+
+
+class _ScriptedScreen:
+    """Screen.greedy_cut on scripted screen APs: a child is its parent's name + the cut, its AP
+    50 less each cut's loss."""
+
+    LOSS = {"a": 0.01, "b": 6.0, "c": 2.0}
+    greedy_cut = Screen.greedy_cut
+
+    def __init__(self) -> None:
+        self.screened: list[list[str]] = []
+
+    def actions(self, model, actions, seed=0):
+        self.screened.append(list(actions))
+        return [{"action": a, "model": model + a, "ap": 50 - sum(self.LOSS[x] for x in model + a)} for a in actions]
+
+
+def test_the_greedy_cut_rescreens_each_child_and_takes_big_cuts_first():
+    """prune_kd's rule, shared with the search: the most latency saved per AP lost among the cuts
+    saving more than the tolerance, each child screened again, until the goal is reached."""
+    screen = _ScriptedScreen()
+
+    def cuts(model, ms):  # a saves 2% (below the tolerance), b 3 ms, c 2 ms
+        return {"a": ms - 0.2, "b": ms - 3.0, "c": ms - 2.0}
+
+    model, plan = screen.greedy_cut("", 50.0, 10.0, 6.0, cuts, 0.04)
+    assert model == "cc" and [x["action"] for x in plan] == ["c", "c"]   # b: 0.5 ms per AP, c: 1; a never
+    assert [x["latency_ms"] for x in plan] == [8.0, 6.0] and plan[-1]["screen_ap"] == 46.0
+    assert len(screen.screened) == 2                                      # the child screened again
+    first = screen.actions("", ["a", "b", "c"])
+    model, plan = screen.greedy_cut("", 50.0, 10.0, 6.0, cuts, 0.04, first=first)
+    assert model == "cc" and len(screen.screened) == 4                   # the given rows spare one screen
+    assert screen.greedy_cut("", 50.0, 5.0, 6.0, cuts, 0.04) == ("", [])  # at the goal already

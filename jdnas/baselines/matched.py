@@ -28,13 +28,12 @@ from jdnas.engine.loop import evaluate
 from jdnas.errors import JdnasError
 from jdnas.io import load_json, resume_dir, write_json
 from jdnas.joint.screen import Screen
-from jdnas.joint.search import CUT_KINDS, search_bounds
+from jdnas.joint.search import candidate_actions, search_bounds
 from jdnas.joint.teacher_pool import SUPERNET_FORMAT
 from jdnas.latency import LatencyTable
 from jdnas.models.arch import Head
 from jdnas.models.complexity import count_flops, count_params
 from jdnas.models.detector import Detector, load_detector, read_checkpoint, save_detector
-from jdnas.models.morphism import child, legal_actions
 from jdnas.seeding import derive_seed
 from jdnas.stages import inputs_fingerprint
 
@@ -124,33 +123,20 @@ class PruneKD(Matched):
         model = load_detector(self.base)
         base_head = Head.of(model.head_cfg)
         space = search_bounds(self.params["search_space"], self.data_dir, base_head)  # as the joint search
-        bounds = {**space, "actions": [a for a in space["actions"] if a in CUT_KINDS]}
         cfg = self.params["search"]
         batch = self.params["eval"]["batch_size"]
         lat = self.table.predict(model.arch, base_head)
-        plan = []
-        tol = cfg["latency_tolerance"]
+
+        def cuts(m: Detector, ms: float) -> dict:  # the joint search's cuts of a student above the target
+            return candidate_actions(m.arch, Head.of(m.head_cfg), base_head, space, self.table, ms, self.target_ms)
+
         with self.screen() as screen:
-            ap = screen.score(model)
-            while lat > self.target_ms:
-                head = Head.of(model.head_cfg)
-                options = {}
-                for a in legal_actions(model.arch, bounds, head, base_head):
-                    arch, h = child(a, model.arch, head)
-                    if self.table.covers(arch, h) and self.table.predict(arch, h) < lat:
-                        options[a] = self.table.predict(arch, h)
-                big = {a: ms for a, ms in options.items() if ms < lat * (1 - tol)}
-                options = big or options
-                if not options:
-                    break
-                # each cut's AP right after it (BN recalibrated, no training), as the joint search screens
-                tried = [((lat - options[x["action"]]) / max(ap - x["ap"], 0.1), str(x["action"]), x)
-                         for x in screen.actions(model, list(options), seed=self.params["seed"])]
-                _, _, best = max(tried, key=lambda t: (t[0], t[1]))
-                action, model, ap, lat = best["action"], best["model"], best["ap"], options[best["action"]]
-                plan.append({"action": str(action), "screen_ap": ap, "latency_ms": round(lat, 4)})
-                print(f"prune_kd: {action}: predicted {lat:.2f} ms (target {self.target_ms:.2f}), screen AP {ap:.2f}",
-                      flush=True)
+            model, steps = screen.greedy_cut(model, screen.score(model), lat, self.target_ms, cuts,
+                                             cfg["latency_tolerance"], seed=self.params["seed"])
+        plan = [{**x, "action": str(x["action"]), "latency_ms": round(x["latency_ms"], 4)} for x in steps]
+        for x in plan:
+            print(f"prune_kd: {x['action']}: predicted {x['latency_ms']:.2f} ms (target {self.target_ms:.2f}), "
+                  f"screen AP {x['screen_ap']:.2f}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         save_detector(out / "model.pt", model.cpu(), stage="prune_kd", plan=plan)
         metrics = evaluate(model, self.data_dir / "val.json", batch, self.device)

@@ -11,7 +11,7 @@ import copy
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -60,6 +60,33 @@ class Screen:
             child = morph_detector(model, a, seed=seed)
             rows.append({"action": a, "model": child, "ap": self._recalibrated_ap(child)})
         return rows
+
+    def greedy_cut(self, model: Detector, ap: float, latency_ms: float, goal_ms: float,
+                   cuts: Callable[[Detector, float], dict[Action, float]], tolerance: float, seed: int = 0,
+                   first: list[dict[str, Any]] | None = None) -> tuple[Detector, list[dict[str, Any]]]:
+        """Cut `model` (screen AP `ap`, predicted `latency_ms`) one action at a time until the
+        predicted latency reaches `goal_ms`, each step screening every cut of the current child
+        (`cuts(model, latency_ms)`: action -> predicted latency) and taking the most latency saved
+        per screen AP lost (a loss under 0.1 AP counts as 0.1); while some cut saves more than
+        `tolerance` of the latency, only those qualify. `first`: this screen's rows for `model`'s
+        cuts, already scored. The child and its plan, `{"action", "screen_ap", "latency_ms"}` per step."""
+        plan: list[dict[str, Any]] = []
+        while latency_ms > goal_ms:
+            options = cuts(model, latency_ms)
+            big = {a: ms for a, ms in options.items() if ms < latency_ms * (1 - tolerance)}
+            options = big or options
+            if not options:
+                break
+            if first is not None:
+                rows = [x for x in first if x["action"] in options]
+                first = None
+            else:
+                rows = self.actions(model, list(options), seed=seed)
+            best = max(rows, key=lambda x: ((latency_ms - options[x["action"]]) / max(ap - x["ap"], 0.1),
+                                            str(x["action"])))
+            model, ap, latency_ms = best["model"], best["ap"], options[best["action"]]
+            plan.append({"action": best["action"], "screen_ap": ap, "latency_ms": latency_ms})
+        return model, plan
 
     def close(self) -> None:
         self._tmp.cleanup()

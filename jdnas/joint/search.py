@@ -392,34 +392,56 @@ def teacher_move(current: str, space: PoolSpace, cfg: dict, rng: random.Random) 
 
 def _screen(ctx: Context, lin: Lineage, options: dict[Action, float], state: State, r: int,
             spent: Spent) -> tuple[float, list[dict]]:
-    """The parent's screen AP and `{"action", "latency_ms", "ap"}` per legal move (ablation
-    `search.screen: false`: every move alike, in a seeded random order)."""
+    """The parent's screen AP and `{"action", "latency_ms", "ap", "model"}` per legal move (the
+    child screened; ablation `search.screen: false`: every move alike, in a seeded random order,
+    no child)."""
     if not ctx.cfg["screen"]:
         rows = [{"action": a, "latency_ms": ms, "ap": state.ap} for a, ms in options.items()]
         random.Random(derive_seed(ctx.seed, "draw", r)).shuffle(rows)
         return state.ap, rows
     with spent.on("screening"), ctx.screen() as screen:
         parent_ap = screen.score(lin.model)
-        rows = [{"action": x["action"], "latency_ms": options[x["action"]], "ap": x["ap"]}
+        rows = [{**x, "latency_ms": options[x["action"]]}
                 for x in screen.actions(lin.model, list(options), seed=derive_seed(ctx.seed, "morph", r))]
     return parent_ap, rows
 
 
-def _cut_finalists(ctx: Context, rows: list[dict], parent_ap: float, arch: Arch, head: Head, latency_ms: float,
-                   goal: float, k: int) -> list[tuple[list[Action], float, float | None]]:
-    """Up to k distinct cuts that reach the round's goal: (moves, predicted latency, screen AP of
-    a single-action move)."""
+def _greedy_cut(ctx: Context, lin: Lineage, rows: list[dict], parent_ap: float, latency_ms: float, goal: float,
+                r: int, spent: Spent) -> tuple[list[Action], float, float]:
+    """prune_kd's cut (`Screen.greedy_cut`): one action at a time, every cut of each child screened
+    again, from this round's screen of the parent; (moves, predicted latency, screen AP)."""
+    def cuts(m: Detector, ms: float) -> dict[Action, float]:
+        return candidate_actions(m.arch, Head.of(m.head_cfg), ctx.base_head, ctx.bounds, ctx.table, ms, ctx.target_ms)
+
+    with spent.on("screening"), ctx.screen() as screen:
+        _, plan = screen.greedy_cut(lin.model, parent_ap, latency_ms, goal, cuts, ctx.cfg["latency_tolerance"],
+                                    seed=derive_seed(ctx.seed, "morph", r), first=rows)
+    return [x["action"] for x in plan], plan[-1]["latency_ms"] if plan else latency_ms, \
+        plan[-1]["screen_ap"] if plan else parent_ap
+
+
+def _cut_finalists(ctx: Context, lin: Lineage, rows: list[dict], parent_ap: float, latency_ms: float, goal: float,
+                   r: int, spent: Spent) -> list[tuple[list[Action], float, float | None]]:
+    """Up to `search.cut_candidates` distinct cuts that reach the round's goal: (moves, predicted
+    latency, screen AP where known). First prune_kd's greedy cut (screened step by step), then
+    cuts composed from this screen alone, alternately small-first and big-first."""
+    arch, head = lin.model.arch, Head.of(lin.model.head_cfg)
     ranked = rank_cuts(rows, parent_ap, latency_ms)
     screen_ap = {x["action"]: x["ap"] for x in rows}
-    finalists, seen = [], set()
+    tried: list[tuple[list[Action], float, float | None]] = []
+    if ctx.cfg["screen"]:
+        tried.append(_greedy_cut(ctx, lin, rows, parent_ap, latency_ms, goal, r, spent))
     for first, order in cut_starts(ranked, latency_ms, ctx.cfg["latency_tolerance"]):
         moves, ms = compose_cut(first, order, arch, head, ctx.bounds, ctx.base_head, ctx.table, goal)
-        moves, ms = trim_cut(moves, ms, arch, head, ctx.bounds, ctx.base_head, ctx.table, goal)
-        key = tuple(sorted(map(str, moves)))
-        if moves and key not in seen:
+        tried.append((moves, ms, screen_ap[moves[0]] if len(moves) == 1 else None))
+    finalists, seen = [], set()
+    for moves, ms, ap in tried:
+        trimmed, ms = trim_cut(moves, ms, arch, head, ctx.bounds, ctx.base_head, ctx.table, goal)
+        key = tuple(sorted(map(str, trimmed)))
+        if trimmed and key not in seen:
             seen.add(key)
-            finalists.append((moves, ms, screen_ap[moves[0]] if len(moves) == 1 else None))
-        if len(finalists) == k:
+            finalists.append((trimmed, ms, ap if trimmed == moves else None))
+        if len(finalists) == ctx.cfg["cut_candidates"]:
             break
     return finalists
 
@@ -443,7 +465,7 @@ def propose(ctx: Context, r: int) -> dict[str, Any]:
     parent_ap, rows = _screen(ctx, lin, options, state, r, spent)
     if above:
         goal = round_goal(state.latency_ms, ctx.target_ms, min(ctx.cfg["cut_rounds"], ctx.cfg["rounds"]) - r + 1)
-        finalists = _cut_finalists(ctx, rows, parent_ap, arch, head, state.latency_ms, goal, ctx.cfg["cut_candidates"])
+        finalists = _cut_finalists(ctx, lin, rows, parent_ap, state.latency_ms, goal, r, spent)
     else:
         k = ctx.cfg["candidates"]
         finalists = [([], state.latency_ms, parent_ap)]  # the control: it can win here
