@@ -286,6 +286,7 @@ SCHEMA: dict = {
         "iters": integer(300, 1),
         "round_iters": integer(60, 1),
         "trial_iters": integer(15, 1),
+        "cut_trial_iters": integer(15, 1),
         "screen_images": integer(0, 0),
         "screen_bn_batches": integer(2, 0),
         "bootstrap": integer(200, 10),
@@ -391,9 +392,10 @@ def check_consistency(p: dict, source: str) -> None:
     sc = p["search"]
     if sc["teacher_mutate"] + sc["teacher_resample"] <= 0:
         raise ConfigError(f"{source}: search.teacher_mutate/resample: at least one must be > 0")
-    if sc["trial_iters"] > sc["round_iters"]:
-        raise ConfigError(f"{source}: search.trial_iters must be <= search.round_iters (a finalist's trial is "
-                          "the start of the winner's round)")
+    for key in ("trial_iters", "cut_trial_iters"):
+        if sc[key] > sc["round_iters"]:
+            raise ConfigError(f"{source}: search.{key} must be <= search.round_iters (a finalist's trial is "
+                              "the start of the winner's round)")
     lat = p["latency"]
     if lat["device"] in ("cpu", "onnxruntime") and lat["clock"] == "cpu_time" and lat["threads"] != 1:
         raise ConfigError(f"{source}: latency.clock = 'cpu_time' times one thread: set latency.threads to 1 "

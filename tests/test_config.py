@@ -86,6 +86,7 @@ def test_defaults_validate():
     ({"search": {"penalty": float("nan")}}, "search.penalty = nan is not allowed"),
     ({"search": {"iters": -1}}, "search.iters = -1 is not allowed"),
     ({"search": {"trial_iters": 500, "round_iters": 100}}, "search.trial_iters must be <= search.round_iters"),
+    ({"search": {"cut_trial_iters": 500, "round_iters": 100}}, "search.cut_trial_iters must be <= search.round_iters"),
     ({"search": {"confidence": 1.5}}, "search.confidence = 1.5 is not allowed"),
     ({"search": {"paired": "yes"}}, "search.paired = 'yes' is not allowed"),
     ({"search": {"teacher_mutate": 0, "teacher_resample": 0}}, "at least one must be > 0"),

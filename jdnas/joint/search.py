@@ -3,10 +3,11 @@
 The search has one training budget, `search.iters` iterations on one lr schedule (warm-up once,
 cosine over the whole search, the finish being its tail). Each round r:
 1. `propose`: every legal move of the current student is screened without training (inherit,
-   recalibrate BN, AP on a minival subset: `jdnas.joint.screen`). Above the target the cuts are ranked
-   by predicted latency saved per screen AP lost and composed, best first (in passes over the
-   ranking, so one part can be cut again), until the round's share of the way to the target is
-   made (the lineage reaches it in `cut_rounds` rounds, so
+   recalibrate BN, AP on a minival subset: `jdnas.joint.screen`). Above the target the first cut
+   is prune_kd's (`Screen.greedy_cut`: one action at a time, each child screened again); the
+   others are ranked by predicted latency saved per screen AP lost on this one screen and composed,
+   best first (in passes over the ranking, so one part can be cut again); each goes until the
+   round's share of the way to the target is made (the lineage reaches it in `cut_rounds` rounds, so
    the rest of the schedule trains the student at its final size and the later rounds use the
    headroom); under it the moves that add capacity back are ranked by screen AP, beside the
    control (no move), and those more than `grow_margin` screen AP below the control's are not
@@ -15,8 +16,9 @@ cosine over the whole search, the finish being its tail). Each round r:
    under the target also `teacher_moves` finalists that hold the best move fixed and change the
    teacher (the control is the lineage unchanged: no move, its own teacher).
 2. `candidate` k: finalist k inherits the lineage (weights, momentum, KD adapters) and trains
-   `trial_iters` at the lineage's position in the schedule, on the same batches and seed as the
-   other finalists; scored on minival, detections kept.
+   `trial_iters` (a cut above the target: `cut_trial_iters`, as what a cut took away shows later
+   than what it broke) at the lineage's position in the schedule, on the same batches and seed as
+   the other finalists; scored on minival, detections kept.
 3. `select`: the winner by score (AP, less a penalty per unit of predicted overshoot above the
    target); a paired per-image bootstrap that calls two finalists a tie gives the round to the
    cheaper (down to the target: a cut past it buys nothing), then to the one closer to the
@@ -514,12 +516,14 @@ def _train(ctx: Context, lin: Lineage, teacher: Detector, until: int, seed: int,
 
 
 def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
-    """Finalist k of round r: the lineage after its move, trained `trial_iters` with KD from its
+    """Finalist k of round r: the lineage after its move, trained `trial_iters` (a cut above the
+    target: `cut_trial_iters`) with KD from its
     teacher at the lineage's position, on the round's batches and seed; scored on minival."""
     d = round_dir(r, ctx.root)
     out = d / f"cand_{k}"
     out.mkdir(parents=True, exist_ok=True)
-    cands = load_json(d / "proposals.json", ["candidates"])["candidates"]
+    proposals = load_json(d / "proposals.json", ["candidates"])
+    cands = proposals["candidates"]
     if k >= len(cands):  # a stopped search, or fewer distinct finalists than slots
         result = {"round": r, "index": k, "skipped": True}
         write_json(out / "result.json", result)
@@ -531,7 +535,8 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     control = c.action == CONTROL and c.teacher == lin.teacher  # the lineage trained on unchanged
     lin = replace(lin, teacher=c.teacher)
     teacher, info = teacher_for(ctx, c.teacher, spent)
-    until = min(lin.it + ctx.cfg["trial_iters"], ctx.cfg["iters"])
+    trial = ctx.cfg["cut_trial_iters" if proposals.get("above_target") else "trial_iters"]
+    until = min(lin.it + trial, ctx.cfg["iters"])
     seed = derive_seed(ctx.seed, "trial", r) if ctx.cfg["paired"] else derive_seed(ctx.seed, "trial", r, k)
     lin = _train(ctx, lin, teacher, until, seed, out, spent, "training", init)
     metrics = _evaluate(ctx, lin.model, out, spent)
