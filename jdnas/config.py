@@ -286,7 +286,7 @@ SCHEMA: dict = {
         "iters": integer(300, 1),
         "round_iters": integer(60, 1),
         "trial_iters": integer(15, 1),
-        "cut_trial_iters": integer(15, 1),
+        "cut_trial_iters": integer(60, 1),
         "screen_images": integer(0, 0),
         "screen_bn_batches": integer(2, 0),
         "bootstrap": integer(200, 10),
