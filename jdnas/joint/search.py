@@ -517,8 +517,8 @@ def _train(ctx: Context, lin: Lineage, teacher: Detector, until: int, seed: int,
 
 def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     """Finalist k of round r: the lineage after its move, trained `trial_iters` (a cut above the
-    target: `cut_trial_iters`) with KD from its
-    teacher at the lineage's position, on the round's batches and seed; scored on minival."""
+    target: `cut_trial_iters`) with KD from its teacher at the lineage's position, on the round's
+    batches and seed; scored on minival."""
     d = round_dir(r, ctx.root)
     out = d / f"cand_{k}"
     out.mkdir(parents=True, exist_ok=True)
