@@ -28,7 +28,7 @@ from jdnas.engine.loop import evaluate
 from jdnas.errors import JdnasError
 from jdnas.io import load_json, resume_dir, write_json
 from jdnas.joint.screen import Screen
-from jdnas.joint.search import candidate_actions, search_bounds
+from jdnas.joint.search import cuts_above, search_bounds
 from jdnas.joint.teacher_pool import SUPERNET_FORMAT
 from jdnas.latency import LatencyTable
 from jdnas.models.arch import Head
@@ -126,10 +126,7 @@ class PruneKD(Matched):
         cfg = self.params["search"]
         batch = self.params["eval"]["batch_size"]
         lat = self.table.predict(model.arch, base_head)
-
-        def cuts(m: Detector, ms: float) -> dict:  # the joint search's cuts of a student above the target
-            return candidate_actions(m.arch, Head.of(m.head_cfg), base_head, space, self.table, ms, self.target_ms)
-
+        cuts = cuts_above(space, base_head, self.table, self.target_ms)  # the joint search's cuts
         with self.screen() as screen:
             model, steps = screen.greedy_cut(model, screen.score(model), lat, self.target_ms, cuts,
                                              cfg["latency_tolerance"], seed=self.params["seed"])

@@ -34,6 +34,12 @@ def subset_json(gt_json: str | Path, n: int, out: str | Path) -> Path:
     return Path(out)
 
 
+def cut_gain(saved_ms: float, ap_lost: float) -> float:
+    """How a cut ranks: predicted latency saved per screen AP lost (a loss under 0.1 AP counts as
+    0.1, so free cuts rank by what they save)."""
+    return saved_ms / max(ap_lost, 0.1)
+
+
 class Screen:
     """Scores detectors on a fixed minival subset after BN recalibration on fixed training batches."""
 
@@ -67,7 +73,7 @@ class Screen:
         """Cut `model` (screen AP `ap`, predicted `latency_ms`) one action at a time until the
         predicted latency reaches `goal_ms`, each step screening every cut of the current child
         (`cuts(model, latency_ms)`: action -> predicted latency) and taking the most latency saved
-        per screen AP lost (a loss under 0.1 AP counts as 0.1); while some cut saves more than
+        per screen AP lost (`cut_gain`); while some cut saves more than
         `tolerance` of the latency, only those qualify. `first`: this screen's rows for `model`'s
         cuts, already scored. The child and its plan, `{"action", "screen_ap", "latency_ms"}` per step."""
         plan: list[dict[str, Any]] = []
@@ -82,7 +88,7 @@ class Screen:
                 first = None
             else:
                 rows = self.actions(model, list(options), seed=seed)
-            best = max(rows, key=lambda x: ((latency_ms - options[x["action"]]) / max(ap - x["ap"], 0.1),
+            best = max(rows, key=lambda x: (cut_gain(latency_ms - options[x["action"]], ap - x["ap"]),
                                             str(x["action"])))
             model, ap, latency_ms = best["model"], best["ap"], options[best["action"]]
             plan.append({"action": best["action"], "screen_ap": ap, "latency_ms": latency_ms})

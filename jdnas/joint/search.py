@@ -59,7 +59,7 @@ from jdnas.io import atomic_path, file_sha256, fingerprint, load_json, resume_di
 from jdnas.joint.bootstrap import image_matches, is_tie, paired_bootstrap
 from jdnas.joint.lineage import (Lineage, Recipe, apply_moves, load_lineage, moves_text, parse_moves, save_lineage,
     train_segment)
-from jdnas.joint.screen import Screen
+from jdnas.joint.screen import Screen, cut_gain
 from jdnas.joint.teacher_pool import TeacherPool, load_supernet
 from jdnas.latency import LatencyTable, NotCovered
 from jdnas.models.arch import Arch, Head
@@ -336,9 +336,8 @@ def compose_cut(first: Action, ranked: list[Action], arch: Arch, head: Head, bou
 def rank_cuts(rows: list[dict], parent_ap: float, latency_ms: float) -> list[dict]:
     """Cuts by predicted latency saved per screen AP lost (a loss under 0.1 AP counts as 0.1),
     as prune_kd ranks them; ties keep the screen's (legal_actions') order."""
-    def gain(x: dict) -> float:
-        return (latency_ms - x["latency_ms"]) / max(parent_ap - x["ap"], 0.1)
-    return sorted(rows, key=lambda x: -gain(x))  # stable: equal gains keep the screen's order
+    # stable: equal gains keep the screen's order
+    return sorted(rows, key=lambda x: -cut_gain(latency_ms - x["latency_ms"], parent_ap - x["ap"]))
 
 
 def cut_starts(ranked: list[dict], latency_ms: float, tolerance: float) -> list[tuple[Action, list[Action]]]:
@@ -392,7 +391,7 @@ def teacher_move(current: str, space: PoolSpace, cfg: dict, rng: random.Random) 
     return current
 
 
-def _screen(ctx: Context, lin: Lineage, options: dict[Action, float], state: State, r: int,
+def _screen(ctx: Context, screen: Screen, lin: Lineage, options: dict[Action, float], state: State, r: int,
             spent: Spent) -> tuple[float, list[dict]]:
     """The parent's screen AP and `{"action", "latency_ms", "ap", "model"}` per legal move (the
     child screened; ablation `search.screen: false`: every move alike, in a seeded random order,
@@ -401,29 +400,34 @@ def _screen(ctx: Context, lin: Lineage, options: dict[Action, float], state: Sta
         rows = [{"action": a, "latency_ms": ms, "ap": state.ap} for a, ms in options.items()]
         random.Random(derive_seed(ctx.seed, "draw", r)).shuffle(rows)
         return state.ap, rows
-    with spent.on("screening"), ctx.screen() as screen:
+    with spent.on("screening"):
         parent_ap = screen.score(lin.model)
         rows = [{**x, "latency_ms": options[x["action"]]}
                 for x in screen.actions(lin.model, list(options), seed=derive_seed(ctx.seed, "morph", r))]
     return parent_ap, rows
 
 
-def _greedy_cut(ctx: Context, lin: Lineage, rows: list[dict], parent_ap: float, latency_ms: float, goal: float,
-                r: int, spent: Spent) -> tuple[list[Action], float, float]:
+def cuts_above(bounds: dict, base_head: Head, table: LatencyTable,
+               target_ms: float) -> Callable[[Detector, float], dict[Action, float]]:
+    """`Screen.greedy_cut`'s cuts of a student above the target (`candidate_actions`)."""
+    return lambda m, ms: candidate_actions(m.arch, Head.of(m.head_cfg), base_head, bounds, table, ms, target_ms)
+
+
+def _greedy_cut(ctx: Context, screen: Screen, lin: Lineage, rows: list[dict], parent_ap: float, latency_ms: float,
+                goal: float, r: int, spent: Spent) -> tuple[list[Action], float, float]:
     """prune_kd's cut (`Screen.greedy_cut`): one action at a time, every cut of each child screened
     again, from this round's screen of the parent; (moves, predicted latency, screen AP)."""
-    def cuts(m: Detector, ms: float) -> dict[Action, float]:
-        return candidate_actions(m.arch, Head.of(m.head_cfg), ctx.base_head, ctx.bounds, ctx.table, ms, ctx.target_ms)
-
-    with spent.on("screening"), ctx.screen() as screen:
+    cuts = cuts_above(ctx.bounds, ctx.base_head, ctx.table, ctx.target_ms)
+    with spent.on("screening"):
         _, plan = screen.greedy_cut(lin.model, parent_ap, latency_ms, goal, cuts, ctx.cfg["latency_tolerance"],
                                     seed=derive_seed(ctx.seed, "morph", r), first=rows)
     return [x["action"] for x in plan], plan[-1]["latency_ms"] if plan else latency_ms, \
         plan[-1]["screen_ap"] if plan else parent_ap
 
 
-def _cut_finalists(ctx: Context, lin: Lineage, rows: list[dict], parent_ap: float, latency_ms: float, goal: float,
-                   r: int, spent: Spent) -> list[tuple[list[Action], float, float | None]]:
+def _cut_finalists(ctx: Context, screen: Screen, lin: Lineage, rows: list[dict], parent_ap: float,
+                   latency_ms: float, goal: float, r: int,
+                   spent: Spent) -> list[tuple[list[Action], float, float | None]]:
     """Up to `search.cut_candidates` distinct cuts that reach the round's goal: (moves, predicted
     latency, screen AP where known). First prune_kd's greedy cut (screened step by step), then
     cuts composed from this screen alone, alternately small-first and big-first."""
@@ -432,7 +436,7 @@ def _cut_finalists(ctx: Context, lin: Lineage, rows: list[dict], parent_ap: floa
     screen_ap = {x["action"]: x["ap"] for x in rows}
     tried: list[tuple[list[Action], float, float | None]] = []
     if ctx.cfg["screen"]:
-        tried.append(_greedy_cut(ctx, lin, rows, parent_ap, latency_ms, goal, r, spent))
+        tried.append(_greedy_cut(ctx, screen, lin, rows, parent_ap, latency_ms, goal, r, spent))
     for first, order in cut_starts(ranked, latency_ms, ctx.cfg["latency_tolerance"]):
         moves, ms = compose_cut(first, order, arch, head, ctx.bounds, ctx.base_head, ctx.table, goal)
         tried.append((moves, ms, screen_ap[moves[0]] if len(moves) == 1 else None))
@@ -464,15 +468,17 @@ def propose(ctx: Context, r: int) -> dict[str, Any]:
     above = not state.meets_target
     options = candidate_actions(arch, head, ctx.base_head, ctx.bounds, ctx.table, state.latency_ms, ctx.target_ms)
     rng = random.Random(derive_seed(ctx.seed, "teacher", r))
-    parent_ap, rows = _screen(ctx, lin, options, state, r, spent)
-    if above:
-        goal = round_goal(state.latency_ms, ctx.target_ms, min(ctx.cfg["cut_rounds"], ctx.cfg["rounds"]) - r + 1)
-        finalists = _cut_finalists(ctx, lin, rows, parent_ap, state.latency_ms, goal, r, spent)
-    else:
-        k = ctx.cfg["candidates"]
-        finalists = [([], state.latency_ms, parent_ap)]  # the control: it can win here
-        grown = [x for x in rows if x["ap"] >= parent_ap - ctx.cfg["grow_margin"]]  # the screen drops the rest
-        finalists += [([x["action"]], x["latency_ms"], x["ap"]) for x in sorted(grown, key=lambda x: -x["ap"])[:k - 1]]
+    with ctx.screen() as screen:  # one per round: the greedy cut screens on with it
+        parent_ap, rows = _screen(ctx, screen, lin, options, state, r, spent)
+        if above:
+            goal = round_goal(state.latency_ms, ctx.target_ms, min(ctx.cfg["cut_rounds"], ctx.cfg["rounds"]) - r + 1)
+            finalists = _cut_finalists(ctx, screen, lin, rows, parent_ap, state.latency_ms, goal, r, spent)
+        else:
+            k = ctx.cfg["candidates"]
+            finalists = [([], state.latency_ms, parent_ap)]  # the control: it can win here
+            grown = [x for x in rows if x["ap"] >= parent_ap - ctx.cfg["grow_margin"]]  # the screen drops the rest
+            finalists += [([x["action"]], x["latency_ms"], x["ap"])
+                          for x in sorted(grown, key=lambda x: -x["ap"])[:k - 1]]
     cands = [Candidate(r, i, moves_text(m), state.teacher, ap, round(ms, 4)) for i, (m, ms, ap) in
              enumerate(finalists)]
     if cands and not above:  # a teacher competes where the lineage does not have to move
