@@ -9,9 +9,12 @@ cached data, base, teacher pool and latency table, so only the search differs be
 Rows: full, the target reached over 5 rounds (`search.cut_rounds`) instead of 1, continuous
 schedule off (every segment restarts its schedule, momentum and adapters), screening off (moves
 drawn at random), halving off (one finalist), pairing off (own seeds, raw scores), teacher moves
-off, KD off (`kd_weight: 0`), and prune_kd. Columns: val AP, the measured latency ratio to the base
+off, no moves at all under the target (the control alone: the headroom unused), KD off
+(`kd_weight: 0`), and prune_kd. Columns: val AP, the measured latency ratio to the base
 (one interleaved measurement of every row), the predicted ratio and the compute.
-`--correlation` also screens every cut of the base, trains each for `search.trial_iters` and
+`--seeds N` instead runs each variant (`--only`, default full) and prune_kd matched to it over N
+search seeds and prints the mean and sd of their val AP.
+`--correlation` also screens every cut of the base, trains each for `search.cut_trial_iters` and
 prints the Spearman rank correlation of screen AP and trained minival AP (how far the screen
 can be trusted to pick finalists).
 """
@@ -38,6 +41,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no halving (1 finalist)": {"search": {"cut_candidates": 1, "candidates": 1, "teacher_moves": 0}},
     "no pairing": {"search": {"paired": False}},
     "no teacher moves": {"search": {"teacher_moves": 0}},
+    "no moves under the target": {"search": {"candidates": 1, "teacher_moves": 0}},
     "no KD": {"train_student": {"kd_weight": 0.0}},
 }
 
@@ -139,34 +143,44 @@ def screen_correlation(run: Path, out: Path) -> dict[str, float]:
             d = ctx.root / str(x["action"]).replace("(", "_").replace(")", "").replace(",", "_")
             d.mkdir(parents=True, exist_ok=True)
             lin = apply_moves(Lineage(load_detector(p["base"]), 0, gene), [x["action"]])
-            lin = _train(ctx, lin, teacher, ctx.cfg["trial_iters"], 0, d, Spent(), "training", p["base"])
+            lin = _train(ctx, lin, teacher, ctx.cfg["cut_trial_iters"], 0, d, Spent(), "training", p["base"])
             rows.append({"action": str(x["action"]), "screen_ap": x["ap"],
                          "trained_ap": _evaluate(ctx, lin.model, None, Spent())["AP"]})
     df = pd.DataFrame(rows)
     print(table([[r.action, f"{r.screen_ap:.2f}", f"{r.trained_ap:.2f}"] for r in df.itertuples()],
-                ["cut of the base", "screen AP", f"minival AP after {ctx.cfg['trial_iters']} it"]))
+                ["cut of the base", "screen AP", f"minival AP after {ctx.cfg['cut_trial_iters']} it"]))
     rho = float(df["screen_ap"].rank().corr(df["trained_ap"].rank()))
     print(f"\nSpearman(screen AP, trained AP) over {len(df)} cuts: {rho:.3f}")
     return {"spearman": rho, "cuts": len(df)}
 
 
-def seed_spread(run: Path, out: Path, seeds: int, jobs: int) -> None:
-    """Mean and sd of val AP over search seeds, for the joint search and prune_kd matched to each."""
+def seed_spread(run: Path, out: Path, seeds: int, jobs: int, variants: list[str]) -> None:
+    """Mean and sd of val AP over search seeds, for each search variant and prune_kd matched to
+    each of its seeds."""
     import statistics
+    names = [f"{v} seed={s}" for v in variants for s in range(seeds)]
     with ProcessPoolExecutor(jobs) as pool:
-        joint = [f.result() for f in [pool.submit(run_variant, str(run), str(out), f"full seed={s}", s)
-                                      for s in range(seeds)]]
-        pk = [f.result() for f in [pool.submit(run_prune_kd, str(run), str(out), j["summary"], s)
-                                   for s, j in enumerate(joint)]]
+        joint = [f.result() for f in [pool.submit(run_variant, str(run), str(out), n, int(n.split("=")[-1]))
+                                      for n in names]]
+        pk = [f.result() for f in [pool.submit(run_prune_kd, str(run), str(out), j["summary"],
+                                               int(j["name"].split("=")[-1]), _matched_name(j["name"]))
+                                   for j in joint]]
     rows = joint + pk
     measure(rows, run)
     print(table([[r["name"], f"{r['ap']:.2f}", f"{r['measured_ratio']:.3f}", f"{r['predicted_ratio']:.3f}",
                   str(r["meets_target"]).lower(), f"{r['compute']:.0f} {r['unit']}"] for r in rows],
                 ["run", "val AP", "measured latency ratio", "predicted ratio", "meets target", "compute"]))
-    for label, group in (("joint", joint), ("prune_kd", pk)):
-        aps = [r["ap"] for r in group]
-        sd = statistics.stdev(aps) if len(aps) > 1 else 0.0
-        print(f"{label}: val AP {statistics.mean(aps):.2f} ± {sd:.2f} over {len(aps)} seeds")
+    for v in variants:
+        for label, group in ((v, joint), (f"prune_kd vs {v}", pk)):
+            aps = [r["ap"] for r, n in zip(group, names) if n.startswith(f"{v} seed=")]
+            sd = statistics.stdev(aps) if len(aps) > 1 else 0.0
+            print(f"{label}: val AP {statistics.mean(aps):.2f} ± {sd:.2f} over {len(aps)} seeds")
+
+
+def _matched_name(name: str) -> str:
+    """prune_kd's row matched to the search row `name` ("full seed=0" -> "prune_kd seed=0")."""
+    variant, seed = name.split(" seed=")
+    return f"prune_kd seed={seed}" if variant == "full" else f"prune_kd vs {variant} seed={seed}"
 
 
 def main() -> None:
@@ -181,12 +195,16 @@ def main() -> None:
     ap.add_argument("--matched", action="store_true",
                     help="prune_kd matched to every variant's compute (default: to the full search's only)")
     ap.add_argument("--seeds", type=int, default=0,
-                    help="instead of the ablation: the full search and prune_kd over this many search seeds")
+                    help="instead of the ablation: each variant (--only, default full) and prune_kd matched "
+                         "to it over this many search seeds")
     args = ap.parse_args()
     run, out = args.run.resolve(), args.out.resolve()
     PARAMS.extend(p.resolve() for p in args.params)
+    unknown = [v for v in args.only if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--only {unknown[0]!r}: not a variant (one of: {', '.join(VARIANTS)})")
     if args.seeds:
-        return seed_spread(run, out, args.seeds, args.jobs)
+        return seed_spread(run, out, args.seeds, args.jobs, args.only or ["full"])
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_variant, str(run), str(out), name) for name in VARIANTS
                    if not args.only or name in args.only]
