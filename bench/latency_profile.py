@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from jdnas.config import load_params, merge
+from jdnas.data.prepare import prepare_data
 from jdnas.latency.profile import profile_latency
 from jdnas.latency.validate import summarize
 
@@ -53,14 +54,12 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params or [REPO / "params.yaml"])
     params = merge(params, {"latency": {"reuse_entries": False, "allow_inaccurate": True}}, source="bench")
-    classes = len(params["data"]["synthetic"]["classes"])
     print(f"# load: {args.load} extra CPU-bound process(es) on {os.cpu_count()} CPUs", flush=True)
     print(f"{'run':>3} {'seconds':>8} {'entries':>7} {'MAPE %':>7} {'Spearman':>8} {'max err %':>9} "
           f"{'MAPE other heads %':>18} {'factor b/h':>10} {'glue':>5} {'load 1m':>7}  base breakdown (ms)")
     with tempfile.TemporaryDirectory() as tmp, cpu_load(args.load):
-        data = Path(tmp) / "data"
-        data.mkdir()
-        (data / "manifest.json").write_text(json.dumps({"categories": [{"id": i + 1} for i in range(classes)]}))
+        data = Path(tmp) / "data"  # the params' data, prepared: the grid's input sizes depend on its objects
+        prepare_data(params, data)
         for r in range(args.repeat):
             out = Path(tmp) / f"run{r}"
             t0 = time.perf_counter()

@@ -349,6 +349,35 @@ def test_objects_too_small_for_resize_leave_every_other_head_action_legal(smoke_
     assert "resize" not in kinds and {"fpn_prune", "head_prune", "proposals"} <= kinds
 
 
+def test_the_latency_grid_and_the_search_bound_resize_by_the_same_prepared_data(tmp_path):
+    """resize is listed by default: on small objects neither the table's grid nor the search gets
+    a smaller input; on large ones both get the same sizes. Without statistics it is one line."""
+    from jdnas.config import load_params
+    from jdnas.data.prepare import prepared_bounds
+    from jdnas.errors import DataError
+    from jdnas.latency.space import HeadSpace
+    params = load_params([REPO / "params.yaml"])
+    bounds, base = params["search_space"], Head.of(params["model"])
+    assert "resize" in bounds["actions"] and bounds["resize_min_object"] > 0
+
+    def sizes(p5: float) -> list[tuple[int, int]]:
+        d = tmp_path / str(p5)
+        d.mkdir()
+        stats = {"short_side": {"median": 128}, "long_side": {"median": 128}, "object_size": {"p5": p5}}
+        (d / "manifest.json").write_text(json.dumps({"stats": {"train": stats}}))
+        b = prepared_bounds(bounds, d, base.min_size, base.max_size)
+        return list(HeadSpace.around(base, b, [0.5]).sizes)
+
+    assert sizes(10.0) == [(128, 128)]                        # the synthetic set: 10-px objects
+    assert sizes(48.0) == [(128, 128), (96, 96), (64, 64)]    # 24 px at 64: down to min_input_ratio
+    assert sizes(20.0) == [(128, 128), (96, 96)]              # 15 px at 96, 10 at 64
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "manifest.json").write_text(json.dumps({"categories": []}))
+    with pytest.raises(DataError, match=r"bare/manifest.json: stats: missing"):
+        prepared_bounds(bounds, tmp_path / "bare", 128, 128)
+    assert prepared_bounds({**bounds, "resize_min_object": 0}, tmp_path / "bare", 128, 128)["min_input_ratio"] == 0.5
+
+
 @pytest.mark.parametrize("text", ["shift(0,+1)", "shift(1,-1)+prune(2,0.25)", "slim(2,0.25)+fpn_prune(0.125)",
                                   "deepen(3)+shift(2,+1)+proposals(0.5)", "none"])
 def test_a_move_round_trips_through_its_text(text):

@@ -28,7 +28,7 @@ from jdnas.engine.loop import evaluate
 from jdnas.errors import JdnasError
 from jdnas.io import load_json, resume_dir, write_json
 from jdnas.joint.screen import Screen
-from jdnas.joint.search import cuts_above, search_bounds
+from jdnas.joint.search import cuts_above
 from jdnas.joint.teacher_pool import SUPERNET_FORMAT
 from jdnas.latency import LatencyTable
 from jdnas.models.arch import Head
@@ -122,7 +122,8 @@ class PruneKD(Matched):
     def prune(self, out: Path, share: float) -> dict[str, Any]:
         model = load_detector(self.base)
         base_head = Head.of(model.head_cfg)
-        space = search_bounds(self.params["search_space"], self.data_dir, base_head)  # as the joint search
+        space = prepared_bounds(self.params["search_space"], self.data_dir, base_head.min_size,
+                                base_head.max_size)  # as the joint search
         cfg = self.params["search"]
         batch = self.params["eval"]["batch_size"]
         lat = self.table.predict(model.arch, base_head)

@@ -19,7 +19,7 @@ import numpy as np
 
 from jdnas.config import section, user_data
 from jdnas.data.coco import load_coco
-from jdnas.data.inspect import check_fit, data_stats, resolve_auto, snippet, suggest_model
+from jdnas.data.inspect import check_fit, data_bounds, data_stats, resolve_auto, snippet, suggest_model
 from jdnas.data.synthetic import generate_split
 from jdnas.errors import DataError
 from jdnas.io import atomic_dir, check_outputs, file_sha256
@@ -145,6 +145,20 @@ def resolved_params(params: dict, data_dir: str | Path) -> dict:
             new = {**cfg, "iters": max(1, math.ceil(n * images / cfg["batch_size"]))}
             out = {**out, top: {**out[top], sub: new} if sub else new}
     return out
+
+
+def prepared_bounds(bounds: dict, data_dir: str | Path, min_size: int, max_size: int) -> dict:
+    """The search space's bounds for the prepared data at input `min_size`/`max_size`: `resize`
+    only as far as the train split's objects stay visible (`data_bounds`). One rule for the joint
+    search, prune_kd and the latency table's grid, so the table covers exactly what they can make
+    (on data with small objects, the base's input size alone)."""
+    if "resize" not in bounds["actions"] or not bounds["resize_min_object"]:
+        return bounds  # nothing to bound (a bare manifest, without statistics, is enough)
+    path = Path(data_dir) / "manifest.json"
+    stats = json.loads(path.read_text()).get("stats", {}).get("train")
+    if stats is None:
+        raise DataError(f"{path}: stats: missing (rerun the prepare_data stage)")
+    return data_bounds(bounds, stats, min_size, max_size)
 
 
 def user_data_fingerprint(params: dict) -> str:

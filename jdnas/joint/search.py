@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 
 from jdnas.data.dataset import CocoDetection
-from jdnas.data.inspect import data_bounds
+from jdnas.data.prepare import prepared_bounds
 from jdnas.engine.device import resolve_device
 from jdnas.engine.loop import coco_metrics, predict, schedule_for
 from jdnas.io import atomic_path, file_sha256, fingerprint, load_json, resume_dir, write_json
@@ -197,7 +197,8 @@ class Context:
         self.table = LatencyTable.load(latency_table)
         ckpt = read_checkpoint(base)
         self.base_arch, self.base_head = Arch.from_json(ckpt["arch"]), Head.of(ckpt["head"])
-        self.bounds = search_bounds(params["search_space"], self.data_dir, self.base_head)
+        self.bounds = prepared_bounds(params["search_space"], self.data_dir, self.base_head.min_size,
+                                      self.base_head.max_size)
         self.target_ms = self.cfg["latency_target"] * self.latency(self.base_arch, self.base_head)
         self.recipe = Recipe.of(params["train_student"], self.cfg["iters"])
         self.device_name = params["device"]
@@ -223,12 +224,6 @@ class Context:
     def screen(self) -> Screen:
         return Screen(self.train_set, self.minival, self.cfg["screen_images"], self.cfg["screen_bn_batches"],
                       self.pool_eval["bn_batch_size"], self.eval_batch, derive_seed(self.seed, "screen"), self.device)
-
-
-def search_bounds(bounds: dict, data_dir: Path, base_head: Head) -> dict:
-    """The search space's bounds for these data: resize only as far as the objects stay visible."""
-    stats = load_json(data_dir / "manifest.json", ["stats"])["stats"]["train"]
-    return data_bounds(bounds, stats, base_head.min_size, base_head.max_size)
 
 
 # --- teachers: extracted once per search ----------------------------------------------------------
