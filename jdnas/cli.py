@@ -123,10 +123,29 @@ def cmd_inspect_data(args: argparse.Namespace) -> None:
             print(f"  {key:18s}" + "  ".join(f"{k} {v:g}" for k, v in st[key].items()))
         print("  boxes_per_class   " + ", ".join(f"{k} {v}" for k, v in st["boxes_per_class"].items()))
     print(f"\nminival: {len(minival['images'])} images, {len(minival['annotations'])} boxes")
+    print(resize_line(params, fit))
     print("\n# model settings that fit the data (what `auto` becomes); paste into your params file:")
     print(snippet(fit["suggested"]), end="")
     for w in fit["warnings"]:
         print(f"warning: {w}")
+
+
+def resize_line(params: dict, fit: dict) -> str:
+    """Which input sizes `resize` can reach on these data (the search and the latency table alike)."""
+    from jdnas.data.inspect import data_bounds, input_scale
+    from jdnas.latency.space import HeadSpace
+    from jdnas.models.arch import Head
+    space, model, stats = params["search_space"], {**params["model"], **fit["model"]}, fit["stats"]["train"]
+    if "resize" not in space["actions"]:
+        return "resize: off (not in search_space.actions)"
+    bounds = data_bounds(space, stats, model["min_size"], model["max_size"])
+    sizes = HeadSpace.around(Head.of(model), bounds, []).sizes
+    p5 = stats["object_size"]["p5"] * input_scale(stats, model["min_size"], model["max_size"])
+    why = (f"the 5th-percentile object measures {p5:.1f} px at the input, and must keep "
+           f"search_space.resize_min_object = {space['resize_min_object']:g} px")
+    if len(sizes) == 1:
+        return f"resize: no smaller input on these data ({why})"
+    return f"resize: inputs {', '.join(f'{a}/{b}' for a, b in sizes)} (min_size/max_size; {why})"
 
 
 def cmd_import_torchvision(args: argparse.Namespace) -> None:

@@ -79,7 +79,20 @@ def test_inspect_data_prints_stats_snippet_and_warnings(prepared, capsys):
     out = capsys.readouterr().out
     assert "object_size" in out and "model:\n  min_size:" in out and "anchor_sizes: [" in out
     assert "warning: minival has" in out  # the smoke data's minival is tiny
+    assert "resize: inputs 128/128, 96/96 (min_size/max_size; the 5th-percentile object measures 16.8" in out
     assert main(["inspect-data", "--params", str(REPO / "params.yaml")]) == 2  # synthetic, nothing prepared
+
+
+def test_inspect_data_lists_the_inputs_resize_can_reach(prepared, capsys, tmp_path):
+    any_size = tmp_path / "any.yaml"
+    any_size.write_text("search_space: {resize_min_object: 0}\n")
+    assert main(["inspect-data", "--data", str(prepared), "--params", str(REPO / "params.yaml"),
+                 "--params", str(any_size)]) == 0
+    assert "resize: inputs 128/128, 96/96, 64/64 (min_size/max_size;" in capsys.readouterr().out
+    any_size.write_text("search_space: {resize_min_object: 16}\n")  # 16.8 px at 128: 12.6 at 96
+    assert main(["inspect-data", "--data", str(prepared), "--params", str(REPO / "params.yaml"),
+                 "--params", str(any_size)]) == 0
+    assert "resize: no smaller input on these data (the 5th-percentile object" in capsys.readouterr().out
 
 
 def test_auto_anchors_follow_a_fixed_input_size_and_detections_count_val_too():
