@@ -204,6 +204,13 @@ def test_a_stopped_search_passes_its_lineage_through(prepared, smoke_params, sup
     ctx, state = _search(tmp_path, p, prepared, supernet_ckpt, base_ckpt)
     s1 = json.loads((round_dir(1, ctx.root) / "state.json").read_text())
     assert s1["accepted"] == "cand_0" and s1["stopped"] and s1["stale"] == 1   # the control won: patience 1
+    # the control alone: nothing screened, trained to the round's end at once, scored once
+    proposals = json.loads((round_dir(1, ctx.root) / "proposals.json").read_text())
+    assert len(proposals["candidates"]) == 1 and proposals["compute"] == {}
+    assert pd.read_csv(round_dir(1, ctx.root) / "screen.csv").empty
+    cand = json.loads((round_dir(1, ctx.root) / "cand_0" / "result.json").read_text())
+    assert cand["it"] == s1["it"] == p["search"]["round_iters"] and s1["ap"] == cand["ap"]
+    assert set(s1["compute"]) <= {"teachers"}  # select neither trains nor evaluates again
     s2 = json.loads((round_dir(2, ctx.root) / "state.json").read_text())
     assert s2["accepted"] is None and s2["it"] == s1["it"]
     assert (round_dir(2, ctx.root) / "student.pt").read_bytes() == (round_dir(1, ctx.root) / "student.pt").read_bytes()

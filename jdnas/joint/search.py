@@ -463,13 +463,14 @@ def propose(ctx: Context, r: int) -> dict[str, Any]:
     above = not state.meets_target
     options = candidate_actions(arch, head, ctx.base_head, ctx.bounds, ctx.table, state.latency_ms, ctx.target_ms)
     rng = random.Random(derive_seed(ctx.seed, "teacher", r))
+    k = ctx.cfg["candidates"]
     with ctx.screen() as screen:  # one per round: the greedy cut screens on with it
-        parent_ap, rows = _screen(ctx, screen, lin, options, state, r, spent)
+        # under the target with no growth finalist wanted, the control alone goes on: nothing to screen
+        parent_ap, rows = _screen(ctx, screen, lin, options, state, r, spent) if above or k > 1 else (None, [])
         if above:
             goal = round_goal(state.latency_ms, ctx.target_ms, min(ctx.cfg["cut_rounds"], ctx.cfg["rounds"]) - r + 1)
             finalists = _cut_finalists(ctx, screen, lin, rows, parent_ap, state.latency_ms, goal, r, spent)
         else:
-            k = ctx.cfg["candidates"]
             finalists = [([], state.latency_ms, parent_ap)]  # the control: it can win here
             grown = [x for x in rows if x["ap"] >= parent_ap - ctx.cfg["grow_margin"]]  # the screen drops the rest
             finalists += [([x["action"]], x["latency_ms"], x["ap"])
@@ -519,7 +520,8 @@ def _train(ctx: Context, lin: Lineage, teacher: Detector, until: int, seed: int,
 def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     """Finalist k of round r: the lineage after its move, trained `trial_iters` (a cut above the
     target: `cut_trial_iters`) with KD from its teacher at the lineage's position, on the round's
-    batches and seed; scored on minival."""
+    batches and seed; scored on minival. A round's only finalist has nothing to be compared with:
+    it trains to the round's end at once, and is scored once."""
     d = round_dir(r, ctx.root)
     out = d / f"cand_{k}"
     out.mkdir(parents=True, exist_ok=True)
@@ -537,7 +539,7 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     lin = replace(lin, teacher=c.teacher)
     teacher, info = teacher_for(ctx, c.teacher, spent)
     trial = ctx.cfg["cut_trial_iters" if proposals.get("above_target") else "trial_iters"]
-    until = min(lin.it + trial, ctx.cfg["iters"])
+    until = min(lin.it + (ctx.cfg["round_iters"] if len(cands) == 1 else trial), ctx.cfg["iters"])
     seed = derive_seed(ctx.seed, "trial", r) if ctx.cfg["paired"] else derive_seed(ctx.seed, "trial", r, k)
     lin = _train(ctx, lin, teacher, until, seed, out, spent, "training", init)
     metrics = _evaluate(ctx, lin.model, out, spent)
