@@ -24,6 +24,7 @@ from typing import Any
 
 from jdnas.baselines.naive import Budget, Tuning, fine_tune, largest_teacher, run_step
 from jdnas.data.dataset import CocoDetection
+from jdnas.data.prepare import prepared_bounds
 from jdnas.engine.loop import evaluate
 from jdnas.errors import JdnasError
 from jdnas.io import load_json, resume_dir, write_json
