@@ -9,7 +9,6 @@ import torch
 from jdnas.baselines.naive import Budget, iteration_cost, nas_archs, prune_actions, random_arch
 from jdnas.config import load_params
 from jdnas.data.dataset import CocoDetection
-from jdnas.latency import spaces_from_params
 from jdnas.models.arch import resolve_arch
 from jdnas.models.detector import build_detector, head_config
 from jdnas.models.morphism import legal_actions

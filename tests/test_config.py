@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from jdnas.config import SCHEMA, Opt, defaults, load_params

@@ -2,7 +2,6 @@
 (exit 2 from the CLI, no traceback); sizes that decide memory are bounded before anything is
 allocated; the shipped configs still load."""
 import pytest
-import yaml
 
 from jdnas.cli import main
 from jdnas.config import load_params

@@ -6,7 +6,7 @@ import pytest
 from jdnas.cli import main
 from jdnas.config import load_params
 from jdnas.data.inspect import check_fit, data_stats, resolve_auto, suggest_model
-from jdnas.data.prepare import prepare_data, resolved_params
+from jdnas.data.prepare import resolved_params
 from conftest import REPO, with_overrides, write_yaml
 
 

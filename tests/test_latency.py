@@ -410,7 +410,7 @@ def test_onnxruntime_parts_compute_what_pytorch_computes(smoke_params):
     torch.manual_seed(0)
     model = calibrated_detector(preset("tiny", 0.5), head, image, torch.device("cpu"))
     parts = HeadParts(model, image, head["rpn_post_nms_top_n_test"])
-    hw, fpn = (64, 64), head["fpn_channels"]
+    hw = (64, 64)
     entries = {e.part: e for e in head_entries(hw, Head.of(head), 4)}
     for part in ("transform", "fpn_top", "rpn", "roi_heads"):
         module, args = parts.module(entries[part])

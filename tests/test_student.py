@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from jdnas.cli import main
 from jdnas.models.arch import Arch

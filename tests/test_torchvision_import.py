@@ -5,7 +5,6 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from jdnas.cli import main
-from jdnas.errors import JdnasError
 from jdnas.models.detector import load_detector
 from jdnas.models.torchvision_import import import_torchvision
 from conftest import REPO

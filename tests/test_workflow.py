@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -296,7 +295,7 @@ def test_train_base_resumes_after_kill(tmp_path):
     run(["snakemake", "--unlock", *args], ws)
     run(["snakemake", "train_base", "--rerun-incomplete", *args], ws)
     log = (ws / "logs/train_base.log").read_text()
-    assert f"resuming from runs/base/train_state.pt at iteration" in log
+    assert "resuming from runs/base/train_state.pt at iteration" in log
     resumed_at = int(log.split("at iteration ")[1].split("/")[0])
     assert resumed_at >= killed_at
     # the resumed model equals one trained without interruption (same thread count as the rule)
