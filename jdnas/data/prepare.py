@@ -161,6 +161,17 @@ def prepared_bounds(bounds: dict, data_dir: str | Path, min_size: int, max_size:
     return data_bounds(bounds, stats, min_size, max_size)
 
 
+def typical_image(data_dir: str | Path) -> tuple[int, int] | None:
+    """(height, width) of the train split's median image, landscape (its median short and long
+    sides): the image the latency table is timed on, so that it is resized and padded to the
+    tensor the detector really sees (a 144 x 208 image at min_size 128: 128 x 192, not 128 x 128).
+    None where the manifest has no statistics."""
+    stats = json.loads((Path(data_dir) / "manifest.json").read_text()).get("stats", {}).get("train")
+    if stats is None:
+        return None
+    return round(stats["short_side"]["median"]), round(stats["long_side"]["median"])
+
+
 def user_data_fingerprint(params: dict) -> str:
     """A hash of the user's data as it is now: each annotation file's bytes, and the name, size and
     modification time of every file under the image folders (an image edited in place counts).

@@ -46,7 +46,7 @@ from typing import Any, Iterable
 
 import torch
 
-from jdnas.data.prepare import prepared_bounds
+from jdnas.data.prepare import prepared_bounds, typical_image
 from jdnas.errors import JdnasError
 from jdnas.io import write_json
 from jdnas.latency.measure import Timer, device_name, measure_all, target_device
@@ -509,9 +509,10 @@ def profile_latency(params: dict, data_dir: str | Path, out_dir: str | Path | No
     cfg = params["latency"]
     target_device(cfg["device"])  # a device this machine lacks fails first, before any work
     out = Path(out_dir) if out_dir else table_dir(params)
-    model = params["model"]  # the grid covers the input sizes `resize` can reach on these data
+    model = params["model"]  # the grid covers the input sizes `resize` can reach on these data,
     params = {**params, "search_space": prepared_bounds(params["search_space"], data_dir, model["min_size"],
-                                                        model["max_size"])}
+                                                        model["max_size"]),  # each timed on the data's image
+              "latency": {**cfg, "image_size": cfg["image_size"] or typical_image(data_dir)}}
     prof = Profiler(params, num_classes(data_dir))
     spaces = spaces if spaces is not None else spaces_from_params(params)
     cache_path = out / CACHE
