@@ -22,7 +22,7 @@ from jdnas.data.coco import load_coco
 from jdnas.data.inspect import check_fit, data_bounds, data_stats, resolve_auto, snippet, suggest_model
 from jdnas.data.synthetic import generate_split
 from jdnas.errors import DataError
-from jdnas.io import atomic_dir, check_outputs, file_sha256
+from jdnas.io import atomic_dir, check_outputs, file_sha256, load_json
 
 SPLITS = ("train", "minival", "val")
 DEFAULT_OUT = Path("data/prepared")
@@ -154,11 +154,16 @@ def prepared_bounds(bounds: dict, data_dir: str | Path, min_size: int, max_size:
     (on data with small objects, the base's input size alone)."""
     if "resize" not in bounds["actions"] or not bounds["resize_min_object"]:
         return bounds  # nothing to bound (a bare manifest, without statistics, is enough)
-    path = Path(data_dir) / "manifest.json"
-    stats = json.loads(path.read_text()).get("stats", {}).get("train")
+    stats = train_stats(data_dir)
     if stats is None:
-        raise DataError(f"{path}: stats: missing (rerun the prepare_data stage)")
+        raise DataError(f"{Path(data_dir) / 'manifest.json'}: stats: missing (rerun the prepare_data stage)")
     return data_bounds(bounds, stats, min_size, max_size)
+
+
+def train_stats(data_dir: str | Path) -> dict | None:
+    """The train split's statistics (`data_stats`) from a prepared manifest; None without them."""
+    manifest = load_json(Path(data_dir) / "manifest.json")  # missing or not JSON: one line naming it
+    return manifest.get("stats", {}).get("train") if isinstance(manifest, dict) else None
 
 
 def typical_image(data_dir: str | Path) -> tuple[int, int] | None:
@@ -166,10 +171,8 @@ def typical_image(data_dir: str | Path) -> tuple[int, int] | None:
     sides): the image the latency table is timed on, so that it is resized and padded to the
     tensor the detector really sees (a 144 x 208 image at min_size 128: 128 x 192, not 128 x 128).
     None where the manifest has no statistics."""
-    stats = json.loads((Path(data_dir) / "manifest.json").read_text()).get("stats", {}).get("train")
-    if stats is None:
-        return None
-    return round(stats["short_side"]["median"]), round(stats["long_side"]["median"])
+    stats = train_stats(data_dir)
+    return None if stats is None else (round(stats["short_side"]["median"]), round(stats["long_side"]["median"]))
 
 
 def user_data_fingerprint(params: dict) -> str:
