@@ -329,7 +329,7 @@ def compose_cut(first: Action, ranked: list[Action], arch: Arch, head: Head, bou
 
 
 def rank_cuts(rows: list[dict], parent_ap: float, latency_ms: float) -> list[dict]:
-    """Cuts by predicted latency saved per screen AP lost (a loss under 0.1 AP counts as 0.1),
+    """Cuts by predicted latency saved per screen AP lost (`cut_gain`),
     as prune_kd ranks them; ties keep the screen's (legal_actions') order."""
     # stable: equal gains keep the screen's order
     return sorted(rows, key=lambda x: -cut_gain(latency_ms - x["latency_ms"], parent_ap - x["ap"]))
