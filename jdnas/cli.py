@@ -132,15 +132,12 @@ def cmd_inspect_data(args: argparse.Namespace) -> None:
 
 def resize_line(params: dict, fit: dict) -> str:
     """Which input sizes `resize` can reach on these data (the search and the latency table alike)."""
-    from jdnas.data.inspect import data_bounds, input_scale
-    from jdnas.latency.space import HeadSpace
+    from jdnas.data.prepare import resize_inputs
     from jdnas.models.arch import Head
-    space, model, stats = params["search_space"], {**params["model"], **fit["model"]}, fit["stats"]["train"]
+    space, model = params["search_space"], {**params["model"], **fit["model"]}
     if "resize" not in space["actions"]:
         return "resize: off (not in search_space.actions)"
-    bounds = data_bounds(space, stats, model["min_size"], model["max_size"])
-    sizes = HeadSpace.around(Head.of(model), bounds, []).sizes
-    p5 = stats["object_size"]["p5"] * input_scale(stats, model["min_size"], model["max_size"])
+    sizes, p5 = resize_inputs(space, fit["stats"]["train"], Head.of(model))
     why = (f"the 5th-percentile object measures {p5:.1f} px at the input, and must keep "
            f"search_space.resize_min_object = {space['resize_min_object']:g} px")
     if len(sizes) == 1:
