@@ -132,7 +132,7 @@ def cmd_inspect_data(args: argparse.Namespace) -> None:
 
 def resize_line(params: dict, fit: dict) -> str:
     """Which input sizes `resize` can reach on these data (the search and the latency table alike)."""
-    from jdnas.data.prepare import resize_inputs
+    from jdnas.latency.space import resize_inputs
     from jdnas.models.arch import Head
     space, model = params["search_space"], {**params["model"], **fit["model"]}
     if "resize" not in space["actions"]:

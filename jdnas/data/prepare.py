@@ -19,12 +19,11 @@ import numpy as np
 
 from jdnas.config import section, user_data
 from jdnas.data.coco import load_coco
-from jdnas.data.inspect import (check_fit, data_bounds, data_stats, input_scale, resolve_auto, snippet,
+from jdnas.data.inspect import (check_fit, data_bounds, data_stats, resolve_auto, snippet,
     suggest_model)
 from jdnas.data.synthetic import generate_split
 from jdnas.errors import DataError
 from jdnas.io import atomic_dir, check_outputs, file_sha256, load_json
-from jdnas.models.arch import Head
 
 SPLITS = ("train", "minival", "val")
 DEFAULT_OUT = Path("data/prepared")
@@ -160,16 +159,6 @@ def prepared_bounds(bounds: dict, data_dir: str | Path, min_size: int, max_size:
     if stats is None:
         raise DataError(f"{Path(data_dir) / 'manifest.json'}: stats: missing (rerun the prepare_data stage)")
     return data_bounds(bounds, stats, min_size, max_size)
-
-
-def resize_inputs(bounds: dict, stats: dict, head: Head) -> tuple[list[tuple[int, int]], float]:
-    """The (min_size, max_size) inputs `resize` can reach from `head` on data with train statistics
-    `stats` (the base's first: the latency grid's rule), and the 5th-percentile object's size in
-    pixels at the base's input."""
-    from jdnas.latency.space import HeadSpace
-    lo, hi = head.min_size, head.max_size
-    sizes = list(HeadSpace.around(head, data_bounds(bounds, stats, lo, hi), []).sizes)
-    return sizes, stats["object_size"]["p5"] * input_scale(stats, lo, hi)
 
 
 def train_stats(data_dir: str | Path) -> dict | None:

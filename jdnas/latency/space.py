@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
+from jdnas.data.inspect import data_bounds, input_scale
 from jdnas.latency.grid import complete_grid
 from jdnas.models.arch import NUM_STAGES, Arch, Head, Stage, resolve_arch
 from jdnas.models.backbone import STAGE_STRIDES
@@ -193,6 +194,15 @@ class HeadSpace:
 def head_space_from_params(params: dict) -> HeadSpace:
     """The head grid of the params' search space around the base's head (the `model` params)."""
     return HeadSpace.around(Head.of(params["model"]), params["search_space"], params["latency"]["space"]["head_ratios"])
+
+
+def resize_inputs(bounds: dict, stats: dict, head: Head) -> tuple[list[tuple[int, int]], float]:
+    """The (min_size, max_size) inputs `resize` can reach from `head` on data with train statistics
+    `stats` (the base's first: the latency grid's rule), and the 5th-percentile object's size in
+    pixels at the base's input."""
+    lo, hi = head.min_size, head.max_size
+    sizes = list(HeadSpace.around(head, data_bounds(bounds, stats, lo, hi), []).sizes)
+    return sizes, stats["object_size"]["p5"] * input_scale(stats, lo, hi)
 
 
 # --- resolutions -----------------------------------------------------------------------
