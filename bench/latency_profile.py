@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from jdnas.config import load_params, merge
-from jdnas.data.prepare import prepare_data
+from jdnas.data.prepare import prepare_data, resolved_params
 from jdnas.latency.profile import profile_latency
 from jdnas.latency.validate import summarize
 
@@ -60,6 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, cpu_load(args.load):
         data = Path(tmp) / "data"  # the params' data, prepared: the grid's input sizes depend on its objects
         prepare_data(params, data)
+        params = resolved_params(params, data)  # `auto` model values, as the CLI fills them in
         for r in range(args.repeat):
             out = Path(tmp) / f"run{r}"
             t0 = time.perf_counter()
