@@ -133,10 +133,11 @@ def spaces_from_params(params: dict) -> list[LatencySpace]:
                                 bounds["min_width"], bounds["max_width"] if widen else None) for block in blocks]
 
 
-# The FPN width's grid holds every multiple of FPN_STEP channels (FPN_STEPS of them at most: the step
-# doubles on wide FPNs). The FPN, RPN and lateral convs run channels in blocks (16 on the AVX-512 CPU
-# measured), so their cost climbs in stairs: between grid points 32 and 64 a linear interpolation put
-# a base with a 56-channel FPN at 0.93x the base, measured 0.97x (docs/results.md).
+# The FPN width's grid holds every multiple m of FPN_STEP channels and m + 1 (FPN_STEPS multiples at
+# most: the step doubles on wide FPNs). The FPN, RPN and lateral convs run channels in blocks (16 on
+# the AVX-512 CPU measured), so their cost climbs in stairs, one step up just past a block: between
+# grid points 32 and 64 a linear interpolation put the base with a 56-channel FPN at 0.93x the base,
+# measured 0.97x; with 48 and 56 on the grid, a 49-channel FPN at 0.86x, measured 0.92x (docs/results.md).
 FPN_STEP, FPN_STEPS = 8, 8
 
 
@@ -153,8 +154,8 @@ class HeadSpace:
     @classmethod
     def around(cls, base: Head, bounds: dict, ratios: Iterable[float]) -> "HeadSpace":
         """Grids from the search bounds: from the smallest legal value (`min_head_ratio` x the base's)
-        to the base's, through the `ratios` in between, and for the FPN width every multiple of
-        FPN_STEP as well; sizes: every size `resize` can reach."""
+        to the base's, through the `ratios` in between, and for the FPN width the block steps
+        (FPN_STEP); sizes: every size `resize` can reach."""
         lo = bounds["min_head_ratio"]
         acts = set(bounds["actions"])
 
@@ -163,10 +164,10 @@ class HeadSpace:
                 return (value,)
             least = max(1, math.ceil(lo * value - 1e-9))
             points = {least, value} | {round(value * r) for r in ratios if lo < r < 1}
-            if step:  # every multiple of the step (doubled until at most FPN_STEPS of them) in between
+            if step:  # every multiple m of the step (doubled until at most FPN_STEPS of them) and m + 1
                 while (value - least) / step > FPN_STEPS:
                     step *= 2
-                points |= set(range(-(-least // step) * step, value, step))
+                points |= {w for m in range(-(-least // step) * step, value, step) for w in (m, m + 1)}
             return tuple(sorted(points))
 
         sizes, todo = {(base.min_size, base.max_size)}, [base]
