@@ -130,6 +130,28 @@ def test_off_grid_widths_are_interpolated(default_params, space):
     assert table.covers(pruned)
 
 
+def test_the_fpn_grid_follows_channel_blocks(default_params):
+    """The FPN width's grid holds every multiple of 8 and the width just past it (the step doubles
+    on a wide FPN), so an FPN part whose cost climbs in stairs of 16 channels, as the convs of the
+    CPU measured do, is predicted exactly at every width from the least to the base's."""
+    from jdnas.latency.space import HeadSpace
+    bounds = {"min_head_ratio": 0.25, "actions": ["fpn_prune"]}
+    assert HeadSpace.around(Head(64, 256, 128, 128, 100), bounds, [0.5]).fpns == (
+        16, 17, 24, 25, 32, 33, 40, 41, 48, 49, 56, 57, 64)
+    assert HeadSpace.around(Head(256, 256, 128, 128, 100), bounds, []).fpns == (
+        64, 65, 96, 97, 128, 129, 160, 161, 192, 193, 224, 225, 256)
+    assert HeadSpace.around(Head(64, 256, 128, 128, 100), {**bounds, "actions": []}, [0.5]).fpns == (64,)
+
+    def stairs(e) -> float:
+        return linear_ms(e) + (2.0 * -(-e.cin // 16) if e.part == "rpn" else 0.0)
+
+    table = proxy_table(default_params, cost=stairs)
+    head = base_head(default_params)
+    for w in range(16, 65):
+        rpn = head_entries(HW, replace(head, fpn=w), 5)[2]
+        assert rpn.part == "rpn" and table.lookup(rpn) == pytest.approx(stairs(rpn)), w
+
+
 def test_outside_the_space_is_a_clear_error(default_params, space):
     table = synthetic_table(default_params)
     with pytest.raises(NotCovered, match="outside the profiled range"):
