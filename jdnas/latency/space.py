@@ -178,8 +178,8 @@ class HeadSpace:
                 if c.min_size >= bounds["min_input_ratio"] * base.min_size and (c.min_size, c.max_size) not in sizes:
                     sizes.add((c.min_size, c.max_size))
                     todo.append(c)
-        return cls(grid(base.fpn, "fpn_prune", FPN_STEP), grid(base.rep, "head_prune"), grid(base.proposals, "proposals"),
-                   tuple(sorted(sizes, reverse=True)))
+        return cls(grid(base.fpn, "fpn_prune", FPN_STEP), grid(base.rep, "head_prune"),
+                   grid(base.proposals, "proposals"), tuple(sorted(sizes, reverse=True)))
 
     @property
     def base(self) -> Head:
