@@ -19,8 +19,7 @@ import numpy as np
 
 from jdnas.config import section, user_data
 from jdnas.data.coco import load_coco
-from jdnas.data.inspect import (check_fit, data_bounds, data_stats, resolve_auto, snippet,
-    suggest_model)
+from jdnas.data.inspect import check_fit, data_bounds, data_stats, resolve_auto, snippet, suggest_model
 from jdnas.data.synthetic import generate_split
 from jdnas.errors import DataError
 from jdnas.io import atomic_dir, check_outputs, file_sha256, load_json
