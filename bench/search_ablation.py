@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no teacher moves": {"search": {"teacher_moves": 0}},
     "no moves under the target": {"search": {"candidates": 1, "teacher_moves": 0}},
     "no KD": {"train_student": {"kd_weight": 0.0}},
+    "lineage from the base": {"search": {"from_pool": False}},
 }
 
 

@@ -301,6 +301,7 @@ SCHEMA: dict = {
         "continuous": flag(True),
         "screen": flag(True),
         "paired": flag(True),
+        "from_pool": flag(True),
     },
     "baseline": {
         "nas_candidates": integer(3, 1),

@@ -217,6 +217,43 @@ def test_a_stopped_search_passes_its_lineage_through(prepared, smoke_params, sup
     assert state.it == p["search"]["iters"]  # the finish trains the rest of the schedule
 
 
+@pytest.mark.parametrize("from_pool, twin_better, start", [(True, True, "pool"), (True, False, "base"),
+                                                            (False, True, "base")])
+def test_the_lineage_starts_from_the_better_of_the_base_and_its_twin_in_the_pool(
+        prepared, smoke_params, supernet_ckpt, base_ckpt, tmp_path, monkeypatch, from_pool, twin_better, start):
+    """search.from_pool: the pool's member of the base's architecture starts the lineage where it
+    scores higher on minival (a tie keeps the base); its weights are the pool's, its minival AP the
+    round's, and the extraction and evaluations count in the compute split."""
+    import torch
+    import jdnas.joint.search as search
+    from jdnas.joint.lineage import load_lineage
+    from jdnas.joint.teacher_pool import load_supernet
+    from jdnas.models.detector import load_detector
+    torch.set_num_threads(1)
+    base = load_detector(base_ckpt)
+    twin_ap, base_ap = (60.0, 50.0) if twin_better else (50.0, 50.0)
+    real, key = search._evaluate, next(k for k in base.state_dict() if k.endswith("conv.weight"))
+
+    def fake_ap(ctx, model, out, spent):  # minival AP by which weights the model holds
+        metrics = real(ctx, model, out, spent)
+        is_base = torch.equal(model.state_dict()[key].cpu(), base.state_dict()[key])
+        return {**metrics, "AP": base_ap if is_base else twin_ap}
+
+    monkeypatch.setattr(search, "_evaluate", fake_ap)
+    p = with_overrides(smoke_params, {"search": {"from_pool": from_pool}})
+    ctx = Context(p, prepared, supernet_ckpt, REPO / "config" / "latency" / "smoke_cpu.csv", base_ckpt, tmp_path)
+    assert search.pool_twin_fits(ctx)
+    state = init_search(ctx)
+    saved = json.loads((round_dir(0, tmp_path) / "state.json").read_text())
+    assert saved["start"] == start and saved["base_minival_ap"] == base_ap
+    assert state.ap == (twin_ap if start == "pool" else base_ap) and state.student_arch == str(base.arch)
+    want = load_supernet(supernet_ckpt).extract(base.arch) if start == "pool" else base
+    got = load_lineage(round_dir(0, tmp_path)).model.state_dict()
+    assert all(torch.equal(got[k].cpu(), v) for k, v in want.state_dict().items()
+               if "running" not in k and "num_batches" not in k)
+    assert ("teachers" in saved["compute"]) is from_pool and saved["compute"]["evaluation"]["cpu_seconds"] > 0
+
+
 @pytest.mark.parametrize("target, above", [(0.01, True), (5.0, False)])
 def test_finalists_are_cuts_above_the_target_and_the_control_with_a_teacher_move_under_it(
         prepared, smoke_params, supernet_ckpt, base_ckpt, tmp_path, target, above):

@@ -29,7 +29,7 @@ the pool and recalibrated once per search (`teachers/`), and every job accounts 
 part (lineage training, discarded training, screening, evaluation, teacher extraction).
 
 Files, under `runs/search/`:
-  round_0/state.json, student.pt          the base detector at iteration 0, scored on minival
+  round_0/state.json, student.pt          the lineage's start (the base or its twin in the pool), scored on minival
   round_r/proposals.json, screen.csv      the finalists; every screened move
   round_r/cand_k/result.json, student.pt, lineage.pt, detections.json   a finalist after its trial
   round_r/state.json, student.pt, lineage.pt    the lineage at the round's end
@@ -253,17 +253,35 @@ def _dataset(gt: Path, model: Detector) -> CocoDetection:
 
 # --- round 0 -------------------------------------------------------------------------------------
 def init_search(ctx: Context) -> State:
-    """Round 0: the base detector on minival, at iteration 0 of the schedule, with the pool's
-    largest member as teacher."""
+    """Round 0: the lineage's start at iteration 0 of the schedule, scored on minival, with the
+    pool's largest member as teacher. The start is the base detector or, with `search.from_pool`,
+    the pool's member of the base's architecture where it scores higher on minival: the pool
+    trained it further (progressive shrinking, distilled in place from the largest member), so the
+    search inherits what the pool's training bought, as it does its teachers."""
+    spent = Spent()
     model = load_detector(ctx.base, ctx.device)
-    metrics = coco_metrics(ctx.minival, predict(model, _dataset(ctx.minival, model), ctx.eval_batch, ctx.device))
+    metrics = _evaluate(ctx, model, None, spent)
+    start, base_ap = "base", metrics["AP"]
+    if ctx.cfg["from_pool"] and pool_twin_fits(ctx):
+        with spent.on("teachers"):
+            twin = TeacherPool(ctx.supernet, ctx.train_set, ctx.pool_eval["bn_batches"],
+                               ctx.pool_eval["bn_batch_size"], ctx.seed, ctx.device).teacher(ctx.base_arch)
+        twin_metrics = _evaluate(ctx, twin, None, spent)
+        if twin_metrics["AP"] > metrics["AP"]:
+            model, metrics, start = twin, twin_metrics, "pool"
     lat = ctx.latency(ctx.base_arch, ctx.base_head)
     state = State(0, str(ctx.base_arch), str(ctx.base_head), str(largest_gene(ctx.space)), metrics["AP"],
                   metrics["AP50"], lat, ctx.target_ms, ctx.score(metrics["AP"], lat))
     d = round_dir(0, ctx.root)
     save_lineage(d, Lineage(model, 0, state.teacher))
-    _write_state(d, state)
+    _write_state(d, state, start=start, base_minival_ap=base_ap, compute=spent.parts)
     return state
+
+
+def pool_twin_fits(ctx: Context) -> bool:
+    """Whether the pool holds the base detector's architecture with the base's head (a pool
+    trained with `teacher_pool.init: base` does)."""
+    return ctx.space.contains(ctx.base_arch) and ctx.supernet.head_cfg == read_checkpoint(ctx.base)["head"]
 
 
 # --- propose: screen every legal move ---------------------------------------------------------------
@@ -696,6 +714,8 @@ def write_history(root: Path, cfg: dict[str, Any], device: str, out: Path | None
     by part (lineage and discarded training, screening, evaluation, teacher extraction), in the
     unit of `device` (`cfg`: the `search` params)."""
     rows, split = [], {p: {"cpu_seconds": 0.0, "seconds": 0.0} for p in PARTS}
+    for part, cost in load_json(round_dir(0, root) / "state.json").get("compute", {}).items():
+        _add(split, part, cost)
     for r in range(1, cfg["rounds"] + 1):
         d = round_dir(r, root)
         state = load_json(d / "state.json", ["accepted"])
@@ -723,7 +743,8 @@ def write_history(root: Path, cfg: dict[str, Any], device: str, out: Path | None
     key = "cpu_seconds" if unit == "cpu_seconds" else "seconds"
     training = split["lineage"][key] + split["discarded"][key]
     write_json(root / "summary.json", {
-        "rounds": cfg["rounds"], "candidates_trained": len(df), "accepted": int(df["accepted"].sum()),
+        "rounds": cfg["rounds"], "start": load_json(round_dir(0, root) / "state.json").get("start", "base"),
+        "candidates_trained": len(df), "accepted": int(df["accepted"].sum()),
         "target_ms": cfg["latency_target"] * read_state(0, root).latency_ms, "penalty": cfg["penalty"],
         "iters": cfg["iters"], "final_iters": fin["iters"], "final_minival_ap": fin.get("ap"),
         "minival_ap_before_finish": fin.get("minival_ap_before"),
