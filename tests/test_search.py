@@ -242,7 +242,6 @@ def test_the_lineage_starts_from_the_better_of_the_base_and_its_twin_in_the_pool
     monkeypatch.setattr(search, "_evaluate", fake_ap)
     p = with_overrides(smoke_params, {"search": {"from_pool": from_pool}})
     ctx = Context(p, prepared, supernet_ckpt, REPO / "config" / "latency" / "smoke_cpu.csv", base_ckpt, tmp_path)
-    assert search.pool_twin_fits(ctx)
     state = init_search(ctx)
     saved = json.loads((round_dir(0, tmp_path) / "state.json").read_text())
     assert saved["start"] == start and saved["base_minival_ap"] == base_ap
@@ -252,6 +251,26 @@ def test_the_lineage_starts_from_the_better_of_the_base_and_its_twin_in_the_pool
     assert all(torch.equal(got[k].cpu(), v) for k, v in want.state_dict().items()
                if "running" not in k and "num_batches" not in k)
     assert ("teachers" in saved["compute"]) is from_pool and saved["compute"]["evaluation"]["cpu_seconds"] > 0
+
+
+@pytest.mark.parametrize("from_pool", [True, False])
+def test_prune_kd_starts_where_the_search_starts(prepared, smoke_params, supernet_ckpt, base_ckpt, tmp_path,
+                                                  from_pool):
+    """prune_kd takes the base or its twin in the pool by the search's rule, on the same minival."""
+    import torch
+    from jdnas.baselines.matched import PruneKD
+    torch.set_num_threads(1)
+    p = with_overrides(smoke_params, {"search": {"from_pool": from_pool}})
+    table = REPO / "config" / "latency" / "smoke_cpu.csv"
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"target_ms": 5.0, "compute": 10.0, "compute_unit": "cpu_seconds"}))
+    model, info = PruneKD(p, prepared, table, base_ckpt, supernet_ckpt, summary, tmp_path / "pk").start()
+    init_search(Context(p, prepared, supernet_ckpt, table, base_ckpt, tmp_path / "search"))
+    searched = json.loads((round_dir(0, tmp_path / "search") / "state.json").read_text())
+    assert info["start"] == searched["start"] and info["base_minival_ap"] == searched["base_minival_ap"]
+    assert ("twin_minival_ap" in info) is from_pool
+    if from_pool:
+        assert info["start"] == ("pool" if info["twin_minival_ap"] > info["base_minival_ap"] else "base")
 
 
 @pytest.mark.parametrize("target, above", [(0.01, True), (5.0, False)])

@@ -3,7 +3,8 @@ latency target would otherwise do.
 
 - `control`: the base detector fine-tuned (the `train_student` recipe, no action, no KD) for
   the joint search's whole compute. It shows what training longer alone buys.
-- `prune_kd`: greedy structured pruning of the base over the same whole-detector space as the
+- `prune_kd`: greedy structured pruning of the base (or of its twin in the teacher pool where
+  that scores higher on minival, as the joint search starts) over the same whole-detector space as the
   search (backbone blocks and channels, FPN width, box head, input size, proposals) until the
   predicted latency meets the same target: each step takes the cut with the most predicted
   latency saved per screen AP lost (the joint search's screen: BN recalibrated, the same minival
@@ -30,7 +31,7 @@ from jdnas.errors import JdnasError
 from jdnas.io import load_json, resume_dir, write_json
 from jdnas.joint.screen import Screen
 from jdnas.joint.search import cuts_above
-from jdnas.joint.teacher_pool import SUPERNET_FORMAT
+from jdnas.joint.teacher_pool import SUPERNET_FORMAT, TeacherPool
 from jdnas.latency import LatencyTable
 from jdnas.models.arch import Head
 from jdnas.models.complexity import count_flops, count_params
@@ -120,8 +121,25 @@ class PruneKD(Matched):
 
     name, steps, uses_pool = "prune_kd", ("prune", "kd"), True
 
+    def start(self) -> tuple[Detector, dict[str, Any]]:
+        """The base or, with `search.from_pool`, its twin in the pool where that scores higher on
+        minival: the joint search's start, by the same rule."""
+        model = load_detector(self.base, self.device)
+        minival, batch = self.data_dir / "minival.json", self.params["eval"]["batch_size"]
+        info: dict[str, Any] = {"start": "base", "base_minival_ap": evaluate(model, minival, batch, self.device)["AP"]}
+        if self.params["search"]["from_pool"]:
+            ev = self.params["teacher_pool"]["eval"]
+            pool = TeacherPool.load(self.supernet, self.data_dir, ev["bn_batches"], ev["bn_batch_size"],
+                                    self.params["seed"], self.device)
+            twin = pool.twin(model)
+            if twin is not None:
+                info["twin_minival_ap"] = evaluate(twin, minival, batch, self.device)["AP"]
+                if info["twin_minival_ap"] > info["base_minival_ap"]:  # a tie keeps the base
+                    model, info["start"] = twin, "pool"
+        return model, info
+
     def prune(self, out: Path, share: float) -> dict[str, Any]:
-        model = load_detector(self.base)
+        model, start = self.start()
         base_head = Head.of(model.head_cfg)
         space = prepared_bounds(self.params["search_space"], self.data_dir, base_head.min_size,
                                 base_head.max_size)  # as the joint search
@@ -139,7 +157,7 @@ class PruneKD(Matched):
         out.mkdir(parents=True, exist_ok=True)
         save_detector(out / "model.pt", model.cpu(), stage="prune_kd", plan=plan)
         metrics = evaluate(model, self.data_dir / "val.json", batch, self.device)
-        return {**self.describe(model, metrics), "plan": plan}
+        return {**self.describe(model, metrics), **start, "plan": plan}
 
     def kd(self, out: Path, share: float) -> dict[str, Any]:
         teacher = largest_teacher(self.supernet, self.data_dir, self.tuning)

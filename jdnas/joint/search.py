@@ -255,19 +255,18 @@ def _dataset(gt: Path, model: Detector) -> CocoDetection:
 def init_search(ctx: Context) -> State:
     """Round 0: the lineage's start at iteration 0 of the schedule, scored on minival, with the
     pool's largest member as teacher. The start is the base detector or, with `search.from_pool`,
-    the pool's member of the base's architecture where it scores higher on minival: the pool
-    trained it further (progressive shrinking, distilled in place from the largest member), so the
-    search inherits what the pool's training bought, as it does its teachers."""
+    the pool's twin of the base where it scores higher on minival (`TeacherPool.twin`; prune_kd
+    starts the same way)."""
     spent = Spent()
     model = load_detector(ctx.base, ctx.device)
     metrics = _evaluate(ctx, model, None, spent)
     start, base_ap = "base", metrics["AP"]
-    if ctx.cfg["from_pool"] and pool_twin_fits(ctx):
+    if ctx.cfg["from_pool"]:
         with spent.on("teachers"):
             twin = TeacherPool(ctx.supernet, ctx.train_set, ctx.pool_eval["bn_batches"],
-                               ctx.pool_eval["bn_batch_size"], ctx.seed, ctx.device).teacher(ctx.base_arch)
-        twin_metrics = _evaluate(ctx, twin, None, spent)
-        if twin_metrics["AP"] > metrics["AP"]:
+                               ctx.pool_eval["bn_batch_size"], ctx.seed, ctx.device).twin(model)
+        twin_metrics = _evaluate(ctx, twin, None, spent) if twin is not None else None
+        if twin_metrics is not None and twin_metrics["AP"] > metrics["AP"]:  # a tie keeps the base
             model, metrics, start = twin, twin_metrics, "pool"
     lat = ctx.latency(ctx.base_arch, ctx.base_head)
     state = State(0, str(ctx.base_arch), str(ctx.base_head), str(largest_gene(ctx.space)), metrics["AP"],
@@ -276,12 +275,6 @@ def init_search(ctx: Context) -> State:
     save_lineage(d, Lineage(model, 0, state.teacher))
     _write_state(d, state, start=start, base_minival_ap=base_ap, compute=spent.parts)
     return state
-
-
-def pool_twin_fits(ctx: Context) -> bool:
-    """Whether the pool holds the base detector's architecture with the base's head (a pool
-    trained with `teacher_pool.init: base` does)."""
-    return ctx.space.contains(ctx.base_arch) and ctx.supernet.head_cfg == read_checkpoint(ctx.base)["head"]
 
 
 # --- propose: screen every legal move ---------------------------------------------------------------

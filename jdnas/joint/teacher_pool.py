@@ -285,6 +285,14 @@ class TeacherPool:
         model = self.supernet.extract(arch)
         return recalibrate_bn(model, self.train_set, self.bn_batches, self.bn_batch_size, self.seed, self.device)
 
+    def twin(self, model: Detector) -> Detector | None:
+        """The member with `model`'s architecture and head, BN recalibrated, in `model`'s mode; None
+        where the pool has none. A pool trained from the base (`teacher_pool.init: base`) holds the
+        base's twin: the base trained further, distilled in place from the largest member."""
+        if not (self.space.contains(model.arch) and self.supernet.head_cfg == model.head_cfg):
+            return None
+        return self.teacher(model.arch).train(model.training)
+
 
 # --- measurements ---------------------------------------------------------------------------
 def sample_members(space: PoolSpace, n: int, seed: int) -> list[tuple[str, Arch]]:
