@@ -10,7 +10,8 @@ Rows: full, the target reached over 5 rounds (`search.cut_rounds`) instead of 1,
 schedule off (every segment restarts its schedule, momentum and adapters), screening off (moves
 drawn at random), halving off (one finalist), pairing off (own seeds, raw scores), teacher moves
 off, no moves at all under the target (the control alone: the headroom unused), KD off
-(`kd_weight: 0`), and prune_kd. Columns: val AP, the measured latency ratio to the base
+(`kd_weight: 0`), the lineage from the base instead of its twin in the pool (`search.from_pool`),
+and prune_kd. Columns: val AP, the measured latency ratio to the base
 (one interleaved measurement of every row), the predicted ratio and the compute.
 `--seeds N` instead runs each variant (`--only`, default full) and prune_kd matched to it over N
 search seeds and prints the mean and sd of their val AP.

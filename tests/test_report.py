@@ -155,6 +155,7 @@ def test_report_md_states_the_comparison(report):
     assert md.splitlines()[6] == ("The verdict's 'target met' is the predicted check of both rows (not every row "
                                   "has a measured latency).")
     assert "charged the pool's training" in md
+    assert "lineage iterations from the base (`search.from_pool`" in md  # the summary names no start
     # the final student's target check, predicted and measured, in one line
     assert "meets the target: **yes** (predicted; measured: **no**, 8.40 vs 8.24 ms)" in md
     assert "| naive/kd |" in md and "| joint/final |" in md
@@ -169,6 +170,14 @@ def test_plots_are_images(report):
         with Image.open(out / p) as im:
             assert im.format == "PNG" and im.width >= 500 and im.height >= 400
     assert not list(out.glob(".*.tmp"))
+
+
+def test_the_report_says_the_search_started_from_the_pool(tmp_path):
+    runs = make_runs(tmp_path / "runs")
+    summary = json.loads((runs / "search" / "summary.json").read_text())
+    _write(runs / "search" / "summary.json", {**summary, "start": "pool"})
+    write_report(runs, tmp_path / "out", PARAMS)
+    assert "lineage iterations from the base's twin in the teacher pool" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_tiny_inputs_still_report(tmp_path):

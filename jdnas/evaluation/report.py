@@ -46,6 +46,7 @@ COMPUTE_RULE = ("Compute is measured around everything a pipeline runs (training
                 "params give (a real budget: its compute is reported, not matched).")
 DEFAULT_TABLE_ERROR = 5.0  # percent: the bound between measured and predicted ratios without a validation.json
 STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 9, "figure.dpi": 110}
+START_WORDS = {"base": "the base", "pool": "the base's twin in the teacher pool"}  # search.from_pool
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -485,7 +486,8 @@ def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
         f"- Latency target: **{r.target_ms:.2f} ms** predicted on {device} "
         f"({r.search['target_ms'] / r.states[0]['latency_ms']:.2f}x the base's).",
         f"- {COMPUTE_RULE}",
-        f"- Search schedule: {r.search.get('iters', 0)} lineage iterations, the last "
+        f"- Search schedule: {r.search.get('iters', 0)} lineage iterations from "
+        f"{START_WORDS[r.search.get('start', 'base')]} (`search.from_pool`; prune_kd starts alike), the last "
         f"{r.search.get('final_iters', 0)} after the last round (the schedule's tail), minival AP "
         f"{_fmt(_num(r.states[-1]['ap']))} → {_fmt(_num(r.search.get('final_minival_ap') or r.states[-1]['ap']))}; "
         f"compute split ({r.search['compute_unit']}): "

@@ -707,7 +707,8 @@ def write_history(root: Path, cfg: dict[str, Any], device: str, out: Path | None
     by part (lineage and discarded training, screening, evaluation, teacher extraction), in the
     unit of `device` (`cfg`: the `search` params)."""
     rows, split = [], {p: {"cpu_seconds": 0.0, "seconds": 0.0} for p in PARTS}
-    for part, cost in load_json(round_dir(0, root) / "state.json").get("compute", {}).items():
+    start = load_json(round_dir(0, root) / "state.json")
+    for part, cost in start.get("compute", {}).items():
         _add(split, part, cost)
     for r in range(1, cfg["rounds"] + 1):
         d = round_dir(r, root)
@@ -736,7 +737,7 @@ def write_history(root: Path, cfg: dict[str, Any], device: str, out: Path | None
     key = "cpu_seconds" if unit == "cpu_seconds" else "seconds"
     training = split["lineage"][key] + split["discarded"][key]
     write_json(root / "summary.json", {
-        "rounds": cfg["rounds"], "start": load_json(round_dir(0, root) / "state.json").get("start", "base"),
+        "rounds": cfg["rounds"], "start": start.get("start", "base"),
         "candidates_trained": len(df), "accepted": int(df["accepted"].sum()),
         "target_ms": cfg["latency_target"] * read_state(0, root).latency_ms, "penalty": cfg["penalty"],
         "iters": cfg["iters"], "final_iters": fin["iters"], "final_minival_ap": fin.get("ap"),
