@@ -267,9 +267,10 @@ def test_prune_kd_starts_where_the_search_starts(prepared, smoke_params, superne
     model, info = PruneKD(p, prepared, table, base_ckpt, supernet_ckpt, summary, tmp_path / "pk").start()
     init_search(Context(p, prepared, supernet_ckpt, table, base_ckpt, tmp_path / "search"))
     searched = json.loads((round_dir(0, tmp_path / "search") / "state.json").read_text())
-    assert info["start"] == searched["start"] and info["base_minival_ap"] == searched["base_minival_ap"]
-    assert ("twin_minival_ap" in info) is from_pool
+    assert info["start"] == searched["start"]
+    assert ("twin_minival_ap" in info) is from_pool  # no evaluation spent where there is no choice
     if from_pool:
+        assert info["base_minival_ap"] == searched["base_minival_ap"]
         assert info["start"] == ("pool" if info["twin_minival_ap"] > info["base_minival_ap"] else "base")
 
 

@@ -31,7 +31,7 @@ from jdnas.errors import JdnasError
 from jdnas.io import load_json, resume_dir, write_json
 from jdnas.joint.screen import Screen
 from jdnas.joint.search import cuts_above
-from jdnas.joint.teacher_pool import SUPERNET_FORMAT, TeacherPool
+from jdnas.joint.teacher_pool import SUPERNET_FORMAT, TeacherPool, load_supernet
 from jdnas.latency import LatencyTable
 from jdnas.models.arch import Head
 from jdnas.models.complexity import count_flops, count_params
@@ -123,19 +123,20 @@ class PruneKD(Matched):
 
     def start(self) -> tuple[Detector, dict[str, Any]]:
         """The base or, with `search.from_pool`, its twin in the pool where that scores higher on
-        minival: the joint search's start, by the same rule."""
+        minival: the joint search's start, by the same rule (`TeacherPool.twin`)."""
         model = load_detector(self.base, self.device)
-        minival, batch = self.data_dir / "minival.json", self.params["eval"]["batch_size"]
-        info: dict[str, Any] = {"start": "base", "base_minival_ap": evaluate(model, minival, batch, self.device)["AP"]}
-        if self.params["search"]["from_pool"]:
-            ev = self.params["teacher_pool"]["eval"]
-            pool = TeacherPool.load(self.supernet, self.data_dir, ev["bn_batches"], ev["bn_batch_size"],
-                                    self.params["seed"], self.device)
-            twin = pool.twin(model)
-            if twin is not None:
-                info["twin_minival_ap"] = evaluate(twin, minival, batch, self.device)["AP"]
-                if info["twin_minival_ap"] > info["base_minival_ap"]:  # a tie keeps the base
-                    model, info["start"] = twin, "pool"
+        info: dict[str, Any] = {"start": "base"}
+        if not self.params["search"]["from_pool"]:
+            return model, info
+        ev = self.params["teacher_pool"]["eval"]
+        twin = TeacherPool(load_supernet(self.supernet), self.train_set, ev["bn_batches"], ev["bn_batch_size"],
+                           self.params["seed"], self.device).twin(model)
+        if twin is not None:
+            minival, batch = self.data_dir / "minival.json", self.params["eval"]["batch_size"]
+            info["base_minival_ap"], info["twin_minival_ap"] = (evaluate(m, minival, batch, self.device)["AP"]
+                                                                for m in (model, twin))
+            if info["twin_minival_ap"] > info["base_minival_ap"]:  # a tie keeps the base
+                model, info["start"] = twin, "pool"
         return model, info
 
     def prune(self, out: Path, share: float) -> dict[str, Any]:
