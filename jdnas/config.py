@@ -295,6 +295,7 @@ SCHEMA: dict = {
         "latency_target": number(0.8, 0.0, 10.0, lo_open=True),
         "penalty": number(50.0, 0.0),
         "latency_tolerance": number(0.08, 0.0, 1.0),
+        "latency_margin": number(0.0, 0.0, 0.5),
         "ap_tolerance": number(0.0, 0.0, 100.0),
         "teacher_mutate": number(0.7, 0.0, 1.0),
         "teacher_resample": number(0.3, 0.0, 1.0),

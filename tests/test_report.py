@@ -180,6 +180,15 @@ def test_the_report_says_the_search_started_from_the_pool(tmp_path):
     assert "lineage iterations from the base's twin in the teacher pool" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_the_report_names_the_aim_under_the_target(tmp_path):
+    runs = make_runs(tmp_path / "runs")
+    summary = json.loads((runs / "search" / "summary.json").read_text())
+    _write(runs / "search" / "summary.json", {**summary, "aim_ms": summary["target_ms"] * 0.95})
+    write_report(runs, tmp_path / "out", PARAMS)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"the pipelines cut to {summary['target_ms'] * 0.95:.2f} ms (`search.latency_margin`" in md
+
+
 def test_tiny_inputs_still_report(tmp_path):
     """One candidate, not accepted, with a NaN score; base compute unknown."""
     runs = make_runs(tmp_path / "runs", [(1, 18.0, 9.5, float("nan"), False, 2e9, 3e9)], train_cpu_seconds=None)

@@ -274,6 +274,33 @@ def test_prune_kd_starts_where_the_search_starts(prepared, smoke_params, superne
         assert info["start"] == ("pool" if info["twin_minival_ap"] > info["base_minival_ap"] else "base")
 
 
+@pytest.mark.parametrize("margin", [0.0, 0.2])
+def test_the_search_and_prune_kd_cut_to_the_aim_under_the_target(prepared, smoke_params, supernet_ckpt, base_ckpt,
+                                                                  tmp_path, margin):
+    """At a target the base meets (1.0x), a margin sends both pipelines cutting to its aim, and
+    both stop there: round 1's finalists and prune_kd's last cut are at or under the aim."""
+    import torch
+    from jdnas.baselines.matched import PruneKD
+    torch.set_num_threads(1)
+    p = with_overrides(smoke_params, {"search": {"latency_target": 1.0, "latency_margin": margin, "cut_rounds": 1,
+                                                 "from_pool": False}})
+    table = REPO / "config" / "latency" / "smoke_cpu.csv"
+    ctx = Context(p, prepared, supernet_ckpt, table, base_ckpt, tmp_path / "search")
+    assert ctx.aim_ms == pytest.approx(ctx.target_ms * (1 - margin))
+    init_search(ctx)
+    out = propose(ctx, 1)
+    assert out["above_target"] is (margin > 0)
+    if margin:
+        assert out["candidates"] and all(c["latency_ms"] <= ctx.aim_ms for c in out["candidates"])
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"target_ms": ctx.target_ms, "aim_ms": ctx.aim_ms, "compute": 10.0,
+                                   "compute_unit": "cpu_seconds"}))
+    pk = PruneKD(p, prepared, table, base_ckpt, supernet_ckpt, summary, tmp_path / "pk")
+    plan = pk.prune(tmp_path / "pk" / "prune", 1.0)["plan"]
+    assert bool(plan) is (margin > 0) and all(x["latency_ms"] > ctx.aim_ms for x in plan[:-1])
+    assert not plan or plan[-1]["latency_ms"] <= ctx.aim_ms
+
+
 @pytest.mark.parametrize("target, above", [(0.01, True), (5.0, False)])
 def test_finalists_are_cuts_above_the_target_and_the_control_with_a_teacher_move_under_it(
         prepared, smoke_params, supernet_ckpt, base_ckpt, tmp_path, target, above):

@@ -6,7 +6,7 @@ latency target would otherwise do.
 - `prune_kd`: greedy structured pruning of the base (or of its twin in the teacher pool where
   that scores higher on minival, as the joint search starts) over the same whole-detector space as the
   search (backbone blocks and channels, FPN width, box head, input size, proposals) until the
-  predicted latency meets the same target: each step takes the cut with the most predicted
+  predicted latency meets the search's aim (`search.latency_margin` under the same target): each step takes the cut with the most predicted
   latency saved per screen AP lost (the joint search's screen: BN recalibrated, the same minival
   subset; channels ranked by the morphism's L1 importance; a cut must save more than
   `search.latency_tolerance` while one does). Then it fine-tunes with KD
@@ -63,6 +63,7 @@ class Matched:
         self.tuning = Tuning.from_params(params)
         self.device = self.tuning.device
         self.target_ms, unit = float(summary["target_ms"]), summary["compute_unit"]
+        self.aim_ms = float(summary.get("aim_ms", self.target_ms))  # what the search cut to
         pool = pool_compute(supernet, unit)
         self.joint = float(summary["compute"]) + pool  # the joint search: its jobs + the pool it draws from
         self.charged = pool if self.uses_pool else 0.0  # compute charged before any step runs
@@ -147,13 +148,13 @@ class PruneKD(Matched):
         cfg = self.params["search"]
         batch = self.params["eval"]["batch_size"]
         lat = self.table.predict(model.arch, base_head)
-        cuts = cuts_above(space, base_head, self.table, self.target_ms)  # the joint search's cuts
+        cuts = cuts_above(space, base_head, self.table, self.aim_ms)  # the joint search's cuts, to its aim
         with self.screen() as screen:
-            model, steps = screen.greedy_cut(model, screen.score(model), lat, self.target_ms, cuts,
+            model, steps = screen.greedy_cut(model, screen.score(model), lat, self.aim_ms, cuts,
                                              cfg["latency_tolerance"], seed=self.params["seed"])
         plan = [{**x, "action": str(x["action"]), "latency_ms": round(x["latency_ms"], 4)} for x in steps]
         for x in plan:
-            print(f"prune_kd: {x['action']}: predicted {x['latency_ms']:.2f} ms (target {self.target_ms:.2f}), "
+            print(f"prune_kd: {x['action']}: predicted {x['latency_ms']:.2f} ms (aim {self.aim_ms:.2f}, target {self.target_ms:.2f}), "
                   f"screen AP {x['screen_ap']:.2f}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         save_detector(out / "model.pt", model.cpu(), stage="prune_kd", plan=plan)

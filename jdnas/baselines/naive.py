@@ -39,7 +39,7 @@ from jdnas.engine.tblog import TrainLog
 from jdnas.errors import JdnasError
 from jdnas.io import fingerprint, load_json, resume_dir, write_json
 from jdnas.joint.distill import Distiller, Teacher
-from jdnas.joint.search import compute_spent, score
+from jdnas.joint.search import aim_ms, compute_spent, score
 from jdnas.joint.student import train_student
 from jdnas.joint.teacher_pool import TeacherPool
 from jdnas.latency import LatencyTable
@@ -264,9 +264,10 @@ class Naive:
         # ratio x the base's predicted latency
         self.base_arch = resolve_arch(params["model"]["base"], params["model"]["width"])
         self.target_ms = params["search"]["latency_target"] * self.table.predict(self.base_arch, Head.of(self.head))
+        self.aim_ms = aim_ms(self.target_ms, params["search"]["latency_margin"])  # cut to, as the search
 
     def score(self, ap: float, latency_ms: float) -> float:
-        return score(ap, latency_ms, self.target_ms, self.params["search"]["penalty"])
+        return score(ap, latency_ms, self.aim_ms, self.params["search"]["penalty"])
 
     def train_scratch(self, arch: Arch, iters: int, out: Path, seed: int,
                       split: str) -> tuple[Detector, dict[str, Any], dict[str, Any]]:
@@ -312,7 +313,7 @@ class Naive:
     # the four steps
     def nas(self, out: Path, share: float) -> dict[str, Any]:
         n = self.cfg["nas_candidates"]
-        archs = nas_archs(self.base_arch, self.params["search_space"], self.table, self.target_ms, n,
+        archs = nas_archs(self.base_arch, self.params["search_space"], self.table, self.aim_ms, n,
                           self.params["seed"], max_steps=2 * self.params["search"]["rounds"])
         if not archs:
             raise JdnasError("baseline: no arch of the search space is covered by the latency table")
@@ -345,7 +346,7 @@ class Naive:
     def prune(self, out: Path, share: float) -> dict[str, Any]:
         init = self.steps / "retrain" / "model.pt"
         model = load_detector(init)
-        plan = prune_actions(model, self.params["search_space"], self.table, self.target_ms)
+        plan = prune_actions(model, self.params["search_space"], self.table, self.aim_ms)
         for action in plan:
             model = morph_detector(model, action)
         out.mkdir(parents=True, exist_ok=True)

@@ -484,7 +484,9 @@ def _markdown(r: Runs, rows: dict[str, dict], device: str) -> str:
         "inheritance + KD). AP is COCO AP (%) on val; "
         "search-time AP is on minival.", "",
         f"- Latency target: **{r.target_ms:.2f} ms** predicted on {device} "
-        f"({r.search['target_ms'] / r.states[0]['latency_ms']:.2f}x the base's).",
+        f"({r.search['target_ms'] / r.states[0]['latency_ms']:.2f}x the base's)"
+        + (f"; the pipelines cut to {r.search['aim_ms']:.2f} ms (`search.latency_margin`: the table's ratio "
+           "errs low on trained students)." if _num(r.search.get("aim_ms", r.target_ms)) < r.target_ms else "."),
         f"- {COMPUTE_RULE}",
         f"- Search schedule: {r.search.get('iters', 0)} lineage iterations from "
         f"{START_WORDS[r.search.get('start', 'base')]} (`search.from_pool`; prune_kd starts alike), the last "
