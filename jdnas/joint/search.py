@@ -25,7 +25,7 @@ cosine over the whole search, the finish being its tail). Each round r:
    lineage (the control, the current teacher). The winner
    trains on to the round's end of the schedule: its trial iterations count as lineage.
 "The target" in every decision above is its aim, `search.latency_margin` under it as predicted
-(`aim_ms`): trained students measured 1-7% over their predicted ratio to the base, so a student
+(`aim_ms`): trained students measured 1-8% over their predicted ratio to the base, so a student
 just under the target as predicted measured over it (prune_kd and the naive pipeline cut to the
 same aim; every `meets_target` is still judged at the target).
 `finish` trains the lineage to the end of the schedule. Each distinct teacher is extracted from
@@ -122,7 +122,7 @@ class State:
 
 def aim_ms(target_ms: float, margin: float) -> float:
     """The predicted latency the pipelines cut to: `margin` (`search.latency_margin`) under the
-    target, as trained students measured 1-7% over their predicted ratio to the base (docs/results.md)."""
+    target, as trained students measured 1-8% over their predicted ratio to the base (docs/results.md)."""
     return target_ms * (1.0 - margin)
 
 
