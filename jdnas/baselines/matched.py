@@ -6,11 +6,11 @@ latency target would otherwise do.
 - `prune_kd`: greedy structured pruning of the base (or of its twin in the teacher pool where
   that scores higher on minival, as the joint search starts) over the same whole-detector space as the
   search (backbone blocks and channels, FPN width, box head, input size, proposals) until the
-  predicted latency meets the search's aim (`search.latency_margin` under the same target): each step takes the cut with the most predicted
-  latency saved per screen AP lost (the joint search's screen: BN recalibrated, the same minival
-  subset; channels ranked by the morphism's L1 importance; a cut must save more than
-  `search.latency_tolerance` while one does). Then it fine-tunes with KD
-  from the pool's largest member for the rest of its budget.
+  predicted latency meets the search's aim (`search.latency_margin` under the same target):
+  each step takes the cut with the most predicted latency saved per screen AP lost (the joint
+  search's screen: BN recalibrated, the same minival subset; channels ranked by the morphism's
+  L1 importance; a cut must save more than `search.latency_tolerance` while one does). Then it
+  fine-tunes with KD from the pool's largest member for the rest of its budget.
 
 Compute rule (the report states it): CPU-seconds on CPU, GPU-seconds on CUDA, measured around
 everything a pipeline runs (training with its teacher's forwards, minival evaluations, the
@@ -154,8 +154,8 @@ class PruneKD(Matched):
                                              cfg["latency_tolerance"], seed=self.params["seed"])
         plan = [{**x, "action": str(x["action"]), "latency_ms": round(x["latency_ms"], 4)} for x in steps]
         for x in plan:
-            print(f"prune_kd: {x['action']}: predicted {x['latency_ms']:.2f} ms (aim {self.aim_ms:.2f}, target {self.target_ms:.2f}), "
-                  f"screen AP {x['screen_ap']:.2f}", flush=True)
+            print(f"prune_kd: {x['action']}: predicted {x['latency_ms']:.2f} ms (aim {self.aim_ms:.2f}, "
+                  f"target {self.target_ms:.2f}), screen AP {x['screen_ap']:.2f}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         save_detector(out / "model.pt", model.cpu(), stage="prune_kd", plan=plan)
         metrics = evaluate(model, self.data_dir / "val.json", batch, self.device)

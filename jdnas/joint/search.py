@@ -657,8 +657,8 @@ def select(ctx: Context, r: int) -> State:
         state = replace(prev, round=r, stale=prev.stale + (not prev.stopped), accepted=None)
     else:
         tie = _bootstrap_tie(ctx, d, r, decisions) if ctx.cfg["paired"] else (lambda a, b, offset: False)
-        best = pick(done, ctx.aim_ms, ctx.cfg["penalty"], ctx.cfg["latency_tolerance"], prev.latency_ms <= ctx.aim_ms,
-                    prev.teacher, tie)
+        best = pick(done, ctx.aim_ms, ctx.cfg["penalty"], ctx.cfg["latency_tolerance"],
+                    prev.latency_ms <= ctx.aim_ms, prev.teacher, tie)
         src = d / f"cand_{best['index']}"
         lin = load_lineage(src)
         teacher, _ = teacher_for(ctx, lin.teacher, spent)
@@ -714,9 +714,9 @@ def _add(split: dict, part: str, cost: dict) -> None:
 
 def write_history(root: Path, cfg: dict[str, Any], device: str, out: Path | None = None) -> pd.DataFrame:
     """history.csv: one row per trained finalist, with whether its round accepted it; and
-    summary.json: the target (and the aim, `aim_ms`), the lineage's minival AP before the finish, and the compute split
-    by part (lineage and discarded training, screening, evaluation, teacher extraction), in the
-    unit of `device` (`cfg`: the `search` params)."""
+    summary.json: the target (and the aim, `aim_ms`), the lineage's minival AP before the finish,
+    and the compute split by part (lineage and discarded training, screening, evaluation, teacher
+    extraction), in the unit of `device` (`cfg`: the `search` params)."""
     rows, split = [], {p: {"cpu_seconds": 0.0, "seconds": 0.0} for p in PARTS}
     start = load_json(round_dir(0, root) / "state.json")
     for part, cost in start.get("compute", {}).items():
