@@ -221,6 +221,14 @@ def _search_context(args: argparse.Namespace, params: dict):
 
 
 def cmd_search_step(args: argparse.Namespace) -> None:
+    """One search job. A step with nothing to train (jdnas.joint.rounds) only passes files through:
+    it reads neither params nor torch."""
+    if args.step in ("propose", "candidate", "select") and args.round is not None:
+        from jdnas.joint.rounds import pass_through  # light: a step with nothing to train loads no torch
+        out = pass_through(args.step, args.round, args.index, Path(args.root))
+        if out is not None:
+            print(json.dumps(out, default=lambda o: o.__dict__))
+            return
     from jdnas.joint import search
     params = _params(args)
     _runtime(args, params, gpus=int(args.step != "history"))  # screening, trials and the lineage train

@@ -14,11 +14,12 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from jdnas.errors import JdnasError
+
+if TYPE_CHECKING:  # torch is imported where it is used: a job that only moves files need not load it
+    import torch
 
 
 OUTPUT_MARKER = ".jdnas-output"  # in every folder atomic_dir made: a later run may replace it
@@ -211,6 +212,7 @@ def load_json(path: str | Path, required: Iterable[str] = ()) -> Any:
 def save_torch(path: str | Path, obj: Any) -> None:
     """torch.save, atomically. A write that fails on a full disk is an OSError(ENOSPC) naming the
     file (torch reports it as a RuntimeError that does not say why)."""
+    import torch
     with atomic_path(path) as tmp:
         try:
             torch.save(obj, tmp)
@@ -228,6 +230,7 @@ def fingerprint(*parts: Any) -> str:
 def weights_sha256(module: torch.nn.Module) -> str:
     """Hex SHA-256 of a module's state (names, dtypes, shapes and bytes): what a file's hash is
     for a checkpoint, for weights held in memory."""
+    import torch
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())

@@ -217,6 +217,39 @@ def test_a_stopped_search_passes_its_lineage_through(prepared, smoke_params, sup
     assert state.it == p["search"]["iters"]  # the finish trains the rest of the schedule
 
 
+def test_steps_with_nothing_to_train_pass_files_through_without_torch(tmp_path):
+    """A round after the stop (propose, every finalist slot, select) and a slot beyond a round's
+    finalists are Snakemake jobs of their own: they write their files without importing torch."""
+    import subprocess
+    import sys
+    root = tmp_path / "search"
+    r1 = round_dir(1, root)
+    (r1 / "cand_0").mkdir(parents=True)
+    state = {"round": 1, "student_arch": "A", "student_head": "H", "teacher": "T", "ap": 50.0, "ap50": 70.0,
+             "latency_ms": 5.0, "target_ms": 6.0, "score": 50.0, "stale": 1, "stopped": True,
+             "accepted": "cand_0", "it": 100}
+    (r1 / "state.json").write_text(json.dumps(state))
+    (r1 / "student.pt").write_bytes(b"student")
+    (r1 / "lineage.pt").write_bytes(b"lineage")
+    (r1 / "proposals.json").write_text(json.dumps({"candidates": [{"round": 1, "index": 0}]}))
+    code = ("import sys; from jdnas.cli import main\n"
+            f"root = {str(root)!r}\n"
+            "steps = [['candidate', '1', '1'], ['propose', '2', '0'], ['candidate', '2', '0'], ['candidate', '2', '1'],"
+            " ['select', '2', '0']]\n"
+            "for step, r, k in steps:\n"
+            "    assert main(['search-step', step, '--round', r, '--index', k, '--root', root]) == 0\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((r1 / "cand_1" / "result.json").read_text())["skipped"]
+    r2 = round_dir(2, root)
+    assert json.loads((r2 / "proposals.json").read_text())["candidates"] == []
+    assert all(json.loads((r2 / f"cand_{k}" / "result.json").read_text())["skipped"] for k in (0, 1))
+    s2 = json.loads((r2 / "state.json").read_text())
+    assert s2["stopped"] and s2["accepted"] is None and s2["it"] == 100 and s2["stale"] == 1
+    assert (r2 / "student.pt").read_bytes() == b"student" and (r2 / "lineage.pt").read_bytes() == b"lineage"
+
+
 @pytest.mark.parametrize("from_pool, twin_better, start", [(True, True, "pool"), (True, False, "base"),
                                                             (False, True, "base")])
 def test_the_lineage_starts_from_the_better_of_the_base_and_its_twin_in_the_pool(

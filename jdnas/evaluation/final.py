@@ -14,7 +14,7 @@ from jdnas.config import val_timing
 from jdnas.engine.device import resolve_device
 from jdnas.engine.loop import evaluate
 from jdnas.io import write_json
-from jdnas.joint.search import load_state
+from jdnas.joint.rounds import load_state
 from jdnas.latency import LatencyTable
 from jdnas.latency.measure import compare_on_val, latency_images
 from jdnas.models.arch import Head

@@ -47,9 +47,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import shutil
 import time
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -63,6 +62,8 @@ from jdnas.io import atomic_path, file_sha256, fingerprint, load_json, resume_di
 from jdnas.joint.bootstrap import image_matches, is_tie, paired_bootstrap
 from jdnas.joint.lineage import (Lineage, Recipe, apply_moves, load_lineage, moves_text, parse_moves, save_lineage,
     train_segment)
+from jdnas.joint.rounds import (ROOT, Candidate, State, finish_dir, load_state, pass_round, propose_nothing,
+    read_state, round_dir, skip_slot, trained_finalists, write_state)
 from jdnas.joint.screen import Screen, cut_gain
 from jdnas.joint.teacher_pool import TeacherPool, load_supernet
 from jdnas.latency import LatencyTable, NotCovered
@@ -72,11 +73,9 @@ from jdnas.models.detector import Detector, load_detector, read_checkpoint, save
 from jdnas.models.elastic import PoolSpace
 from jdnas.models.morphism import Action, child, is_legal, legal_actions
 from jdnas.models.teacher_gene import TeacherGene, largest_gene, mutate_gene, sample_gene
-from jdnas.paths import SEARCH
 from jdnas.seeding import derive_seed
 from jdnas.stages import inputs_fingerprint
 
-ROOT = Path(SEARCH)  # the search's folder unless a step is given another
 HISTORY_COLUMNS = ["round", "index", "control", "action", "teacher", "teacher_arch", "teacher_ap", "student_arch",
                    "student_head", "ap", "ap50", "latency_ms", "meets_target", "score", "accepted", "seconds",
                    "cpu_seconds", "student_params", "student_flops", "teacher_params", "teacher_flops", "screen_ap"]
@@ -84,40 +83,6 @@ CONTROL = "none"  # the control's move: the current student trained on
 CUT_KINDS = ("shallow", "prune", "slim", "fpn_prune", "head_prune", "resize", "proposals")
 GROW_KINDS = ("deepen", "shift", "widen")  # moves that add capacity back under the target
 PARTS = ("lineage", "discarded", "screening", "evaluation", "teachers")  # summary.json's compute split
-
-
-# --- values ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Candidate:
-    round: int
-    index: int
-    action: str            # the move: actions joined by "+", or "none" (the control)
-    teacher: str
-    screen_ap: float | None = None
-    latency_ms: float | None = None
-
-
-@dataclass
-class State:
-    """The search's state after a round."""
-
-    round: int
-    student_arch: str
-    student_head: str
-    teacher: str
-    ap: float
-    ap50: float
-    latency_ms: float       # predicted by the latency table
-    target_ms: float
-    score: float
-    stale: int = 0          # rounds since the architecture last changed
-    stopped: bool = False
-    accepted: str | None = None   # "cand_k" taken this round
-    it: int = 0             # lineage iterations done (the position in the schedule)
-
-    @property
-    def meets_target(self) -> bool:
-        return self.latency_ms <= self.target_ms
 
 
 def aim_ms(target_ms: float, margin: float) -> float:
@@ -132,30 +97,6 @@ def score(ap: float, latency_ms: float, target_ms: float, penalty: float) -> flo
     if not math.isfinite(latency_ms):
         return -math.inf
     return ap - penalty * max(0.0, latency_ms / target_ms - 1.0)
-
-
-def round_dir(r: int, root: Path = ROOT) -> Path:
-    return root / f"round_{r}"
-
-
-def finish_dir(root: Path = ROOT) -> Path:
-    """The search's last step: the lineage trained to the end of its schedule."""
-    return root / "finish"
-
-
-def read_state(r: int, root: Path = ROOT) -> State:
-    return load_state(round_dir(r, root) / "state.json")
-
-
-def load_state(path: Path) -> State:
-    names = [f.name for f in fields(State)]
-    obj = load_json(path, [f.name for f in fields(State) if f.default is MISSING])
-    return State(**{k: v for k, v in obj.items() if k in names})
-
-
-def _write_state(d: Path, state: State, **extra: Any) -> None:
-    """state.json, written last: its presence means the step is done."""
-    write_json(d / "state.json", {**asdict(state), "meets_target": state.meets_target, **extra})
 
 
 class Spent:
@@ -284,7 +225,7 @@ def init_search(ctx: Context) -> State:
                   metrics["AP50"], lat, ctx.target_ms, ctx.score(metrics["AP"], lat))
     d = round_dir(0, ctx.root)
     save_lineage(d, Lineage(model, 0, state.teacher))
-    _write_state(d, state, start=start, base_minival_ap=base_ap, compute=spent.parts)
+    write_state(d, state, start=start, base_minival_ap=base_ap, compute=spent.parts)
     return state
 
 
@@ -472,14 +413,13 @@ def _cut_finalists(ctx: Context, screen: Screen, lin: Lineage, rows: list[dict],
 def propose(ctx: Context, r: int) -> dict[str, Any]:
     """Screen the current student's legal moves; the round's finalists (proposals.json) and every
     screened move (screen.csv)."""
+    nothing = propose_nothing(r, ctx.root)  # the search stopped
+    if nothing is not None:
+        return nothing
     state = read_state(r - 1, ctx.root)
     d = round_dir(r, ctx.root)
     d.mkdir(parents=True, exist_ok=True)
     spent = Spent()
-    if state.stopped:
-        out = {"candidates": [], "compute": spent.parts}
-        write_json(d / "proposals.json", out)
-        return out
     lin = load_lineage(round_dir(r - 1, ctx.root))
     arch, head = lin.model.arch, Head.of(lin.model.head_cfg)
     above = state.latency_ms > ctx.aim_ms
@@ -544,15 +484,14 @@ def run_candidate(ctx: Context, r: int, k: int) -> dict[str, Any]:
     target: `cut_trial_iters`) with KD from its teacher at the lineage's position, on the round's
     batches and seed; scored on minival. A round's only finalist has nothing to be compared with:
     it trains to the round's end at once, and is scored once."""
+    skipped = skip_slot(r, k, ctx.root)  # a stopped search, or fewer distinct finalists than slots
+    if skipped is not None:
+        return skipped
     d = round_dir(r, ctx.root)
     out = d / f"cand_{k}"
     out.mkdir(parents=True, exist_ok=True)
     proposals = load_json(d / "proposals.json", ["candidates"])
     cands = proposals["candidates"]
-    if k >= len(cands):  # a stopped search, or fewer distinct finalists than slots
-        result = {"round": r, "index": k, "skipped": True}
-        write_json(out / "result.json", result)
-        return result
     c = Candidate(**cands[k])
     spent, started = Spent(), time.time()
     init = round_dir(r - 1, ctx.root) / "student.pt"
@@ -644,39 +583,34 @@ def select(ctx: Context, r: int) -> State:
     """Move to the round's winner (see `pick`) and train it on to the round's end of the schedule;
     stop after R rounds, or after `patience` rounds in which the control won. A round with no
     finalist passes the lineage through."""
+    passed = pass_round(r, ctx.root)  # no finalist trained: the search stopped
+    if passed is not None:
+        return passed
     prev = read_state(r - 1, ctx.root)
     d = round_dir(r, ctx.root)
-    results = [load_json(p, ["index", "skipped"]) for p in sorted(d.glob("cand_*/result.json"))]
-    done = [x for x in results if not x.get("skipped")]
+    done = trained_finalists(r, ctx.root)
     spent, decisions = Spent(), []
-    if not done:
-        for name in ("student.pt", "lineage.pt"):
-            if (round_dir(r - 1, ctx.root) / name).is_file():
-                with atomic_path(d / name) as tmp:
-                    shutil.copyfile(round_dir(r - 1, ctx.root) / name, tmp)
-        state = replace(prev, round=r, stale=prev.stale + (not prev.stopped), accepted=None)
+    tie = _bootstrap_tie(ctx, d, r, decisions) if ctx.cfg["paired"] else (lambda a, b, offset: False)
+    best = pick(done, ctx.aim_ms, ctx.cfg["penalty"], ctx.cfg["latency_tolerance"],
+                prev.latency_ms <= ctx.aim_ms, prev.teacher, tie)
+    src = d / f"cand_{best['index']}"
+    lin = load_lineage(src)
+    teacher, _ = teacher_for(ctx, lin.teacher, spent)
+    until = min(prev.it + ctx.cfg["round_iters"], ctx.cfg["iters"])
+    if until > lin.it:
+        lin = _train(ctx, lin, teacher, until, derive_seed(ctx.seed, "lineage", r), d, spent, "lineage",
+                     src / "student.pt")
+        metrics = _evaluate(ctx, lin.model, None, spent)
     else:
-        tie = _bootstrap_tie(ctx, d, r, decisions) if ctx.cfg["paired"] else (lambda a, b, offset: False)
-        best = pick(done, ctx.aim_ms, ctx.cfg["penalty"], ctx.cfg["latency_tolerance"],
-                    prev.latency_ms <= ctx.aim_ms, prev.teacher, tie)
-        src = d / f"cand_{best['index']}"
-        lin = load_lineage(src)
-        teacher, _ = teacher_for(ctx, lin.teacher, spent)
-        until = min(prev.it + ctx.cfg["round_iters"], ctx.cfg["iters"])
-        if until > lin.it:
-            lin = _train(ctx, lin, teacher, until, derive_seed(ctx.seed, "lineage", r), d, spent, "lineage",
-                         src / "student.pt")
-            metrics = _evaluate(ctx, lin.model, None, spent)
-        else:
-            metrics = {"AP": best["ap"], "AP50": best["ap50"]}
-        save_lineage(d, lin, stage="search")
-        (d / "train_state.pt").unlink(missing_ok=True)
-        lat = best["latency_ms"]
-        stale = prev.stale + 1 if best["action"] == CONTROL else 0  # the architecture unchanged
-        state = State(r, best["student_arch"], best["student_head"], best["teacher"], metrics["AP"], metrics["AP50"],
-                      lat, ctx.target_ms, ctx.score(metrics["AP"], lat), stale, False, f"cand_{best['index']}", lin.it)
-    state.stopped = prev.stopped or state.stale >= ctx.cfg["patience"] or r >= ctx.cfg["rounds"] or not done
-    _write_state(d, state, decisions=decisions, compute=spent.parts)
+        metrics = {"AP": best["ap"], "AP50": best["ap50"]}
+    save_lineage(d, lin, stage="search")
+    (d / "train_state.pt").unlink(missing_ok=True)
+    lat = best["latency_ms"]
+    stale = prev.stale + 1 if best["action"] == CONTROL else 0  # the architecture unchanged
+    state = State(r, best["student_arch"], best["student_head"], best["teacher"], metrics["AP"], metrics["AP50"],
+                  lat, ctx.target_ms, ctx.score(metrics["AP"], lat), stale, False, f"cand_{best['index']}", lin.it)
+    state.stopped = prev.stopped or state.stale >= ctx.cfg["patience"] or r >= ctx.cfg["rounds"]
+    write_state(d, state, decisions=decisions, compute=spent.parts)
     return state
 
 
@@ -701,7 +635,7 @@ def finish(ctx: Context) -> State:
     (d / "train_state.pt").unlink(missing_ok=True)
     write_json(d / "result.json", {"iters": lin.it - start, "start": start, "minival_ap_before": last.ap,
                                    "ap": state.ap, "compute": spent.parts, **_totals(spent.parts)})
-    _write_state(d, state)
+    write_state(d, state)
     return state
 
 
