@@ -146,6 +146,20 @@ def test_pick_under_the_target_is_a_hard_constraint_and_ties_go_to_the_lineage()
     assert pick([_r(0, 20.0, 7.0), other], 8.0, 50.0, 0.04, True, TEACHER, always)["index"] == 0
 
 
+def test_a_tie_between_teachers_goes_to_the_cheaper_teacher():
+    """As fast a student: a teacher of fewer FLOPs wins a tie (every lineage iteration runs it),
+    even over the control; one within the tolerance does not, and a win is a win."""
+    always, no = (lambda a, b, off: True), (lambda a, b, off: False)
+    control = {**_r(0, 20.0, 7.0, control=True), "teacher_flops": 1000}
+    small = {**_r(1, 19.0, 7.0, teacher="d1,1,1,1/w1,1,1,1"), "teacher_flops": 600}
+    big = {**_r(1, 21.0, 7.0, teacher="d1,1,1,1/w1,1,1,1"), "teacher_flops": 1500}
+    assert pick([control, small], 8.0, 50.0, 0.04, True, TEACHER, always) is small
+    assert pick([control, small], 8.0, 50.0, 0.04, True, TEACHER, no) is control
+    assert pick([control, {**small, "teacher_flops": 990}], 8.0, 50.0, 0.04, True, TEACHER, always) is control
+    assert pick([control, big], 8.0, 50.0, 0.04, True, TEACHER, always) is control  # a tie: the cheaper
+    assert pick([control, big], 8.0, 50.0, 0.04, True, TEACHER, no) is big
+
+
 def test_pick_offsets_the_bootstrap_by_what_the_latencies_make():
     seen = []
     pick([_r(0, 20.0, 10.0), _r(1, 19.0, 8.0)], 8.0, 10.0, 0.04, False, TEACHER,

@@ -530,10 +530,12 @@ def pick(results: list[dict], target_ms: float, penalty: float, tolerance: float
     """The round's winner among the trained finalists. Under the target only finalists under it
     compete, on minival AP; above it, on score (AP - penalty x predicted overshoot). The best
     score leads; a finalist that `tie(leader, other, offset)` (the paired bootstrap, with `offset`
-    the score difference the latencies make) cannot tell apart takes the lead when it is cheaper
-    (predicted latency lower by more than `tolerance`, the table's error; latency under the target
-    counts as the target: a cut past it buys nothing), or as cheap and closer to the lineage (the
-    control, then the current teacher). Ties in score go to the lower index."""
+    the score difference the latencies make) cannot tell apart takes the lead when it is cheaper:
+    a student whose predicted latency is lower by more than `tolerance` (the table's error; latency
+    under the target counts as the target: a cut past it buys nothing), or as fast a student with a
+    teacher of fewer FLOPs by more than `tolerance` (every lineage iteration runs the teacher: the
+    search's compute, which the matched baselines get, shrinks), or as cheap and closer to the
+    lineage (the control, then the current teacher). Ties in score go to the lower index."""
     pool = [x for x in results if x["latency_ms"] <= target_ms] if under else list(results)
     pool = pool or list(results)
 
@@ -546,14 +548,23 @@ def pick(results: list[dict], target_ms: float, penalty: float, tolerance: float
     def cost(x: dict) -> float:
         return max(x["latency_ms"], target_ms)
 
+    def teacher_cost(x: dict) -> float:
+        return float(x.get("teacher_flops") or 0)
+
+    def same(a: float, b: float) -> bool:
+        return abs(a - b) <= tolerance * b
+
     def preferred(x: dict, lead: dict) -> bool:
         if cost(x) < cost(lead) * (1 - tolerance):
             return True
-        same = abs(cost(x) - cost(lead)) <= tolerance * cost(lead)
-        return same and closeness(x) < closeness(lead)
+        if not same(cost(x), cost(lead)):
+            return False
+        if teacher_cost(x) < teacher_cost(lead) * (1 - tolerance):
+            return True
+        return same(teacher_cost(x), teacher_cost(lead)) and closeness(x) < closeness(lead)
 
     lead = max(pool, key=lambda x: (s(x), -x["index"]))
-    for x in sorted(pool, key=lambda x: (cost(x), closeness(x), x["index"])):
+    for x in sorted(pool, key=lambda x: (cost(x), teacher_cost(x), closeness(x), x["index"])):
         if x is not lead and preferred(x, lead):
             offset = (s(lead) - lead["ap"]) - (s(x) - x["ap"])
             if tie(lead, x, offset):
