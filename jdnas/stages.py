@@ -26,8 +26,8 @@ MATCHED = {"control": ("finetune",), "prune_kd": ("prune", "kd")}  # baselines m
 SEARCH_INPUTS = (DATA, f"{POOL}/supernet.pt", TABLE, f"{BASE}/model.pt")
 SEARCH_ARGS = f"--data {DATA} --supernet {POOL}/supernet.pt --latency-table {TABLE} --base {BASE}/model.pt"
 SEARCH_PARAMS = ("seed", "device", "eval", "search", "search_space", "train_student", "teacher_pool.eval")
-SEARCH_CODE = ("jdnas/joint/search.py", "jdnas/joint/lineage.py", "jdnas/joint/screen.py", "jdnas/joint/bootstrap.py",
-               "jdnas/models/morphism.py", "jdnas/joint/distill.py", "jdnas/engine/loop.py")
+SEARCH_CODE = ("jdnas/joint/search.py", "jdnas/joint/rounds.py", "jdnas/joint/lineage.py", "jdnas/joint/screen.py",
+               "jdnas/joint/bootstrap.py", "jdnas/models/morphism.py", "jdnas/joint/distill.py", "jdnas/engine/loop.py")
 
 
 def fill(text: str, params: dict) -> str:
