@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,17 +19,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from common import table  # noqa: E402
+from timing import cpu_ms  # noqa: E402
 from jdnas.joint.bootstrap import image_matches, paired_bootstrap  # noqa: E402
-
-
-def cpu_ms(fn, repeats: int) -> tuple[float, object]:
-    """Median CPU milliseconds of `fn` over `repeats` calls, and its last result."""
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.process_time()
-        out = fn()
-        times.append(time.process_time() - t0)
-    return 1000 * statistics.median(times), out
 
 
 def main() -> None:

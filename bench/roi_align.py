@@ -10,9 +10,7 @@ Prints two tables (one thread, CPU-time clock, median of --repeats):
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,22 +18,14 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from jdnas.config import load_params  # noqa: E402
 from jdnas.engine.loop import detection_loss, make_optimizer  # noqa: E402
 from jdnas.models.arch import resolve_arch  # noqa: E402
 from jdnas.models.detector import FPN_LEVELS, build_detector, head_config  # noqa: E402
 from jdnas.models.roi_align import FastMultiScaleRoIAlign, roi_align_fast  # noqa: E402
-
-
-def cpu_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return 1000 * statistics.median(times)
+from timing import cpu_ms  # noqa: E402
 
 
 def op_table(repeats: int) -> None:
@@ -55,7 +45,7 @@ def op_table(repeats: int) -> None:
             return step
         ref, ours = run(roi_align), run(roi_align_fast)
         diff = (ref() - ours()).abs().max().item()
-        a, b = cpu_ms(ref, repeats), cpu_ms(ours, repeats)
+        a, b = cpu_ms(ref, repeats, warmup=1)[0], cpu_ms(ours, repeats, warmup=1)[0]
         print(f"{r:>6} {a:>15.1f} {b:>9.1f} {a / b:>8.1f}x {diff:>16.1e}")
 
 
@@ -80,7 +70,7 @@ def step_table(repeats: int) -> None:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            times[name] = cpu_ms(step, repeats) / 1000
+            times[name] = cpu_ms(step, repeats, warmup=1)[0] / 1000
         print(f"{rois:>10} {times['torchvision']:>17.3f} {times['jdnas']:>11.3f} "
               f"{times['torchvision'] / times['jdnas']:>8.2f}x")
 
