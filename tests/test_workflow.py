@@ -187,15 +187,17 @@ def test_concurrent_candidates_lease_distinct_gpus(smoke_run):
     """Candidate jobs that ran at the same time held distinct fake GPUs. Whether two smoke jobs
     overlap at all is the scheduler's timing (on a quiet machine one can end before the next
     starts: it failed 1 run in 3), so overlap is not required here; test_gpu.py pins the leasing
-    under forced concurrency."""
+    under forced concurrency. A slot with no finalist trains nothing and leases no GPU."""
+    import json
     import re
     leases = {}
     for log in (smoke_run / "logs/search").glob("round_*/cand_*.log"):
-        m = re.search(r"gpu lease: CUDA_VISIBLE_DEVICES=(\d+) at ([\d.]+)", log.read_text())
         result = smoke_run / "runs/search" / log.parent.name / log.stem / "result.json"
-        import json
         x = json.loads(result.read_text())
-        leases[log] = (m.group(1), float(m.group(2)), x.get("finished", float(m.group(2))))
+        m = re.search(r"gpu lease: CUDA_VISIBLE_DEVICES=(\d+) at ([\d.]+)", log.read_text())
+        assert (m is None) == x["skipped"], log
+        if m:
+            leases[log] = (m.group(1), float(m.group(2)), x.get("finished", float(m.group(2))))
     assert len(leases) >= 2 and all(dev in ("0", "1") for dev, _, _ in leases.values())
     overlapping = [(a, b) for a in leases for b in leases if a < b
                    and leases[a][1] < leases[b][2] and leases[b][1] < leases[a][2]]
