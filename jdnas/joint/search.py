@@ -592,8 +592,8 @@ def _bootstrap_tie(ctx: Context, d: Path, r: int, log: list[dict]) -> Callable[[
 
 def select(ctx: Context, r: int) -> State:
     """Move to the round's winner (see `pick`) and train it on to the round's end of the schedule;
-    stop after R rounds, or after `patience` rounds in which the control won. A round with no
-    finalist passes the lineage through."""
+    stop after R rounds, or after `patience` rounds that left the architecture unchanged (the control
+    or a teacher move won). A round with no finalist passes the lineage through."""
     passed = pass_round(r, ctx.root)  # no finalist trained: the search stopped
     if passed is not None:
         return passed
