@@ -272,12 +272,12 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     _runtime(args, params)
     if args.pipeline == "naive":
         from jdnas.baselines.naive import run_baseline
-        result = run_baseline(params, args.data, args.latency_table, args.supernet, args.out, args.until)["final"]
+        result = run_baseline(params, args.data, args.latency_table, args.supernet, args.out, args.until or "kd")["final"]
     else:
         from jdnas.baselines.matched import run_matched
         where = (args.data, args.latency_table, args.base, args.supernet)
-        result = {k: v for k, v in run_matched(args.pipeline, params, *where, args.search_summary, args.out).items()
-                  if k != "steps"}
+        result = {k: v for k, v in run_matched(args.pipeline, params, *where, args.search_summary, args.out,
+                                               args.until).items() if k != "steps"}
     print(json.dumps(result))
 
 
@@ -450,9 +450,9 @@ def _stage_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
                         "pruning to the target, then KD (default: %(default)s)")
     p.add_argument("--data", default="data/prepared", help="prepared data folder (default: %(default)s)")
     p.add_argument("--latency-table", default="runs/latency/cpu/table.csv", help="(default: %(default)s)")
-    p.add_argument("--until", default="kd", choices=["nas", "retrain", "prune", "kd"],
-                   help="naive: stop after this step (stage baseline_nas: retrain); a rerun reuses the steps "
-                        "done (default: %(default)s)")
+    p.add_argument("--until", choices=["nas", "retrain", "prune", "kd", "stable", "decay"],
+                   help="stop after this step (default: the pipeline's last; stage baseline_nas: retrain; stage "
+                        "control_stable: stable, which needs no search summary); a rerun reuses the steps done")
     p.add_argument("--base", default="runs/base/model.pt",
                    help="control, prune_kd: the base detector (naive builds its arch from the params) "
                         "(default: %(default)s)")

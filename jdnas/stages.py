@@ -21,7 +21,12 @@ from jdnas.paths import BASE, BASELINE, DATA, FINAL, LATENCY, POOL, REPORT, REPO
 
 TABLE = f"{LATENCY}/table.csv"
 NAIVE_NAS = f"{BASELINE}/steps/retrain/metrics.json"  # stage baseline_nas is done
-MATCHED = {"control": ("finetune",), "prune_kd": ("prune", "kd")}  # baselines matched to the search's compute
+# baselines matched to the search's compute: their steps once the search is done. The control's
+# first step (stable) needs only the pool's compute: stage control_stable runs it beside the search
+MATCHED = {"control": ("decay",), "prune_kd": ("prune", "kd")}
+CONTROL_STABLE = "runs/control/stable/metrics.json"  # stage control_stable is done
+MATCHED_CODE = ("jdnas/baselines/matched.py", "jdnas/baselines/naive.py", "jdnas/joint/student.py",
+                "jdnas/engine/loop.py")
 # inputs every search step reads; the Snakemake search rules add their round's files
 SEARCH_INPUTS = (DATA, f"{POOL}/supernet.pt", TABLE, f"{BASE}/model.pt")
 SEARCH_ARGS = f"--data {DATA} --supernet {POOL}/supernet.pt --latency-table {TABLE} --base {BASE}/model.pt"
@@ -145,16 +150,24 @@ STAGES: dict[str, StageDef] = {s.name: s for s in [
               "jdnas/engine/loop.py", "jdnas/latency/measure.py"),
     ),
     # the competitors matched to the joint search's compute (jdnas/baselines/matched.py)
+    StageDef(
+        "control_stable",
+        f"jdnas baseline --pipeline control --until stable --data {DATA} --latency-table {TABLE} "
+        f"--base {BASE}/model.pt --supernet {POOL}/supernet.pt --out runs/control",
+        deps=(DATA, TABLE, f"{BASE}/model.pt", f"{POOL}/supernet.pt"), dir_outs=("runs/control/stable",),
+        persist=True, params=("seed", "device", "eval", "baseline.min_iters", "train_student", "teacher_pool.eval"),
+        code=MATCHED_CODE,
+    ),
     *(StageDef(
         name,
         f"jdnas baseline --pipeline {name} --data {DATA} --latency-table {TABLE} --base {BASE}/model.pt "
         f"--supernet {POOL}/supernet.pt --search-summary {SEARCH}/summary.json --out runs/{name}",
-        deps=(DATA, TABLE, f"{BASE}/model.pt", f"{POOL}/supernet.pt", f"{SEARCH}/summary.json"),
+        deps=(DATA, TABLE, f"{BASE}/model.pt", f"{POOL}/supernet.pt", f"{SEARCH}/summary.json")
+        + ((CONTROL_STABLE,) if name == "control" else ()),
         dir_outs=tuple(f"runs/{name}/{step}" for step in steps), metrics=(f"runs/{name}/summary.json",), persist=True,
         params=("seed", "device", "eval", "baseline.min_iters", "search", "search_space", "train_student",
                 "teacher_pool.eval"),
-        code=("jdnas/baselines/matched.py", "jdnas/baselines/naive.py", "jdnas/joint/student.py", "jdnas/models/morphism.py",
-              "jdnas/joint/distill.py", "jdnas/engine/loop.py"),
+        code=MATCHED_CODE + ("jdnas/models/morphism.py", "jdnas/joint/distill.py"),
     ) for name, steps in MATCHED.items()),
     StageDef(
         "report", f"jdnas report --runs runs --data {DATA} --out {REPORT}",

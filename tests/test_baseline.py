@@ -9,6 +9,7 @@ import torch
 from jdnas.baselines.naive import Budget, iteration_cost, nas_archs, prune_actions, random_arch
 from jdnas.config import load_params
 from jdnas.data.dataset import CocoDetection
+from jdnas.errors import JdnasError
 from jdnas.models.arch import resolve_arch
 from jdnas.models.detector import build_detector, head_config
 from jdnas.models.morphism import legal_actions
@@ -171,3 +172,41 @@ def test_a_matched_fine_tune_pays_what_its_step_clock_counts(prepared, smoke_par
     out = fine_tune(Tuning.from_params(params), prepared, data, budget, base_ckpt, 6.0, tmp_path / "a", None)
     assert out["planned_iters"] >= 8  # checkpoints (every 2) in both halves of the schedule
     assert out["iters"] <= 1.5 * out["planned_iters"], out  # the meter alone: ~REPLAN_CAP x the plan
+
+
+def test_the_control_trains_flat_without_the_search_then_decays_on_the_rest_of_its_compute(
+        prepared, smoke_params, base_ckpt, supernet_ckpt, tmp_path):
+    """Stage control_stable needs no search summary: the base at the recipe's lr, flat after its
+    warm-up, for the pool's compute. Stage control reuses that step and continues from its detector
+    with the lr decayed to zero (no second warm-up) for the rest of the joint search's compute."""
+    import json
+    from conftest import proxy_table, with_overrides
+    from jdnas.baselines.matched import pool_compute, run_matched
+    from jdnas.data.prepare import resolved_params
+    from test_tblog import scalars
+    torch.set_num_threads(1)
+    # the smoke pool's compute buys ~2 iterations: 6 at least, so the warm-up and the decay show
+    params = with_overrides(resolved_params(smoke_params, prepared), {"baseline": {"min_iters": 6}})
+    table, out, lr = tmp_path / "table.csv", tmp_path / "control", params["train_student"]["lr"]
+    proxy_table(params, classes=len(params["data"]["synthetic"]["classes"]) + 1).save(table)
+    where = (params, prepared, table, base_ckpt, supernet_ckpt)
+    stable = run_matched("control", *where, tmp_path / "absent" / "summary.json", out, until="stable")
+    pool = pool_compute(supernet_ckpt, "cpu_seconds")
+    assert stable["step"] == "stable" and stable["share"] == pytest.approx(pool, abs=0.01)
+    assert not (out / "summary.json").exists() and not (out / "decay").exists()
+    flat = scalars(out / "stable" / "tb")["train/lr"]
+    warm = params["train_student"]["warmup_iters"]
+    assert len(flat) == stable["iters"] >= 6 and flat[0] < lr
+    assert all(v == pytest.approx(lr) for it, v in flat.items() if it >= warm)
+    done = (out / "stable" / "metrics.json").read_text()
+    summary_file = tmp_path / "summary.json"
+    summary_file.write_text(json.dumps({"target_ms": 1e3, "compute": 3.0, "compute_unit": "cpu_seconds"}))
+    summary = run_matched("control", *where, summary_file, out)
+    assert (out / "stable" / "metrics.json").read_text() == done  # reused, not retrained
+    assert [s["step"] for s in summary["steps"]] == ["stable", "decay"]
+    assert summary["budget"] == pytest.approx(pool + 3.0, abs=0.01) and summary["charged_pool"] == 0
+    decay = scalars(out / "decay" / "tb")["train/lr"]
+    values = [decay[k] for k in sorted(decay)]
+    assert values[0] == pytest.approx(lr) and values == sorted(values, reverse=True) and values[-1] < values[0]
+    with pytest.raises(JdnasError, match="--until kd is not one of its steps"):
+        run_matched("control", *where, summary_file, out, until="kd")

@@ -162,6 +162,9 @@ def test_smoke_workflow_runs_the_whole_dag(smoke_run):
     prune_kd = json.loads((ws / "runs/prune_kd/summary.json").read_text())
     assert control["joint_compute"] == prune_kd["joint_compute"] > search["compute"]
     assert control["budget"] == control["joint_compute"] and control["charged_pool"] == 0
+    # the control's stable step (stage control_stable, beside the search) had the pool's compute
+    assert [s["step"] for s in control["steps"]] == ["stable", "decay"]
+    assert control["steps"][0]["share"] == pytest.approx(prune_kd["charged_pool"], abs=0.02)
     assert prune_kd["budget"] == pytest.approx(prune_kd["joint_compute"] - prune_kd["charged_pool"], abs=0.02)
     assert [s["step"] for s in prune_kd["steps"]] == ["prune", "kd"] and prune_kd["steps"][0]["plan"]
     assert prune_kd["compute"] == pytest.approx(prune_kd["charged_pool"] + sum(s["compute"] for s in prune_kd["steps"]),

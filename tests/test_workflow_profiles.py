@@ -18,7 +18,7 @@ SLURM = "workflow/profiles/slurm"
 SLURM_COMMANDS = ("sbatch", "srun", "salloc", "scancel")
 # every rule of the workflow, by where it runs with `device: cuda`; a new rule must be added here
 GPU_RULES = {"train_base", "profile_latency", "train_teacher_pool", "eval_teacher_pool", "search_init",
-             "search_propose", "search_candidate", "search_select", "search_finish", "evaluate_final", "baseline_nas", "baseline_naive", "control",
+             "search_propose", "search_candidate", "search_select", "search_finish", "evaluate_final", "baseline_nas", "baseline_naive", "control_stable", "control",
              "prune_kd", "report"}
 CPU_RULES = {"prepare_data", "search_history", "all"}
 

@@ -2,7 +2,13 @@
 latency target would otherwise do.
 
 - `control`: the base detector fine-tuned (the `train_student` recipe, no action, no KD) for
-  the joint search's whole compute. It shows what training longer alone buys.
+  the joint search's whole compute. It shows what training longer alone buys. One warm-up,
+  stable, decay schedule in two steps: `stable` trains at the recipe's lr for the pool's compute
+  and needs nothing from the search, so the workflow runs it beside the search (stage
+  control_stable); `decay` continues from it (no second warm-up; SGD's momentum restarts) with
+  the lr decayed to zero over the rest of the joint compute (stage control). The control is then
+  off the workflow's critical path, which a schedule whose length is known only once the search
+  is done would put it on.
 - `prune_kd`: greedy structured pruning of the base (or of its twin in the teacher pool where
   that scores higher on minival, as the joint search starts) over the same whole-detector space as the
   search (backbone blocks and channels, FPN width, box head, input size, proposals) until the
@@ -20,6 +26,7 @@ pool's training compute: joint = pool + search jobs; prune_kd = pool + its own; 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +37,7 @@ from jdnas.engine.loop import evaluate
 from jdnas.errors import JdnasError
 from jdnas.io import load_json, resume_dir, write_json
 from jdnas.joint.screen import Screen
-from jdnas.joint.search import cuts_above
+from jdnas.joint.search import compute_spent, cuts_above
 from jdnas.joint.teacher_pool import SUPERNET_FORMAT, TeacherPool, load_supernet
 from jdnas.latency import LatencyTable
 from jdnas.models.arch import Head
@@ -51,25 +58,36 @@ class Matched:
 
     name = ""
     steps: tuple[str, ...] = ()
+    before_search: tuple[str, ...] = ()  # steps that need no search summary (stage <name>_stable)
     uses_pool = False  # distils from the teacher pool: charged its training
 
     def __init__(self, params: dict, data_dir: str | Path, table: str | Path, base: str | Path,
-                 supernet: str | Path, search_summary: str | Path, out_dir: str | Path) -> None:
+                 supernet: str | Path, search_summary: str | Path | None, out_dir: str | Path) -> None:
+        """`search_summary` None: only the steps `before_search` can run (their budget: the pool's compute)."""
         self.params, self.data_dir, self.out = params, Path(data_dir), Path(out_dir)
         self.base, self.supernet = Path(base), Path(supernet)
         self.table = LatencyTable.load(table)
-        self.inputs = [self.data_dir / "manifest.json", Path(table), self.base, self.supernet, Path(search_summary)]
-        summary = load_json(search_summary, ["target_ms", "compute", "compute_unit"])
+        self.inputs = [self.data_dir / "manifest.json", Path(table), self.base, self.supernet]
+        self.target_ms = self.aim_ms = None
+        unit, search = compute_spent(0.0, 0.0, params["device"])[1], 0.0
+        if search_summary is not None:
+            summary = load_json(search_summary, ["target_ms", "compute", "compute_unit"])
+            self.inputs.append(Path(search_summary))
+            self.target_ms, unit = float(summary["target_ms"]), summary["compute_unit"]
+            self.aim_ms = float(summary.get("aim_ms", self.target_ms))  # what the search cut to
+            search = float(summary["compute"])
         self.tuning = Tuning.from_params(params)
         self.device = self.tuning.device
-        self.target_ms, unit = float(summary["target_ms"]), summary["compute_unit"]
-        self.aim_ms = float(summary.get("aim_ms", self.target_ms))  # what the search cut to
-        pool = pool_compute(supernet, unit)
-        self.joint = float(summary["compute"]) + pool  # the joint search: its jobs + the pool it draws from
-        self.charged = pool if self.uses_pool else 0.0  # compute charged before any step runs
-        self.budget = Budget(self.joint - self.charged, unit, [1.0] * len(self.steps), self.steps)
+        self.pool = pool_compute(supernet, unit)
+        self.joint = search + self.pool  # the joint search: its jobs + the pool it draws from
+        self.charged = self.pool if self.uses_pool else 0.0  # compute charged before any step runs
+        self.budget = Budget(self.joint - self.charged, unit, self.shares(search), self.steps)
         max_size = read_checkpoint(base)["head"]["max_size"]
         self.train_set = CocoDetection(self.data_dir / "train.json", max_size=max_size)
+
+    def shares(self, search: float) -> list[float]:
+        """How the budget splits over the steps (`Budget`): evenly unless a pipeline says otherwise."""
+        return [1.0] * len(self.steps)
 
     def screen(self) -> Screen:
         """The joint search's screen: the same minival subset, BN recalibration and seed."""
@@ -78,28 +96,43 @@ class Matched:
                       ev["bn_batch_size"], self.params["eval"]["batch_size"], derive_seed(self.params["seed"], "screen"),
                       self.device)
 
-    def step(self, name: str, run) -> dict[str, Any]:
-        return run_step(self.out / name, self.budget, run)
+    def step(self, name: str) -> dict[str, Any]:
+        """Run step `name` (or reuse its results): its folder belongs to the params and input files of
+        its stage and to the step before it."""
+        i = self.steps.index(name)
+        early = name in self.before_search
+        inputs = (self.inputs[:4] if early else self.inputs) + ([self.out / self.steps[i - 1] / "metrics.json"] if i else [])
+        resume_dir(self.out / name, inputs_fingerprint(f"{self.name}_stable" if early else self.name, self.params,
+                                                       inputs))
+        return run_step(self.out / name, self.budget, getattr(self, name))
 
-    def fine_tune(self, init: Path, share: float, out: Path, teacher: Detector | None) -> dict[str, Any]:
-        return fine_tune(self.tuning, self.data_dir, self.train_set, self.budget, init, share, out, teacher)
+    def fine_tune(self, init: Path, share: float, out: Path, teacher: Detector | None,
+                  **recipe: Any) -> dict[str, Any]:
+        """A fine-tune for `share` of the budget; `recipe` overrides `train_student` keys."""
+        tuning = replace(self.tuning, recipe={**self.tuning.recipe, **recipe})
+        return fine_tune(tuning, self.data_dir, self.train_set, self.budget, init, share, out, teacher)
 
     def describe(self, model: Detector, metrics: dict[str, Any]) -> dict[str, Any]:
         head = Head.of(model.head_cfg)
         lat = self.table.predict(model.arch, head)
         return {"arch": str(model.arch), "head": str(head),
                 **{k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
-                "latency_ms": round(lat, 4), "meets_target": lat <= self.target_ms,
+                "latency_ms": round(lat, 4), "meets_target": None if self.target_ms is None else lat <= self.target_ms,
                 "params": count_params(model), "flops": count_flops(model)}
 
-    def run(self) -> dict[str, Any]:
-        resume_dir(self.out, inputs_fingerprint(self.name, self.params, self.inputs))
-        steps = [self.step(s, getattr(self, s)) for s in self.steps]
-        final = steps[-1]
+    def run(self, until: str | None = None) -> dict[str, Any]:
+        """Every step, or those up to `until` (then no summary.json: the pipeline is not done)."""
+        steps = self.steps if until is None else self.steps[:self.steps.index(until) + 1]
+        if self.target_ms is None and not set(steps) <= set(self.before_search):
+            raise JdnasError(f"baseline {self.name}: steps {', '.join(steps)} need the search's summary")
+        done = [self.step(s) for s in steps]
+        final = done[-1]
+        if steps != self.steps:
+            return final
         summary = {"pipeline": self.name, "compute_unit": self.budget.unit, "joint_compute": round(self.joint, 2),
                    "charged_pool": round(self.charged, 2), "budget": round(self.budget.total, 2),
                    "compute": round(self.charged + self.budget.spent, 2),
-                   "latency_target_ms": round(self.target_ms, 4), "steps": steps,
+                   "latency_target_ms": round(self.target_ms, 4), "steps": done,
                    **{k: final[k] for k in ("arch", "head", "AP", "AP50", "latency_ms", "meets_target",
                                             "params", "flops")}}
         write_json(self.out / "summary.json", summary)
@@ -107,12 +140,24 @@ class Matched:
 
 
 class Control(Matched):
-    """The base, fine-tuned for the joint search's compute: no action, no KD."""
+    """The base, fine-tuned for the joint search's compute: no action, no KD (warm-up, stable,
+    decay: see the module's docstring)."""
 
-    name, steps = "control", ("finetune",)
+    name, steps, before_search = "control", ("stable", "decay"), ("stable",)
 
-    def finetune(self, out: Path, share: float) -> dict[str, Any]:
-        metrics = self.fine_tune(self.base, share, out, None)
+    def shares(self, search: float) -> list[float]:
+        return [self.pool, search]  # stable: the pool's compute; decay: the rest
+
+    def stable(self, out: Path, share: float) -> dict[str, Any]:
+        """The base at the recipe's lr, flat after its warm-up."""
+        return self._trained(self.fine_tune(self.base, share, out, None, schedule="constant"), out)
+
+    def decay(self, out: Path, share: float) -> dict[str, Any]:
+        """The stable step's detector with the lr decayed to zero by the recipe's schedule."""
+        init = self.out / "stable" / "model.pt"
+        return self._trained(self.fine_tune(init, share, out, None, warmup_iters=0), out)
+
+    def _trained(self, metrics: dict[str, Any], out: Path) -> dict[str, Any]:
         return {**self.describe(load_detector(out / "model.pt"), metrics),
                 **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
@@ -172,8 +217,14 @@ PIPELINES = {"control": Control, "prune_kd": PruneKD}
 
 
 def run_matched(name: str, params: dict, data_dir: str | Path, table: str | Path, base: str | Path,
-                supernet: str | Path, search_summary: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Stage control or prune_kd -> `<out_dir>/summary.json` (and one folder per step)."""
+                supernet: str | Path, search_summary: str | Path | None, out_dir: str | Path,
+                until: str | None = None) -> dict[str, Any]:
+    """Stage control or prune_kd -> `<out_dir>/summary.json` (and one folder per step); with
+    `until`, only the steps up to it (stage control_stable: `--until stable`, no search summary)."""
     if name not in PIPELINES:
         raise JdnasError(f"unknown baseline {name!r} (one of {', '.join(PIPELINES)})")
-    return PIPELINES[name](params, data_dir, table, base, supernet, search_summary, out_dir).run()
+    pipeline = PIPELINES[name]
+    if until is not None and until not in pipeline.steps:
+        raise JdnasError(f"baseline {name}: --until {until} is not one of its steps ({', '.join(pipeline.steps)})")
+    early = until is not None and set(pipeline.steps[:pipeline.steps.index(until) + 1]) <= set(pipeline.before_search)
+    return pipeline(params, data_dir, table, base, supernet, None if early else search_summary, out_dir).run(until)

@@ -380,4 +380,6 @@ def run_baseline(params: dict, data_dir: str | Path, table: str | Path, supernet
                  until: str = STEPS[-1]) -> dict[str, Any]:
     """Stages baseline_nas (`until` retrain) and baseline_naive (the four steps, reusing those done)
     -> `<out_dir>/metrics.json`."""
+    if until not in STEPS:
+        raise JdnasError(f"baseline naive: --until {until} is not one of its steps ({', '.join(STEPS)})")
     return Naive(params, data_dir, table, supernet, out_dir).run(until)

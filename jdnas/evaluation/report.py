@@ -35,7 +35,7 @@ COLUMNS = ["model", "AP", "AP50", "latency_ms", "latency_source", "predicted_lat
            "predicted_latency_ratio", "latency_onnxruntime_ms", "params", "flops", "compute", "compute_unit",
            "cumulative_compute", "target_ms", "meets_target", "meets_target_predicted"]
 # where each row's model is, under runs/ (naive steps: baseline/steps/<step>/model.pt)
-MODEL_FILES = {"base": "base/model.pt", "control": "control/finetune/model.pt", "prune_kd": "prune_kd/kd/model.pt",
+MODEL_FILES = {"base": "base/model.pt", "control": "control/decay/model.pt", "prune_kd": "prune_kd/kd/model.pt",
                "joint/final": "final/model.pt"}
 COMPUTE_RULE = ("Compute is measured around everything a pipeline runs (training, its teachers' forward passes, "
                 "minival evaluations, pruning trials), in CPU-seconds on CPU and GPU-seconds on CUDA. A pipeline "

@@ -1,7 +1,7 @@
 # The naive NAS -> retrain -> prune -> KD pipeline (a budget of its own, from params), the
 # baselines matched to the search's compute (control, prune_kd), then the report that puts
 # them beside the joint search.
-from jdnas.stages import NAIVE_NAS, REPORT, REPORT_PLOTS
+from jdnas.stages import CONTROL_STABLE, NAIVE_NAS, REPORT, REPORT_PLOTS
 
 
 rule baseline_nas:
@@ -43,8 +43,30 @@ rule baseline_naive:
         stage_shell("baseline_naive")
 
 
+rule control_stable:
+    # the control's first step, on the pool's compute: beside the search (which goes first), before
+    # the naive pipeline's last steps
+    priority: 4
+    input:
+        stage_inputs("control_stable"),
+    output:
+        # the step's metrics: its model and plan beside them are what the control stage continues from
+        CONTROL_STABLE,
+    conda:
+        "../../envs/jdnas.yaml"
+    log:
+        "logs/control_stable.log",
+    threads: STAGES["control_stable"].threads
+    resources:
+        gpu=GPUS_PER_JOB,
+    params:
+        trigger=STAGES["control_stable"].params_hash(PARAMS),
+    shell:
+        stage_shell("control_stable")
+
+
 rule control:
-    # the longest job once the search is done (it trains for the whole joint compute): first to start
+    # the longest jobs once the search is done (this one and prune_kd): first to start
     priority: 10
     input:
         stage_inputs("control"),
@@ -65,6 +87,7 @@ rule control:
 
 
 rule prune_kd:
+    priority: 10
     input:
         stage_inputs("prune_kd"),
     output:
