@@ -77,6 +77,8 @@ def test_budget_shares_what_is_left():
     assert b.share("kd") == 0.0
     assert Budget(1.0, "gpu_seconds", [1, 1, 1, 1]).clock() > 1e9  # GPU-seconds: wall clock
     assert Budget(None, "cpu_seconds", [1, 1, 1, 1]).share("nas") == 0.0  # metered only (the naive pipeline)
+    # shares weighted by compute that was nil (a pool checkpoint without its cost): an even split
+    assert Budget(10.0, "cpu_seconds", [0.0, 0.0], ("a", "b")).share("a") == pytest.approx(5.0)
 
 
 def test_iteration_cost_is_measured_on_a_copy(prepared, smoke_params):

@@ -67,12 +67,12 @@ class Matched:
         self.params, self.data_dir, self.out = params, Path(data_dir), Path(out_dir)
         self.base, self.supernet = Path(base), Path(supernet)
         self.table = LatencyTable.load(table)
-        self.inputs = [self.data_dir / "manifest.json", Path(table), self.base, self.supernet]
+        self.inputs = [self.data_dir / "manifest.json", Path(table), self.base, self.supernet]  # every step's
+        self.summary_file = None if search_summary is None else Path(search_summary)  # the steps after the search's
         self.target_ms = self.aim_ms = None
         unit, search = compute_spent(0.0, 0.0, params["device"])[1], 0.0
         if search_summary is not None:
             summary = load_json(search_summary, ["target_ms", "compute", "compute_unit"])
-            self.inputs.append(Path(search_summary))
             self.target_ms, unit = float(summary["target_ms"]), summary["compute_unit"]
             self.aim_ms = float(summary.get("aim_ms", self.target_ms))  # what the search cut to
             search = float(summary["compute"])
@@ -101,7 +101,8 @@ class Matched:
         its stage and to the step before it."""
         i = self.steps.index(name)
         early = name in self.before_search
-        inputs = (self.inputs[:4] if early else self.inputs) + ([self.out / self.steps[i - 1] / "metrics.json"] if i else [])
+        inputs = self.inputs + ([] if early else [self.summary_file])
+        inputs += [self.out / self.steps[i - 1] / "metrics.json"] if i else []
         resume_dir(self.out / name, inputs_fingerprint(f"{self.name}_stable" if early else self.name, self.params,
                                                        inputs))
         return run_step(self.out / name, self.budget, getattr(self, name))

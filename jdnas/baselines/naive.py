@@ -240,7 +240,8 @@ class Budget:
         if self.total is None:
             return 0.0
         left = self.steps[self.steps.index(step):]
-        return max(0.0, self.total - self.spent) * self.shares[step] / sum(self.shares[s] for s in left)
+        weights = sum(self.shares[s] for s in left)
+        return max(0.0, self.total - self.spent) * (self.shares[step] / weights if weights > 0 else 1 / len(left))
 
 
 # --- the pipeline ----------------------------------------------------------------------------
