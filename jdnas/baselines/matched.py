@@ -109,9 +109,12 @@ class Matched:
 
     def fine_tune(self, init: Path, share: float, out: Path, teacher: Detector | None,
                   **recipe: Any) -> dict[str, Any]:
-        """A fine-tune for `share` of the budget; `recipe` overrides `train_student` keys."""
+        """A fine-tune for `share` of the budget (`recipe` overrides `train_student` keys) -> the
+        step's result: the trained model described, its iterations and their price."""
         tuning = replace(self.tuning, recipe={**self.tuning.recipe, **recipe})
-        return fine_tune(tuning, self.data_dir, self.train_set, self.budget, init, share, out, teacher)
+        metrics = fine_tune(tuning, self.data_dir, self.train_set, self.budget, init, share, out, teacher)
+        return {**self.describe(load_detector(out / "model.pt"), metrics),
+                **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
 
     def describe(self, model: Detector, metrics: dict[str, Any]) -> dict[str, Any]:
         head = Head.of(model.head_cfg)
@@ -151,16 +154,11 @@ class Control(Matched):
 
     def stable(self, out: Path, share: float) -> dict[str, Any]:
         """The base at the recipe's lr, flat after its warm-up."""
-        return self._trained(self.fine_tune(self.base, share, out, None, schedule="constant"), out)
+        return self.fine_tune(self.base, share, out, None, schedule="constant")
 
     def decay(self, out: Path, share: float) -> dict[str, Any]:
         """The stable step's detector with the lr decayed to zero by the recipe's schedule."""
-        init = self.out / "stable" / "model.pt"
-        return self._trained(self.fine_tune(init, share, out, None, warmup_iters=0), out)
-
-    def _trained(self, metrics: dict[str, Any], out: Path) -> dict[str, Any]:
-        return {**self.describe(load_detector(out / "model.pt"), metrics),
-                **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
+        return self.fine_tune(self.out / "stable" / "model.pt", share, out, None, warmup_iters=0)
 
 
 class PruneKD(Matched):
@@ -209,9 +207,7 @@ class PruneKD(Matched):
 
     def kd(self, out: Path, share: float) -> dict[str, Any]:
         teacher = largest_teacher(self.supernet, self.data_dir, self.tuning)
-        metrics = self.fine_tune(self.out / "prune" / "model.pt", share, out, teacher)
-        return {**self.describe(load_detector(out / "model.pt"), metrics), "teacher": str(teacher.arch),
-                **{k: metrics[k] for k in ("iters", "cost_per_iter", "resumed_compute")}}
+        return {**self.fine_tune(self.out / "prune" / "model.pt", share, out, teacher), "teacher": str(teacher.arch)}
 
 
 PIPELINES = {"control": Control, "prune_kd": PruneKD}
